@@ -1,0 +1,306 @@
+"""Gaussian diffusion: forward process, posterior, model parameterisations, losses and the NLL bound.
+
+Notation follows Ho et al. 2020 and Nichol & Dhariwal 2021; timesteps are 0-based (t = 0..T-1 stands
+for the papers' 1..T). Pure torch: the network is an argument (`model(x_t, t, **model_kwargs)`).
+"""
+from typing import Callable, Literal, get_args
+
+import torch
+from torch import nn
+
+from .likelihoods import LOG2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+
+MeanType = Literal["eps", "x0", "mu"]
+VarType = Literal["fixed_small", "fixed_large", "learned_range"]
+LossType = Literal["simple", "vlb", "hybrid"]
+Model = Callable[..., torch.Tensor]
+
+
+def _check_choice(name: str, value: str, literal) -> None:
+    choices = get_args(literal)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+class GaussianDiffusion(nn.Module):
+    """The diffusion math for a fixed beta schedule.
+
+    Args:
+        betas: [T] noise schedule (any float dtype; stored as float64).
+        mean_type: what the network predicts: the noise "eps", the clean image "x0", or the posterior
+            mean "mu" of q(x_{t-1} | x_t, x_0) (DDPM Table 2).
+        var_type: reverse-process variance: "fixed_small" (posterior variance beta~_t),
+            "fixed_large" (beta_t, with beta~_1 at t=0 so the decoder likelihood is finite), or
+            "learned_range" (the network outputs v in [-1, 1] per pixel as a second block of C
+            channels; log sigma^2 = frac log beta_t + (1 - frac) log beta~_t with frac = (v + 1) / 2).
+        loss_type: "simple" (MSE on the parameterised target), "vlb" (the variational bound, T times
+            the per-step term so it estimates L_vlb in bits/dim), or "hybrid" (simple + T/1000 times
+            the per-step vb term with the mean's gradient stopped, improved DDPM's lambda = 0.001).
+
+    Schedule tensors are non-persistent float64 buffers: they follow the module's device, stay out of
+    checkpoints (they are derived from the config) and never reach an EMA of the network.
+    """
+
+    def __init__(
+        self,
+        betas: torch.Tensor,
+        mean_type: MeanType = "eps",
+        var_type: VarType = "fixed_large",
+        loss_type: LossType = "simple",
+    ):
+        super().__init__()
+        _check_choice("mean_type", mean_type, MeanType)
+        _check_choice("var_type", var_type, VarType)
+        _check_choice("loss_type", loss_type, LossType)
+        if loss_type == "simple" and var_type == "learned_range":
+            raise ValueError("loss_type='simple' gives the learned variance no training signal; use "
+                             "loss_type='hybrid' or 'vlb' with var_type='learned_range'")
+        self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or betas.numel() < 2:
+            raise ValueError(f"betas must be a 1-D tensor with at least 2 steps, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        self.num_timesteps = int(betas.numel())
+
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # beta~ is 0 at t=0: clip its log to beta~ at t=1 so it stays finite.
+        posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        # fixed_large: sigma_t^2 = beta_t, except beta~_1 at t=0 (improved-diffusion's choice).
+        large_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "log_one_minus_alphas_cumprod": torch.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": posterior_log_variance_clipped,
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            "large_variance": large_variance,
+            "large_log_variance": torch.log(large_variance),
+            "log_betas": torch.log(betas),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the schedule in float64 when the module is cast (e.g. .half() or precision="bf16-true");
+        # only device moves apply to it.
+        dtypes = {name: buf.dtype for name, buf in self._buffers.items()}
+        super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        return self
+
+    @property
+    def learns_variance(self) -> bool:
+        return self.var_type == "learned_range"
+
+    def extract(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Gather schedule value `name` at timesteps t [N] and shape it [N, 1, ..., 1] to broadcast
+        against `like`, in like's precision (at least float32)."""
+        values = getattr(self, name)[t]
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return values.to(dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    # --- forward process ---------------------------------------------------------------------
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and log variance of q(x_t | x_0) (DDPM eq. 4)."""
+        mean = self.extract("sqrt_alphas_cumprod", t, x0) * x0
+        variance = (1.0 - self.extract("alphas_cumprod", t, x0)).expand_as(x0)
+        log_variance = self.extract("log_one_minus_alphas_cumprod", t, x0).expand_as(x0)
+        return mean, variance, log_variance
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): [N x C x H x W]."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return self.extract("sqrt_alphas_cumprod", t, x0) * x0 + self.extract(
+            "sqrt_one_minus_alphas_cumprod", t, x0) * noise
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7)."""
+        mean = self.extract("posterior_mean_coef1", t, xt) * x0 + self.extract("posterior_mean_coef2", t, xt) * xt
+        variance = self.extract("posterior_variance", t, xt).expand_as(xt)
+        log_variance = self.extract("posterior_log_variance_clipped", t, xt).expand_as(xt)
+        return mean, variance, log_variance
+
+    # --- parameterisations -------------------------------------------------------------------
+    def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - self.extract(
+            "sqrt_recipm1_alphas_cumprod", t, xt) * eps
+
+    def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return (self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self.extract(
+            "sqrt_recipm1_alphas_cumprod", t, xt)
+
+    def predict_x0_from_mu(self, xt: torch.Tensor, t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """Invert the posterior mean: x_0 = (mu - coef2 x_t) / coef1."""
+        return (mu - self.extract("posterior_mean_coef2", t, xt) * xt) / self.extract("posterior_mean_coef1", t, xt)
+
+    def split_model_output(self, output: torch.Tensor, xt: torch.Tensor):
+        """Split the network output into (mean part [N x C x ...], v [N x C x ...] or None)."""
+        channels = xt.shape[1]
+        expected = 2 * channels if self.learns_variance else channels
+        if output.shape[1] != expected:
+            hint = (" (var_type='learned_range' needs out_channels = 2 * image channels)"
+                    if self.learns_variance else "")
+            raise ValueError(f"model returned {output.shape[1]} channels for {channels}-channel images "
+                             f"with var_type={self.var_type!r}; expected {expected}{hint}")
+        if self.learns_variance:
+            return output[:, :channels], output[:, channels:]
+        return output, None
+
+    def p_mean_variance_from_output(
+        self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+    ) -> dict:
+        """p(x_{t-1} | x_t) given the raw network output [N x C(2C) x ...].
+
+        Returns dict(mean, variance, log_variance, pred_x0, pred_eps). Computed in float32 or better
+        so the log variance is safe under mixed precision.
+        """
+        output = output.to(torch.promote_types(output.dtype, torch.float32))
+        mean_out, v = self.split_model_output(output, xt)
+
+        # 1. variance
+        if self.var_type == "learned_range":
+            min_log = self.extract("posterior_log_variance_clipped", t, xt)
+            max_log = self.extract("log_betas", t, xt)
+            frac = (v + 1.0) / 2.0  # v in [-1, 1] -> [0, 1]; interpolate in log space (IDDPM eq. 15)
+            log_variance = frac * max_log + (1.0 - frac) * min_log
+            variance = torch.exp(log_variance)
+        elif self.var_type == "fixed_large":
+            variance = self.extract("large_variance", t, xt).expand_as(xt)
+            log_variance = self.extract("large_log_variance", t, xt).expand_as(xt)
+        else:  # fixed_small
+            variance = self.extract("posterior_variance", t, xt).expand_as(xt)
+            log_variance = self.extract("posterior_log_variance_clipped", t, xt).expand_as(xt)
+
+        # 2. predicted x_0 (eq. 15 for eps), clipped to the data range when sampling
+        if self.mean_type == "eps":
+            pred_x0 = self.predict_x0_from_eps(xt, t, mean_out)
+        elif self.mean_type == "x0":
+            pred_x0 = mean_out
+        else:  # mu
+            pred_x0 = self.predict_x0_from_mu(xt, t, mean_out)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+
+        # 3. mean: the posterior mean at the predicted x_0 (eq. 7), or the network's mu directly
+        if self.mean_type == "mu":
+            mean = mean_out
+        else:
+            mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
+        pred_eps = mean_out if self.mean_type == "eps" else self.predict_eps_from_x0(xt, t, pred_x0)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance,
+                "pred_x0": pred_x0, "pred_eps": pred_eps}
+
+    def p_mean_variance(self, model: Model, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                        model_kwargs: dict | None = None) -> dict:
+        """Run the network and return p(x_{t-1} | x_t): dict(mean, variance, log_variance, pred_x0, pred_eps)."""
+        output = model(xt, t, **(model_kwargs or {}))
+        return self.p_mean_variance_from_output(output, xt, t, clip_denoised)
+
+    def p_sample(self, model: Model, xt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 clip_denoised: bool = True, model_kwargs: dict | None = None) -> dict:
+        """One ancestral step x_t -> x_{t-1} = mean + sigma_t z (no noise at t=0). Returns dict(sample, pred_x0)."""
+        out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
+        nonzero = (t != 0).to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_x0": out["pred_x0"]}
+
+    # --- losses ------------------------------------------------------------------------------
+    def vb_terms_bpd(self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                     clip_denoised: bool = False) -> dict:
+        """Per-step variational bound term in bits/dim [N]: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
+        for t > 0 and the discretized Gaussian decoder NLL -log p(x_0|x_1) at t = 0 (DDPM eq. 5)."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
+        out = self.p_mean_variance_from_output(output, xt, t, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / LOG2
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x0, means=out["mean"], log_scales=0.5 * out["log_variance"])) / LOG2
+        return {"output": torch.where(t == 0, decoder_nll, kl), "pred_x0": out["pred_x0"]}
+
+    def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor,
+                        noise: torch.Tensor | None = None, model_kwargs: dict | None = None) -> dict:
+        """Per-example losses for x0 [N x C x H x W] in [-1, 1] at timesteps t [N].
+
+        Returns dict(loss [N], mse [N], vb [N]); vb is the per-step bound term in bits/dim (computed
+        without gradient when the loss does not use it, so it can always be logged).
+        """
+        if noise is None:
+            noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise)
+        output = model(xt, t, **(model_kwargs or {}))
+        output = output.to(torch.promote_types(output.dtype, torch.float32))
+        mean_out, v = self.split_model_output(output, xt)
+
+        if self.mean_type == "eps":
+            target = noise
+        elif self.mean_type == "x0":
+            target = x0
+        else:  # mu
+            target, _, _ = self.q_posterior_mean_variance(x0, xt, t)
+        mse = mean_flat((target - mean_out) ** 2)
+
+        if self.loss_type == "simple":
+            with torch.no_grad():
+                vb = self.vb_terms_bpd(output.detach(), x0, xt, t)["output"]
+            loss = mse
+        elif self.loss_type == "hybrid":
+            # Stop the gradient of the mean inside the vb term: L_vlb trains only the variance.
+            frozen = torch.cat([mean_out.detach(), v], dim=1) if v is not None else output.detach()
+            vb = self.vb_terms_bpd(frozen, x0, xt, t)["output"]
+            loss = mse + vb * (self.num_timesteps / 1000.0)
+        else:  # vlb: T * E_t[L_t] estimates the whole bound in bits/dim
+            vb = self.vb_terms_bpd(output, x0, xt, t)["output"]
+            loss = vb * self.num_timesteps
+        return {"loss": loss, "mse": mse, "vb": vb}
+
+    # --- likelihood --------------------------------------------------------------------------
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_T | x_0) || N(0, I)) in bits/dim [N]: the L_T term, ~0 for a good schedule."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, log_variance = self.q_mean_variance(x0, t)
+        return mean_flat(normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean))) / LOG2
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model: Model, x0: torch.Tensor, clip_denoised: bool = True,
+                      model_kwargs: dict | None = None, generator: torch.Generator | None = None,
+                      progress: bool = False) -> dict:
+        """The full-T variational bound on -log p(x_0) in bits/dim.
+
+        Returns dict(total_bpd [N], prior_bpd [N], vb [N x T], xstart_mse [N x T], mse [N x T]);
+        total_bpd = sum_t vb[:, t] + prior_bpd, with vb[:, 0] the decoder NLL L_0.
+        """
+        n, num_t = x0.shape[0], self.num_timesteps
+        vb, xstart_mse, mse = (x0.new_zeros(n, num_t, dtype=torch.float32) for _ in range(3))
+        steps = range(num_t - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="bpd", leave=False)
+        for i in steps:
+            t = torch.full((n,), i, device=x0.device, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            xt = self.q_sample(x0, t, noise)
+            output = model(xt, t, **(model_kwargs or {}))
+            terms = self.vb_terms_bpd(output, x0, xt, t, clip_denoised=clip_denoised)
+            vb[:, i] = terms["output"]
+            xstart_mse[:, i] = mean_flat((terms["pred_x0"] - x0) ** 2)
+            mse[:, i] = mean_flat((self.predict_eps_from_x0(xt, t, terms["pred_x0"]) - noise) ** 2)
+        prior = self.prior_bpd(x0)
+        return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb,
+                "xstart_mse": xstart_mse, "mse": mse}

@@ -1,0 +1,3 @@
+from .sample_grid import SampleGridCallback
+
+__all__ = ["SampleGridCallback"]

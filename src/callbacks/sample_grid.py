@@ -1,0 +1,56 @@
+"""PNG sample grids from fixed noise during training."""
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+
+class SampleGridCallback(L.Callback):
+    """Every `every_n_steps` optimizer steps and at the end of training, sample `num_samples` images
+    with the EMA weights from the same seed (so successive grids show the same noise maturing), write
+    `<dirpath>/step_<N>.png` and hand the grid to every logger that takes images.
+
+    Runs on rank zero only; `every_n_steps <= 0` keeps only the final grid.
+    """
+
+    def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, seed: int = 0,
+                 nrow: int | None = None, on_train_end: bool = True):
+        super().__init__()
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
+        self.nrow = nrow or max(1, int(num_samples ** 0.5))
+        self.at_train_end = on_train_end
+        self.last_path: Path | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and not trainer.fast_dev_run:
+            self.write_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.at_train_end:
+            self.write_grid(trainer, pl_module)
+
+    @rank_zero_only
+    def write_grid(self, trainer: L.Trainer, pl_module) -> Path:
+        step = trainer.global_step
+        path = self.dirpath / f"step_{step:07d}.png"
+        if path == self.last_path:  # the end-of-training grid coincides with a periodic one
+            return path
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        images = pl_module.sample(self.num_samples, generator=generator)
+        grid = make_grid((images + 1) / 2, nrow=self.nrow, padding=2, pad_value=1.0)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        self.last_path = path
+        for logger in trainer.loggers:
+            log_image = getattr(logger, "log_image", None)  # W&B
+            if log_image is not None:
+                log_image(key="samples", images=[grid], step=step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+                logger.experiment.add_image("samples", grid, global_step=step)
+        return path

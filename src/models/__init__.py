@@ -1,0 +1,4 @@
+"""Denoising networks. The model code knows nothing of the diffusion process or of Lightning."""
+from .unet import UNet
+
+__all__ = ["UNet"]

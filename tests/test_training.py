@@ -1,0 +1,67 @@
+"""End-to-end runs of train.py's config through the Trainer (CPU, tiny settings)."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("objective", ["simple", "vlb", "hybrid"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_fast_dev_run_every_objective_and_schedule(compose_train, objective, schedule):
+    cfg = compose_train(f"objective={objective}", f"schedule={schedule}", "+trainer.fast_dev_run=true")
+    metrics, objects = train(cfg)
+    module = objects["module"]
+    assert module.diffusion.loss_type == objective
+    assert module.net.out_channels == (2 if objective in ("vlb", "hybrid") else 1)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert {"val/loss", "val/bpd"} <= metrics.keys()
+
+
+def test_short_run_writes_checkpoint_grid_and_metrics(compose_train):
+    cfg = compose_train("trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+                        "callbacks.sample_grid.every_n_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3")
+    _, objects = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert objects["trainer"].global_step == 6
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert any(k.startswith("ema.model.") for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["run_config"]["objective"]["loss_type"] == "simple"
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step_0000003.png", "step_0000006.png"]
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    train_losses = [r["train/loss"] for r in rows if r.get("train/loss")]
+    val_losses = [r["val/loss"] for r in rows if r.get("val/loss")]
+    assert len(train_losses) == 6 and len(val_losses) == 2
+
+
+def test_ema_differs_from_live_weights_after_training(compose_train):
+    cfg = compose_train("trainer.max_steps=3", "callbacks.sample_grid=null", "module.ema_decay=0.5")
+    _, objects = train(cfg)
+    module = objects["module"]
+    live = torch.cat([p.flatten() for p in module.net.parameters()])
+    ema = torch.cat([p.flatten() for p in module.ema.model.parameters()])
+    assert module.ema.num_updates == 3
+    assert not torch.equal(live, ema)
+
+
+@pytest.mark.slow
+def test_multirun_runs_each_job_in_its_own_folder(tmp_path):
+    cmd = [sys.executable, "train.py", "-m", "schedule=linear,cosine", "objective=simple,hybrid",
+           "trainer.max_steps=2", "trainer.accelerator=cpu", "schedule.num_timesteps=20",
+           "model.base_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=1",
+           "callbacks.sample_grid.num_samples=4", "callbacks.progress_bar=null",
+           f"hydra.sweep.dir={tmp_path}", f"paths.data_dir={tmp_path}/data"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").exists()
+        assert list((job / "samples").glob("*.png"))

@@ -1,0 +1,192 @@
+"""The DDPM U-Net: shapes, the paper's size, conditioning, validation errors, gradient flow, configs."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from src.models import UNet
+
+MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+# A tiny net for the behavioural tests (fast on CPU).
+TINY = dict(in_channels=1, out_channels=1, image_size=16, base_channels=32, channel_mult=[1, 2],
+            num_res_blocks=1, attention_resolutions=[8], num_heads=2)
+# The DDPM paper's CIFAR-10 net (Ho et al. 2020, appendix B).
+CIFAR10 = dict(in_channels=3, out_channels=3, image_size=32, base_channels=128, channel_mult=[1, 2, 2, 2],
+               num_res_blocks=2, attention_resolutions=[16], dropout=0.1)
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def perturb_zero_init(net: torch.nn.Module, seed: int = 0) -> None:
+    """Fill the zero-initialised layers with small random values so every path affects the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def diffusers_unet(in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks,
+                   attention_resolutions, **_):
+    """diffusers' UNet2DModel at the same configuration (one attention head, 32 GroupNorm groups)."""
+    diffusers = pytest.importorskip("diffusers")
+    resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+    attn = [r in attention_resolutions for r in resolutions]
+    return diffusers.UNet2DModel(
+        sample_size=image_size, in_channels=in_channels, out_channels=out_channels,
+        block_out_channels=tuple(base_channels * m for m in channel_mult), layers_per_block=num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        norm_num_groups=32, attention_head_dim=None)
+
+
+@pytest.mark.parametrize("channels,size,out_mult,mult,attn", [
+    (1, 16, 1, [1, 2, 2], [8]),
+    (3, 32, 1, [1, 2, 2, 2], [16]),
+    (3, 32, 2, [1, 2], [32, 16]),   # learned variance: 2C outputs
+    (1, 16, 2, [1], []),            # a single level, no attention, no resampling
+])
+def test_output_shape(channels, size, out_mult, mult, attn):
+    net = UNet(in_channels=channels, out_channels=out_mult * channels, image_size=size, base_channels=32,
+               channel_mult=mult, num_res_blocks=1, attention_resolutions=attn)
+    x = torch.randn(3, channels, size, size)
+    out = net(x, torch.tensor([0, 10, 999]))
+    assert out.shape == (3, out_mult * channels, size, size)
+    assert out.dtype == x.dtype
+
+
+def test_zero_init_outputs_zero():
+    # Zero-initialised output conv: training starts from eps_hat = 0.
+    net = UNet(**TINY)
+    assert torch.equal(net(torch.randn(2, 1, 16, 16), torch.tensor([3, 7])), torch.zeros(2, 1, 16, 16))
+
+
+def test_paper_parameter_count():
+    # Ho et al. 2020: 35.7M parameters for the CIFAR-10 model.
+    n = num_params(UNet(**CIFAR10))
+    assert abs(n - 35.7e6) <= 0.1e6, n
+
+
+@pytest.mark.parametrize("config", [
+    CIFAR10,
+    dict(TINY, base_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 4]),
+    dict(TINY, in_channels=3, out_channels=6, image_size=32, channel_mult=[1, 2], attention_resolutions=[32]),
+], ids=["cifar10", "three-levels-two-attn", "learned-variance"])
+def test_parameter_count_matches_diffusers(config):
+    # Same architecture as diffusers' UNet2DModel (google/ddpm-cifar10-32 layout), layer for layer.
+    assert num_params(UNet(**config)) == num_params(diffusers_unet(**config))
+
+
+def test_attention_matches_reference():
+    # Multi-head attention over positions, written out by hand: softmax(q k^T / sqrt(d)) v per head,
+    # with the qkv conv's output channels laid out as [q | k | v], each split into heads.
+    from src.models.blocks import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(channels=8, num_heads=2)
+    perturb_zero_init(block)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        qkv = block.qkv(block.norm(x)).flatten(2)  # [B, 3C, HW]
+        heads = []
+        for h in range(2):
+            q, k, v = (qkv[:, i * 8 + h * 4: i * 8 + h * 4 + 4] for i in range(3))  # [B, 4, HW]
+            weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / 2.0, dim=-1)
+            heads.append(torch.einsum("bij,bcj->bci", weights, v))
+        expected = x + block.proj(torch.cat(heads, dim=1).reshape(2, 8, 4, 4))
+        assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_output_depends_on_timestep():
+    torch.manual_seed(0)
+    net = UNet(**TINY).eval()
+    perturb_zero_init(net)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        a = net(x, torch.tensor([0, 0]))
+        b = net(x, torch.tensor([500, 500]))
+        c = net(x, torch.tensor([0.0, 0.0]))  # float timesteps are accepted
+    assert (a - b).abs().mean() > 1e-3 * a.abs().mean()
+    assert torch.allclose(a, c)
+
+
+def test_label_embedding_changes_output():
+    torch.manual_seed(0)
+    net = UNet(**TINY, num_classes=10).eval()
+    perturb_zero_init(net)
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([100, 100])
+    with torch.no_grad():
+        out3 = net(x, t, torch.tensor([3, 3]))
+        out7 = net(x, t, torch.tensor([7, 7]))
+        out_none = net(x, t)
+        out_null = net(x, t, torch.tensor([10, 10]))  # label num_classes is the null label
+    assert not torch.allclose(out3, out7)
+    assert not torch.allclose(out3, out_none)
+    assert torch.allclose(out_none, out_null, atol=1e-6)
+
+
+def test_labels_rejected_when_unconditional():
+    net = UNet(**TINY)
+    with pytest.raises(ValueError, match="num_classes=None"):
+        net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(image_size=18, channel_mult=[1, 2, 2]), r"divisible by 2\*\*\(len\(channel_mult\)-1\)=4.*such as 16 or 20"),
+    (dict(attention_resolutions=[4]), r"never visited.*resolutions \[16, 8\]"),
+    (dict(base_channels=48), r"multiple of 32"),
+    (dict(num_heads=3), r"num_heads=3 does not divide"),
+    (dict(num_res_blocks=0), r"num_res_blocks must be >= 1"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(channel_mult=[]), r"channel_mult must be a non-empty"),
+    (dict(num_classes=0), r"num_classes must be >= 1"),
+])
+def test_constructor_validation(change, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(**{**TINY, **change})
+
+
+def test_forward_validation():
+    net = UNet(**TINY)
+    with pytest.raises(ValueError, match=r"expected x of shape \[B, 1, 16, 16\]"):
+        net(torch.randn(2, 1, 32, 32), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"expected x of shape \[B, 1, 16, 16\]"):
+        net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"expected t of shape \[2\]"):
+        net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("num_classes", [None, 5])
+def test_gradients_reach_every_parameter(num_classes):
+    torch.manual_seed(0)
+    net = UNet(**TINY, num_classes=num_classes)
+    # Straight from init every parameter must be in the graph (DDP's unused-parameter check) ...
+    net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2])).square().mean().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
+    # ... and once the zero-init layers are non-zero, every parameter gets a non-zero gradient.
+    net.zero_grad(set_to_none=True)
+    perturb_zero_init(net)
+    y = None if num_classes is None else torch.tensor([0, 4])
+    net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), y).square().mean().backward()
+    dead = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()]
+    assert dead == []
+
+
+@pytest.mark.parametrize("name,channels,size", [
+    ("unet_small", 1, 16),
+    ("unet_ddpm_cifar10", 3, 32),  # run at batch 1 only
+])
+def test_yaml_configs_instantiate(name, channels, size):
+    cfg = OmegaConf.load(MODEL_CONF / f"{name}.yaml")
+    assert not {"in_channels", "out_channels", "image_size"} & set(cfg.keys())
+    net = instantiate(cfg, in_channels=channels, out_channels=2 * channels, image_size=size)
+    assert isinstance(net, UNet)
+    with torch.no_grad():
+        out = net(torch.randn(1, channels, size, size), torch.tensor([5]))
+    assert out.shape == (1, 2 * channels, size, size)

@@ -12,11 +12,12 @@ class SampleGridCallback(L.Callback):
     with the EMA weights from the same seed (so successive grids show the same noise maturing), write
     `<dirpath>/step_<N>.png` and hand the grid to every logger that takes images.
 
+    `sampler` holds the keyword arguments of src.diffusion.sample (sampler, steps, eta, ...).
     Runs on rank zero only; `every_n_steps <= 0` keeps only the final grid.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, seed: int = 0,
-                 nrow: int | None = None, on_train_end: bool = True):
+                 nrow: int | None = None, on_train_end: bool = True, sampler: dict | None = None):
         super().__init__()
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -24,6 +25,7 @@ class SampleGridCallback(L.Callback):
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.nrow = nrow or max(1, int(num_samples ** 0.5))
         self.at_train_end = on_train_end
+        self.sampler_kwargs = dict(sampler or {})
         self.last_path: Path | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -42,7 +44,7 @@ class SampleGridCallback(L.Callback):
         if path == self.last_path:  # the end-of-training grid coincides with a periodic one
             return path
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images = pl_module.sample(self.num_samples, generator=generator)
+        images = pl_module.sample(self.num_samples, generator=generator, **self.sampler_kwargs)
         grid = make_grid((images + 1) / 2, nrow=self.nrow, padding=2, pad_value=1.0)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)

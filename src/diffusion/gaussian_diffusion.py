@@ -78,6 +78,7 @@ class GaussianDiffusion(nn.Module):
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
+            "alphas_cumprod_next": torch.cat([alphas_cumprod[1:], alphas_cumprod.new_zeros(1)]),
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
             "log_one_minus_alphas_cumprod": torch.log(1.0 - alphas_cumprod),
@@ -220,6 +221,33 @@ class GaussianDiffusion(nn.Module):
         out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
         nonzero = (t != 0).to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_x0": out["pred_x0"]}
+
+    def ddim_step(self, model: Model, xt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None,
+                  eta: float = 0.0, clip_denoised: bool = True, model_kwargs: dict | None = None) -> dict:
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12). eta=0 is deterministic; eta=1 uses
+        the DDPM posterior variance beta~_t. Returns dict(sample, pred_x0)."""
+        out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
+        # 1. eps consistent with the (clipped) predicted x_0
+        eps = self.predict_eps_from_x0(xt, t, out["pred_x0"])
+        abar = self.extract("alphas_cumprod", t, xt)
+        abar_prev = self.extract("alphas_cumprod_prev", t, xt)
+        # 2. sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        # 3. x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
+        sample = abar_prev.sqrt() * out["pred_x0"] + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
+        if eta > 0:
+            nonzero = (t != 0).to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
+            sample = sample + nonzero * sigma * noise
+        return {"sample": sample, "pred_x0": out["pred_x0"]}
+
+    def ddim_reverse_step(self, model: Model, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                          model_kwargs: dict | None = None) -> dict:
+        """Deterministic DDIM encoder step x_t -> x_{t+1} (the ODE run forward, eta=0)."""
+        out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
+        eps = self.predict_eps_from_x0(xt, t, out["pred_x0"])
+        abar_next = self.extract("alphas_cumprod_next", t, xt)
+        sample = abar_next.sqrt() * out["pred_x0"] + (1 - abar_next).sqrt() * eps
         return {"sample": sample, "pred_x0": out["pred_x0"]}
 
     # --- losses ------------------------------------------------------------------------------

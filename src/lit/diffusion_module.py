@@ -5,7 +5,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from src.diffusion import GaussianDiffusion, LossSecondMomentResampler, UniformSampler, ddpm_sample
+from src.diffusion import GaussianDiffusion, LossSecondMomentResampler, UniformSampler, sample
 
 from .ema import EMA
 
@@ -86,9 +86,10 @@ class DiffusionModule(L.LightningModule):
 
     # --- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, num_samples: int, generator: torch.Generator | None = None, progress: bool = False,
-               use_ema: bool = True) -> torch.Tensor:
-        """Images [N x C x H x W] in [-1, 1] from the EMA (default) or live weights."""
+    def sample(self, num_samples: int, generator: torch.Generator | None = None, use_ema: bool = True,
+               **sampler_kwargs) -> torch.Tensor:
+        """Images [N x C x H x W] in [-1, 1] from the EMA (default) or live weights; sampler_kwargs as in
+        src.diffusion.sample (sampler, steps, spacing, eta, clip_denoised, progress)."""
         net = self.ema.model if use_ema else self.net
         shape = (num_samples, net.in_channels, net.image_size, net.image_size)
-        return ddpm_sample(self.diffusion, net, shape, generator=generator, device=self.device, progress=progress)
+        return sample(self.diffusion, net, shape, generator=generator, device=self.device, **sampler_kwargs)

@@ -409,10 +409,6 @@ def test_schedule_stays_float64_when_module_is_cast(cast):
     assert xt[0, 0, 0, 0].item() == pytest.approx(0.5 * math.sqrt(np.prod(1.0 - betas)), rel=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GaussianDiffusion._apply lets the cast round the schedule to the low precision and only then "
-    "converts it back to float64: after .half() / .to(bfloat16) / .float() alphas_cumprod is off by "
-    "5.9e-4 / 3.8e-3 / 5.7e-8 relative (dtype float64, values not)."))
 @pytest.mark.parametrize("cast", CASTS.values(), ids=CASTS.keys())
 def test_schedule_values_survive_module_cast(cast):
     betas = linear_betas(1000)

@@ -65,3 +65,14 @@ def test_multirun_runs_each_job_in_its_own_folder(tmp_path):
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").exists()
         assert list((job / "samples").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_offline_cifar10_stops_with_one_clear_line(tmp_path):
+    cmd = [sys.executable, "train.py", "data=cifar10", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run",
+           f"data.root={tmp_path}/cifar10", "data.download=false"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert f"{tmp_path}/cifar10/cifar-10-batches-py" in errors[0]

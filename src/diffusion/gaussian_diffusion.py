@@ -96,13 +96,13 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # Keep the schedule in float64 when the module is cast (e.g. .half() or precision="bf16-true");
-        # only device moves apply to it.
-        dtypes = {name: buf.dtype for name, buf in self._buffers.items()}
+        # Keep the schedule in float64 when the module is cast (e.g. .half() or precision="bf16-true"):
+        # only device moves apply to it, taken from the saved originals so no precision is lost.
+        saved = dict(self._buffers)
         super()._apply(fn, recurse)
-        for name, dtype in dtypes.items():
-            if self._buffers[name].dtype != dtype:
-                self._buffers[name] = self._buffers[name].to(dtype)
+        for name, original in saved.items():
+            if original is not None:
+                self._buffers[name] = original.to(device=self._buffers[name].device)
         return self
 
     @property

@@ -4,6 +4,7 @@ For kept steps S = {s_1 < ... < s_K} the respaced process uses beta'_k = 1 - aba
 so its alphas_cumprod equal the original ones at the kept steps; the network is still called with the
 original timestep s_k.
 """
+import numpy as np
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion, Model
@@ -14,8 +15,10 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
 
     spacing:
         int or "N" / "uniform:N": N steps evenly strided over [0, T) (improved-diffusion's sections);
-        "ddimN": DDIM's uniform stride T // N starting at 0 (it must divide into exactly N steps);
-        "quadN": DDIM's quadratic spacing, denser at small t;
+        "ddimN": improved-diffusion's "ddimN": range(0, T, stride) with the smallest stride that gives
+            exactly N steps (stride T // N when N divides T, as diffusers' "leading" spacing with
+            steps_offset=0; otherwise the two differ and a list reproduces diffusers);
+        "quadN": DDIM's quadratic spacing int(linspace(0, sqrt(0.8 T), N)^2), denser at small t;
         "10,20,30": improved-diffusion sections: T is cut into equal sections with that many evenly
             strided steps each;
         a list of ints: those timesteps.
@@ -37,7 +40,8 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
                          f"use '{n}' (improved-diffusion's even spacing) instead")
     if text.startswith("quad"):
         n = _positive_int(text[4:], spacing, num_timesteps)
-        steps = (torch.linspace(0, (num_timesteps * 0.8) ** 0.5, n, dtype=torch.float64) ** 2).long().tolist()
+        # DDIM's formula verbatim (numpy's linspace), so the steps match its runs to the integer.
+        steps = [int(s) for s in np.linspace(0, np.sqrt(num_timesteps * 0.8), n) ** 2]
         if len(set(steps)) != n:
             raise ValueError(f"quadratic spacing with {n} steps repeats timesteps at T={num_timesteps}; use fewer")
         return steps
@@ -49,7 +53,12 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
         if count > size:
             raise ValueError(f"cannot take {count} steps from a section of {size} timesteps (spacing {spacing!r})")
         stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        steps += [start + round(stride * j) for j in range(count)]
+        # Accumulate the fractional index as improved-diffusion does: its float sums decide the
+        # half-way roundings (round(stride * j) picks a different step for ~30% of the counts).
+        index = 0.0
+        for _ in range(count):
+            steps.append(start + round(index))
+            index += stride
         start += size
     return steps
 

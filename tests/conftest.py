@@ -23,20 +23,26 @@ FAST_OVERRIDES = [
 ]
 
 
+def compose_config(*overrides: str, output_dir: Path, fast: bool = True):
+    """The train config as train.py would see it (optionally shrunk by FAST_OVERRIDES), writing to output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*(FAST_OVERRIDES if fast else []), *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir / "run")
+        cfg.paths.data_dir = str(output_dir / "data")
+        del cfg.hydra
+    GlobalHydra.instance().clear()
+    return cfg
+
+
 @pytest.fixture
 def compose_train(tmp_path):
-    """compose_train(*overrides) -> the train config as train.py would see it, writing under tmp_path."""
+    """compose_train(*overrides, fast=True) -> a fast train config writing under tmp_path."""
 
-    def _compose(*overrides: str):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*FAST_OVERRIDES, *overrides], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.paths.data_dir = str(tmp_path / "data")
-            del cfg.hydra
-        return cfg
+    def _compose(*overrides: str, fast: bool = True):
+        return compose_config(*overrides, output_dir=tmp_path, fast=fast)
 
-    yield _compose
-    GlobalHydra.instance().clear()
+    return _compose

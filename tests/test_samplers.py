@@ -66,7 +66,8 @@ def even(n: int) -> np.ndarray:
 class Oracle:
     """eps* for x_0 ~ N(M, S^2); with `learned_over` (the kept timesteps) also v* in [-1, 1] such that
     learned_range gives the exact reverse variance of that process,
-        Var(x_{k-1} | x_k) = beta~'_k + c1'_k^2 Var(x_0 | x_t),  Var(x_0 | x_t) = s^2 (1 - abar) / (abar s^2 + 1 - abar).
+        Var(x_{k-1} | x_k) = beta~'_k + c1'_k^2 Var(x_0 | x_t),
+        Var(x_0 | x_t) = s^2 (1 - abar) / (abar s^2 + 1 - abar).
     Records every timestep it is called with."""
 
     def __init__(self, learned_over=None):
@@ -484,7 +485,8 @@ def test_sample_command_writes_each_mode(compose_train, tmp_path):
         "interpolate_ddim": (["mode=interpolate", "num_samples=2", "interpolate.num_lambdas=3",
                               "interpolate.encoder=ddim", "interpolate.method=slerp", "sampler=ddim", "steps=3"],
                              {"interpolate": (3, 2 + 2 * 18, 2 + 5 * 18)}),
-        "invert": (["mode=invert", "num_samples=2", "sampler=ddim", "steps=3"], {"invert": (3, 2 + 2 * 18, 2 + 3 * 18)}),
+        "invert": (["mode=invert", "num_samples=2", "sampler=ddim", "steps=3"],
+                   {"invert": (3, 2 + 2 * 18, 2 + 3 * 18)}),
     }
     for name, (overrides, expected) in cases.items():
         written = sample_command.run(compose_sample(tmp_path / name, *common, *overrides))
@@ -499,7 +501,8 @@ def test_sample_command_writes_each_mode(compose_train, tmp_path):
     assert np.array_equal(read_png(again["samples"]), read_png(tmp_path / "grid" / "samples.png"))
     for overrides, message in [(["mode=video"], "unknown mode"),
                                (["mode=interpolate", "interpolate.t=20", "steps=50"], r"must be in \[1, 21\]"),
-                               (["spacing=ddim11"], "exactly 11 equally strided steps")]:
+                               (["spacing=ddim11"], "exactly 11 equally strided steps"),
+                               (["mode=interpolate", "interpolate.method=cubic"], "unknown interpolate.method")]:
         with pytest.raises(sample_command.SampleConfigError, match=message):
             sample_command.run(compose_sample(tmp_path / "bad", *common, *overrides))
 

@@ -1,13 +1,20 @@
-"""Generating images with a trained network: one entry point for every sampler."""
-from typing import Literal
+"""Generating images with a trained network: one entry point for every sampler, the reverse process
+from an intermediate x_t, and the recorded trajectory of a run (DDPM Fig. 6) with its image grid."""
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
 
 import torch
+from torchvision.utils import make_grid
 
 from .gaussian_diffusion import GaussianDiffusion, Model
 from .respace import SpacedDiffusion, space_timesteps
 
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLERS = ("ddpm", "ddim")
+# randn_like(x): standard normal noise shaped like x (the sampler's only source of randomness).
+RandnLike = Callable[[torch.Tensor], torch.Tensor]
 
 
 def respaced(diffusion: GaussianDiffusion, steps: int | None = None,
@@ -18,6 +25,69 @@ def respaced(diffusion: GaussianDiffusion, steps: int | None = None,
     if spacing is None and (steps is None or steps == num_t):
         return diffusion
     return SpacedDiffusion(diffusion, space_timesteps(num_t, spacing if spacing is not None else steps))
+
+
+@dataclass
+class Trajectory:
+    """The recorded states of one reverse run (rows = samples, columns = recorded steps).
+
+    sample: [N x C x H x W] the final images in [-1, 1], exactly what `sample` returns.
+    timesteps: [S] the original timestep t (what the network received) of each recorded step.
+    xt: [N x S x C x H x W] the state after each recorded step: x at the next kept timestep
+        (x_{t-1} without respacing); after the last step it is `sample`.
+    pred_x0: [N x S x C x H x W] the x_0 predicted at each recorded step (clipped when clip_denoised).
+    """
+
+    sample: torch.Tensor
+    timesteps: list[int]
+    xt: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def _on_device(diffusion: GaussianDiffusion, device: torch.device) -> GaussianDiffusion:
+    """The diffusion with its buffers on `device`; a copy when it lives elsewhere, so sampling never
+    moves the caller's module."""
+    return diffusion if diffusion.betas.device == device else copy.deepcopy(diffusion).to(device)
+
+
+def _randn_like(generator: torch.Generator | None) -> RandnLike:
+    return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _reverse(diff: GaussianDiffusion, model: Model, x: torch.Tensor, *, first: int, sampler: str, eta: float,
+             clip_denoised: bool, randn_like: RandnLike, model_kwargs: dict | None, progress: bool,
+             on_step: Callable[[int, dict], None] | None = None) -> torch.Tensor:
+    """Run the reverse process of `diff` from x at its index `first` down to index 0; returns the state
+    after the last step (unclamped). on_step(index, step_output) sees every step when given."""
+    indices = range(first, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+        indices = tqdm(indices, desc=f"{sampler} sampling", leave=False)
+    for i in indices:
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        if sampler == "ddpm":
+            # DDPM Algorithm 2: x_{t-1} = mu(x_t, t) + sigma_t z (no noise at the last step)
+            out = diff.p_sample(model, x, t, randn_like(x), clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        else:
+            # DDIM eq. 12; noise is drawn only when eta > 0 so eta=0 consumes no randomness
+            z = randn_like(x) if eta > 0 else None
+            out = diff.ddim_step(model, x, t, z, eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        x = out["sample"]
+        if on_step is not None:
+            on_step(i, out)
+    return x
+
+
+def _start(diffusion, shape, steps, spacing, generator, device, noise):
+    device = torch.device(device) if device is not None else diffusion.betas.device
+    diff = _on_device(respaced(diffusion, steps, spacing), device)
+    x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
+    return diff, device, x
 
 
 @torch.no_grad()
@@ -44,27 +114,159 @@ def sample(
     steps / spacing: sample over a subsequence of the T training steps (see `space_timesteps`).
     All randomness comes from `generator` (and `noise` = x_T if given), so a seed fixes the samples.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    device = torch.device(device) if device is not None else diffusion.betas.device
-    diff = respaced(diffusion, steps, spacing).to(device)
-    x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
-    indices = range(diff.num_timesteps - 1, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-        indices = tqdm(indices, desc=f"{sampler} sampling", leave=False)
-    for i in indices:
-        t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-        if sampler == "ddpm":
-            z = torch.randn(x.shape, generator=generator, device=device)
-            x = diff.p_sample(model, x, t, z, clip_denoised=clip_denoised, model_kwargs=model_kwargs)["sample"]
-        else:
-            z = torch.randn(x.shape, generator=generator, device=device) if eta > 0 else None
-            x = diff.ddim_step(model, x, t, z, eta=eta, clip_denoised=clip_denoised,
-                               model_kwargs=model_kwargs)["sample"]
+    _check_sampler(sampler)
+    diff, device, x = _start(diffusion, shape, steps, spacing, generator, device, noise)
+    x = _reverse(diff, model, x, first=diff.num_timesteps - 1, sampler=sampler, eta=eta,
+                 clip_denoised=clip_denoised, randn_like=_randn_like(generator),
+                 model_kwargs=model_kwargs, progress=progress)
     return x.clamp(-1.0, 1.0)
 
 
 def ddpm_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
     """Ancestral sampling over all T steps (DDPM Algorithm 2); kwargs as in `sample`."""
     return sample(diffusion, model, shape, sampler="ddpm", **kwargs)
+
+
+@torch.no_grad()
+def sample_trajectory(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    shape: tuple[int, ...],
+    *,
+    record_every: int | None = None,
+    record_timesteps: Sequence[int] | None = None,
+    sampler: SamplerName = "ddpm",
+    steps: int | None = None,
+    spacing: str | list[int] | None = None,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    noise: torch.Tensor | None = None,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> Trajectory:
+    """`sample`, keeping x_t and the predicted x_0 at chosen steps (progressive generation, DDPM Fig. 6).
+
+    record_every: record the first step and every k-th after it (steps counted 1..K in the order they
+        run, so steps 1, 1 + k, 1 + 2k, ...);
+    record_timesteps: record the steps at these original timesteps (each must be a sampled step).
+    Give at most one; the default records 10 steps evenly spaced from the first to the last. The last
+    step is always recorded, so `trajectory.xt[:, -1]` is `trajectory.sample`. Same seed, same images
+    as `sample`. Other arguments as in `sample`.
+    """
+    _check_sampler(sampler)
+    if record_every is not None and record_timesteps is not None:
+        raise ValueError("give record_every or record_timesteps, not both")
+    diff, device, x = _start(diffusion, shape, steps, spacing, generator, device, noise)
+    num_steps = diff.num_timesteps
+    timestep_of = (diff.timestep_map.tolist() if isinstance(diff, SpacedDiffusion) else list(range(num_steps)))
+    if record_timesteps is not None:
+        where = {t: i for i, t in enumerate(timestep_of)}
+        missing = [t for t in record_timesteps if t not in where]
+        if missing:
+            raise ValueError(f"record_timesteps {missing} are not among the sampled timesteps "
+                             f"({num_steps} steps from {timestep_of[0]} to {timestep_of[-1]})")
+        record = {where[t] for t in record_timesteps} | {0}
+    else:
+        # steps counted n = 1..K in the order they run; the n-th runs at index K - n
+        if record_every is None:
+            count = min(10, num_steps)
+            numbers = {1 + round(j * (num_steps - 1) / max(count - 1, 1)) for j in range(count)}
+        elif record_every >= 1:
+            numbers = set(range(1, num_steps + 1, record_every))
+        else:
+            raise ValueError(f"record_every must be >= 1, got {record_every}")
+        record = {num_steps - n for n in numbers} | {0}
+
+    states, preds, timesteps = [], [], []
+
+    def on_step(i: int, out: dict) -> None:
+        if i in record:
+            states.append(out["sample"].clamp(-1.0, 1.0) if i == 0 else out["sample"])
+            preds.append(out["pred_x0"])
+            timesteps.append(timestep_of[i])
+
+    x = _reverse(diff, model, x, first=num_steps - 1, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
+                 randn_like=_randn_like(generator), model_kwargs=model_kwargs, progress=progress,
+                 on_step=on_step)
+    return Trajectory(sample=x.clamp(-1.0, 1.0), timesteps=timesteps,
+                      xt=torch.stack(states, dim=1), pred_x0=torch.stack(preds, dim=1))
+
+
+def kept_timesteps_until(num_timesteps: int, t: int, steps: int | None = None,
+                         spacing: str | list[int] | None = None) -> list[int] | None:
+    """The timesteps a reverse run from timestep t visits: all of 0..t (None: no respacing needed when
+    t = T - 1), or `space_timesteps(t + 1, spacing or steps)`, which must end at t when t < T - 1 (from
+    T - 1 the start is noise, so a spacing may begin lower, as DDIM's does)."""
+    if not 0 <= t < num_timesteps:
+        raise ValueError(f"t must be in [0, {num_timesteps}), got {t}")
+    if spacing is None and steps is None:
+        return None if t == num_timesteps - 1 else list(range(t + 1))
+    try:
+        kept = space_timesteps(t + 1, spacing if spacing is not None else steps)
+    except ValueError as err:
+        if t == num_timesteps - 1:
+            raise
+        raise ValueError(f"{err} (a run from t={t} has the {t + 1} timesteps 0..{t})") from None
+    if kept[-1] != t and t != num_timesteps - 1:  # from T - 1, x_t is noise: any spacing (e.g. DDIM's) is fine
+        raise ValueError(f"spacing {spacing if spacing is not None else steps!r} over timesteps 0..{t} ends at "
+                         f"{kept[-1]}, not at t={t}; use an even spacing (an int number of steps)")
+    return kept
+
+
+@torch.no_grad()
+def denoise_from(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    xt: torch.Tensor,
+    t: int,
+    *,
+    sampler: SamplerName = "ddpm",
+    steps: int | None = None,
+    spacing: str | list[int] | None = None,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+    randn_like: RandnLike | None = None,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the reverse process from xt [N x C x H x W] at the original timestep t (0-based) down to
+    images in [-1, 1] (DDPM Sec. 4.4's decoding of an encoded x_t).
+
+    steps / spacing pick the visited timesteps among 0..t (t itself always first); without them every
+    step is taken. `randn_like(x)` replaces the generator's step noise when given (e.g. noise shared
+    across a batch). With t = T - 1 this is `sample` from noise=xt.
+    """
+    _check_sampler(sampler)
+    kept = kept_timesteps_until(diffusion.num_timesteps, t, steps, spacing)
+    diff = _on_device(diffusion if kept is None else SpacedDiffusion(diffusion, kept), xt.device)
+    x = _reverse(diff, model, xt, first=diff.num_timesteps - 1, sampler=sampler, eta=eta,
+                 clip_denoised=clip_denoised, randn_like=randn_like or _randn_like(generator),
+                 model_kwargs=model_kwargs, progress=progress)
+    return x.clamp(-1.0, 1.0)
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
+               pad_value: float = 1.0) -> torch.Tensor:
+    """A [C x H' x W'] grid in [0, 1] for save_image from images in [-1, 1] (values outside are clipped):
+    [N x C x H x W] in rows of `nrow` (default about sqrt(N)), or [R x S x C x H x W] as R rows of S."""
+    images = images.detach().float().clamp(-1.0, 1.0).add(1.0).div(2.0).cpu()
+    if images.ndim == 5:
+        nrow = images.shape[1]
+        images = images.flatten(0, 1)
+    elif images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W] or [R, S, C, H, W], got shape {tuple(images.shape)}")
+    if nrow is None:
+        nrow = max(1, math.ceil(math.sqrt(images.shape[0])))
+    return make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
+
+
+def trajectory_grid(trajectory: Trajectory, which: Literal["pred_x0", "xt"] = "pred_x0", padding: int = 2,
+                    pad_value: float = 1.0) -> torch.Tensor:
+    """The trajectory as a [C x H' x W'] grid in [0, 1]: one row per sample, one column per recorded step
+    (left to right in sampling order); `which` picks the predicted x_0 (DDPM Fig. 6) or the states x_t."""
+    if which not in ("pred_x0", "xt"):
+        raise ValueError(f"which must be 'pred_x0' or 'xt', got {which!r}")
+    return image_grid(getattr(trajectory, which), padding=padding, pad_value=pad_value)

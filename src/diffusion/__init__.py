@@ -1,13 +1,17 @@
 """Diffusion math (pure torch, no Lightning): schedules, the Gaussian diffusion, samplers."""
+from .editing import ddim_invert, ddim_sample, interpolate, interpolate_ddim, lerp, slerp
 from .gaussian_diffusion import GaussianDiffusion
 from .likelihoods import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import SpacedDiffusion, space_timesteps
-from .sampling import SAMPLERS, ddpm_sample, respaced, sample
+from .sampling import (SAMPLERS, Trajectory, ddpm_sample, denoise_from, image_grid, respaced, sample,
+                       sample_trajectory, trajectory_grid)
 from .schedules import make_beta_schedule
 from .timestep_samplers import LossSecondMomentResampler, UniformSampler
 
 __all__ = [
-    "SAMPLERS", "GaussianDiffusion", "LossSecondMomentResampler", "SpacedDiffusion", "UniformSampler",
-    "ddpm_sample", "respaced", "sample", "space_timesteps",
-    "discretized_gaussian_log_likelihood", "make_beta_schedule", "mean_flat", "normal_kl",
+    "SAMPLERS", "GaussianDiffusion", "LossSecondMomentResampler", "SpacedDiffusion", "Trajectory",
+    "UniformSampler", "ddim_invert", "ddim_sample", "ddpm_sample", "denoise_from",
+    "discretized_gaussian_log_likelihood", "image_grid", "interpolate", "interpolate_ddim", "lerp",
+    "make_beta_schedule", "mean_flat", "normal_kl", "respaced", "sample", "sample_trajectory", "slerp",
+    "space_timesteps", "trajectory_grid",
 ]

@@ -217,7 +217,7 @@ def test_reference_statistics_are_cached_with_a_description(tmp_path, extractor)
 
 # --- the training callback ------------------------------------------------------------------------------
 def fid_overrides(weights: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["callbacks=fid", "callbacks.sample_grid=null", "sampler.steps=10",
+    return ["callbacks=fid", "sampler.steps=10",
             f"callbacks.fid.feature_extractor_weights_path={weights}",
             "callbacks.fid.num_samples=4", "callbacks.fid.batch_size=4", "callbacks.fid.isc_splits=2",
             "callbacks.fid.num_reference_images=6", f"callbacks.fid.cache_dir={tmp_path}/fid_stats", *extra]
@@ -233,7 +233,8 @@ def test_fid_callback_refuses_to_start_without_weights(compose_train, tmp_path):
 
 
 def test_fid_callback_logs_fid_and_is_once_per_step(compose_train, tmp_path, weights):
-    cfg = compose_train(*fid_overrides(weights, tmp_path, "trainer.max_steps=2", "callbacks.fid.every_n_steps=2",
+    cfg = compose_train(*fid_overrides(weights, tmp_path, "callbacks.sample_grid=null", "trainer.max_steps=2",
+                                       "callbacks.fid.every_n_steps=2",
                                        "trainer.log_every_n_steps=1"))
     metrics_out, objects = train(cfg)
     assert {"eval/fid", "eval/is", "eval/is_std"} <= metrics_out.keys()
@@ -249,7 +250,8 @@ def test_fid_callback_logs_fid_and_is_once_per_step(compose_train, tmp_path, wei
 @pytest.mark.slow
 def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_train, tmp_path, weights, extractor):
     """2 CPU processes (gloo): 5 samples shared 3 + 2 with seeds 0 and 1, gathered, metrics computed once."""
-    cfg = compose_train(*fid_overrides(weights, tmp_path, "trainer.max_steps=1", "callbacks.fid.num_samples=5",
+    cfg = compose_train(*fid_overrides(weights, tmp_path, "callbacks.sample_grid=null", "trainer.max_steps=1",
+                                       "callbacks.fid.num_samples=5",
                                        "trainer.devices=2", "+trainer.strategy=ddp_spawn",
                                        "callbacks.fid.save_samples=true",
                                        f"callbacks.fid.samples_dir={tmp_path}/fid_samples"))

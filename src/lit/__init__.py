@@ -1,4 +1,5 @@
+from .checkpoint_io import AtomicCheckpointIO
 from .diffusion_module import DiffusionModule
 from .ema import EMA
 
-__all__ = ["DiffusionModule", "EMA"]
+__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA"]

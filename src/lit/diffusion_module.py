@@ -1,13 +1,22 @@
 """The LightningModule: network + diffusion math + EMA + optimisation."""
-from typing import Callable
+import logging
+import random
+from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
 from src.diffusion import GaussianDiffusion, LossSecondMomentResampler, UniformSampler, sample
+from src.errors import NonFiniteLossError
 
 from .ema import EMA
+
+log = logging.getLogger(__name__)
+
+# Checkpoint key of the global random states (see DiffusionModule.on_save_checkpoint).
+RNG_STATES_KEY = "rng_states"
 
 
 class DiffusionModule(L.LightningModule):
@@ -42,6 +51,7 @@ class DiffusionModule(L.LightningModule):
         self.diffusion = diffusion
         self.timestep_sampler = timestep_sampler
         self.ema = EMA(net, decay=ema_decay)
+        self._rng_before_validation: dict | None = None
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.net(xt, t, **kwargs)
@@ -51,15 +61,33 @@ class DiffusionModule(L.LightningModule):
         x0 = batch[0]
         t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
         losses = self.diffusion.training_losses(self.net, x0, t)
+        loss = (losses["loss"] * weights).mean()
+        # Checked here, before backward and the optimizer step, so a NaN never reaches the weights, the
+        # EMA, the timestep sampler's history or a checkpoint.
+        self._check_finite(loss)
         if isinstance(self.timestep_sampler, LossSecondMomentResampler):
             # Every rank records every rank's losses so the sampling distribution stays identical.
             all_t, all_losses = self.all_gather((t, losses["loss"].detach()))
             self.timestep_sampler.update(all_t.reshape(-1), all_losses.reshape(-1))
-        loss = (losses["loss"] * weights).mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", losses["mse"].mean())
         self.log("train/vb", losses["vb"].mean())
         return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            # Under DDP one rank's NaN must stop every rank, or the others wait for it forever.
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        step = self.global_step + 1
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+        raise NonFiniteLossError(
+            f"training loss is {loss.item()} (not finite) at optimizer step {step}; training stopped before that "
+            f"update, nothing was saved after it; last good checkpoint: {last or 'none saved yet'}; resume from it "
+            f"(ckpt_path=...) with a lower module.optimizer.lr or trainer.gradient_clip_val, or trainer.precision=32-true")
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -72,6 +100,21 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- validation (EMA weights) -------------------------------------------------------------
+    # Validation runs outside the training's random stream: the validation DataLoader seeds its
+    # iterator from the global RNG, and a run resumed from a checkpoint skips the validation that
+    # followed the save, so without this the resumed run would draw different t and noise. It also
+    # keeps the training trajectory independent of how often the run validates. The snapshot is taken
+    # in the last hook before Lightning creates the validation iterator (the sanity check is isolated
+    # by Lightning itself).
+    def on_validation_model_zero_grad(self) -> None:
+        super().on_validation_model_zero_grad()
+        self._rng_before_validation = _collect_rng_states(self.device)
+
+    def on_validation_end(self) -> None:
+        if self._rng_before_validation is not None:
+            _set_rng_states(self._rng_before_validation, self.device)
+            self._rng_before_validation = None
+
     def validation_step(self, batch, batch_idx):
         x0 = batch[0]
         # Fixed t and noise per batch index, so validation curves compare like with like.
@@ -84,6 +127,24 @@ class DiffusionModule(L.LightningModule):
         self.log_dict({"val/loss": losses["loss"].mean(), "val/mse": losses["mse"].mean(),
                        "val/bpd": bpd.mean()}, prog_bar=True, sync_dist=True)
 
+    # --- checkpoints (exact resume) ----------------------------------------------------------
+    # The weights, the EMA (with its update count), the timestep sampler's history (module extra
+    # state), the optimizer, the LR schedule and the loop counters are restored by Lightning. The global
+    # random states are not, yet they draw t, the noise and the data order: with them a resumed run
+    # continues with exactly the numbers the uninterrupted run would have drawn.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Saved mid-validation (a stop signal during validation): the training stream is the snapshot
+        # taken before validation started, not the current, validation-advanced state.
+        checkpoint[RNG_STATES_KEY] = self._rng_before_validation or _collect_rng_states(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(RNG_STATES_KEY)
+        if states is None:
+            log.warning("the checkpoint has no random states: the resumed run continues the model and optimizer "
+                        "exactly but draws other random numbers than an uninterrupted run would")
+            return
+        _set_rng_states(states, self.device)
+
     # --- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None, use_ema: bool = True,
@@ -93,3 +154,23 @@ class DiffusionModule(L.LightningModule):
         net = self.ema.model if use_ema else self.net
         shape = (num_samples, net.in_channels, net.image_size, net.image_size)
         return sample(self.diffusion, net, shape, generator=generator, device=self.device, **sampler_kwargs)
+
+
+def _collect_rng_states(device: torch.device) -> dict[str, Any]:
+    """The global random states of torch (CPU and `device` if CUDA), numpy and Python.
+
+    Only the CUDA generator of this process's device is kept: under DDP rank k draws from device k,
+    and every rank is seeded alike and draws alike, so rank zero's checkpoint holds every rank's state.
+    """
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        states["torch.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if device.type == "cuda" and "torch.cuda" in states:
+        torch.cuda.set_rng_state(states["torch.cuda"], device)

@@ -1,0 +1,105 @@
+"""Saving `last.ckpt` when the run is told to stop (preemption, Ctrl+C)."""
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Writes `<dirpath>/last.ckpt` when training is stopped by SIGTERM, SIGUSR1 or Ctrl+C, so that
+    `ckpt_path=last` continues from the step where the run stopped.
+
+    On SIGTERM Lightning only sets `trainer.received_sigterm` and raises SIGTERMException later, after
+    the step's validation if one is due (and it cuts that validation short). The checkpoint is written
+    at the end of the step in which the flag is seen (`on_train_batch_end`, the point where
+    ModelCheckpoint saves too, whose restore Lightning handles at epoch ends), or, when the signal came
+    later in the step (validation, sample grid), in `on_exception`. Under DDP the ranks agree on the
+    flag first, because the save waits for every rank.
+
+    SIGUSR1 (the "you will be stopped soon" signal of SLURM and other schedulers) and the first Ctrl+C
+    take the same path; under SLURM auto-requeue Lightning's own SIGUSR1 handler stays in charge (it
+    saves `hpc_ckpt_*.ckpt` and requeues the job). A second Ctrl+C interrupts at once: its
+    KeyboardInterrupt saves only if it did not land inside a training step (forward, backward,
+    optimizer and EMA update), where the weights may be half-updated, and only in single-process runs.
+
+    Any other exception saves nothing: the state after an error (a NaN loss, a bug) must not replace
+    the last good checkpoint. Unlike Lightning's OnExceptionCheckpoint, this callback does not change
+    what `fit(ckpt_path=None)` loads.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
+        super().__init__()
+        self.path = Path(dirpath) / filename
+        self._saved_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_step = None
+        # Runs after Lightning registered its handlers; Lightning puts the previous handlers of every
+        # signal back when fitting ends. Handlers that someone else installed are left alone.
+        _install(getattr(signal, "SIGUSR1", None), _forward_to_sigterm_handler, unless_handled=True)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            _install(signal.SIGINT, _first_ctrl_c, unless_handled=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        stop = trainer.received_sigterm
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self._save(trainer, "a stop signal (SIGTERM, SIGUSR1 or Ctrl+C)")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._saved_step == trainer.global_step:  # saved at the end of this step already
+            return
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, "a stop signal (SIGTERM, SIGUSR1 or Ctrl+C)")
+        elif isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1:
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current
+            if progress.started > progress.processed:
+                log.warning("interrupted inside training step %d (the weights may be half-updated): nothing saved; "
+                            "the last checkpoint stays as it was", trainer.global_step + 1)
+                return
+            self._save(trainer, "Ctrl+C")
+
+    def _save(self, trainer: L.Trainer, reason: str) -> None:
+        up_to_date = self._up_to_date(trainer)
+        if not up_to_date:
+            trainer.save_checkpoint(self.path)  # a collective under DDP: every rank gets here
+            self._saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            log.warning("stopped by %s after step %d; %s %s", reason, trainer.global_step,
+                        "already up to date:" if up_to_date else "saved", self.path)
+
+    def _up_to_date(self, trainer: L.Trainer) -> bool:
+        """Whether ModelCheckpoint already wrote this path at this step (a periodic save just before the stop)."""
+        callback = trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") if callback is not None else ""
+        return (bool(last) and os.path.realpath(last) == os.path.realpath(self.path)
+                and getattr(callback, "_last_global_step_saved", None) == trainer.global_step)
+
+
+def _install(signum, handler, unless_handled: bool) -> None:
+    if signum is None or (unless_handled and signal.getsignal(signum) not in (signal.SIG_DFL, None)):
+        return
+    try:
+        signal.signal(signum, handler)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        pass
+
+
+def _forward_to_sigterm_handler(signum, frame) -> None:
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        handler(signal.SIGTERM, frame)
+
+
+def _first_ctrl_c(signum, frame) -> None:
+    sys.stderr.write("\nCtrl+C: stopping after the current step and saving the last checkpoint "
+                     "(press Ctrl+C again to stop at once)\n")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _forward_to_sigterm_handler(signum, frame)

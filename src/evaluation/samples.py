@@ -1,0 +1,55 @@
+"""Drawing many samples in batches as uint8, and writing them as an .npz and a PNG grid."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid, save_image
+
+from src.data.transforms import signed_to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def sample_uint8_batches(module, num_samples: int, batch_size: int, generator: torch.Generator | None = None,
+                         progress: bool = False, **sampler_kwargs) -> Iterator[torch.Tensor]:
+    """Yield uint8 images [B, C, H, W] from `module.sample` (EMA weights), num_samples in all.
+
+    One generator runs through all batches, so a seed fixes the whole sample set.
+    """
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    done = 0
+    while done < num_samples:
+        n = min(batch_size, num_samples - done)
+        images = module.sample(n, generator=generator, use_ema=True, **sampler_kwargs)
+        done += n
+        if progress:
+            log.info("sampled %d / %d", done, num_samples)
+        yield signed_to_uint8(images)
+
+
+def save_npz(images: torch.Tensor, dirpath: str | Path) -> Path:
+    """uint8 [N, C, H, W] -> <dirpath>/samples_NxHxWxC.npz with `arr_0` uint8 [N, H, W, C] (openai's format)."""
+    array = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    if array.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {array.dtype}")
+    path = Path(dirpath) / f"samples_{'x'.join(str(d) for d in array.shape)}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, arr_0=array)
+    return path
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """uint8 [N, C, H, W] -> a PNG grid (nrow defaults to about sqrt(N))."""
+    n = images.shape[0]
+    grid = make_grid(images.float() / 255.0, nrow=nrow or max(1, int(n ** 0.5)), padding=2, pad_value=1.0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    return path

@@ -1,0 +1,143 @@
+"""evaluate.py: rebuilding a module from a checkpoint, samples to npz + grid, FID/IS with and without
+Inception weights, the NLL report, and one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from src.evaluation import CheckpointError, EvaluationError, load_module, run
+from src.training import train
+from test_fid import write_random_inception_weights
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+TINY_TRAIN = ["trainer.accelerator=cpu", "schedule.num_timesteps=50", "model.base_channels=32",
+              "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=1", "data.batch_size=16",
+              "trainer.max_steps=2", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
+              "sampler.steps=null"]
+
+
+def compose_config(name: str, overrides: list[str], out_dir: Path, data_dir: Path):
+    """A config as its entry point would see it (Hydra's run-time values set), writing to out_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+        cfg.paths.data_dir = str(data_dir)
+        del cfg.hydra
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step digits run (T=50, tiny U-Net): (checkpoint path, the trained module)."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = compose_config("train", TINY_TRAIN, root / "run", root / "data")
+    _, objects = train(cfg)
+    return root / "run" / "checkpoints" / "last.ckpt", objects["module"]
+
+
+@pytest.fixture
+def evaluate(tmp_path, trained):
+    """evaluate(*overrides) -> (metrics dict, output folder) for the tiny checkpoint."""
+
+    def _evaluate(*overrides: str):
+        out = tmp_path / "eval"
+        cfg = compose_config("evaluate", [f"ckpt_path={trained[0]}", "num_samples=4", "batch_size=4", "isc_splits=2",
+                                          *overrides], out, tmp_path / "data")
+        return run(cfg), out
+
+    return _evaluate
+
+
+@pytest.fixture
+def offline_torch_hub(tmp_path, monkeypatch):
+    """No Inception weights in the torch hub cache and no network to download them."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", mock.Mock(side_effect=OSError("network is unreachable")))
+
+
+def test_load_module_rebuilds_the_trained_module(trained):
+    path, module = trained
+    loaded = load_module(path)
+    assert not loaded.training
+    expected = module.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for key, value in loaded.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, expected[key].cpu(), msg=key)
+        else:  # extra state (the EMA's update count)
+            assert value == expected[key], key
+    assert loaded.diffusion.num_timesteps == 50 and loaded.ema.num_updates == module.ema.num_updates
+
+
+def test_bad_checkpoints_fail_with_one_line(tmp_path, trained):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(trained[0].read_bytes()[:4096])
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, foreign)
+    cases = {tmp_path / "missing.ckpt": "checkpoint not found", truncated: "could not read checkpoint",
+             text: "could not read checkpoint", foreign: "no run config"}
+    for path, expected in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            load_module(path)
+        assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_without_inception_weights_samples_are_written_and_fid_is_null(evaluate, offline_torch_hub):
+    metrics, out = evaluate("sampler=ddim", "steps=5")
+    assert metrics["fid"] is None and metrics["is"] is None
+    assert "Inception weights" in metrics["fid_unavailable"] and "network is unreachable" in metrics["fid_unavailable"]
+    assert metrics["samples"]["sampler"] == {"sampler": "ddim", "steps": 5, "eta": 0.0, "clip_denoised": True}
+    with np.load(out / "samples_4x16x16x1.npz") as data:
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (4, 16, 16, 1)
+    assert (out / "samples_grid.png").stat().st_size > 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_fid_is_and_nll_report(evaluate, tmp_path):
+    weights = write_random_inception_weights(tmp_path / "random-inception.pth")
+    metrics, out = evaluate(f"feature_extractor_weights_path={weights}", "num_reference_images=6", "nll=true",
+                            "nll_num_images=3", "nll_batch_size=2")
+    # the checkpoint's own sampler: DDPM over all T=50 steps
+    assert metrics["samples"]["sampler"]["sampler"] == "ddpm" and metrics["samples"]["sampler"]["steps"] is None
+    assert metrics["fid"] > 0 and metrics["is"] >= 1.0 and metrics["fid_reference"]["num_images"] == 6
+    nll = metrics["nll"]
+    assert nll["num_images"] == 3 and nll["num_timesteps"] == 50 and nll["split"] == "val"
+    # the parts add up to the bound, L_T + (L_1 .. L_{T-1}) + L_0, up to float32 round-off
+    assert nll["bpd"] == pytest.approx(nll["prior_bpd"] + nll["kl_bpd"] + nll["decoder_bpd"], rel=1e-6)
+    assert sum(b["bpd"] for b in nll["vb_by_t"]) == pytest.approx(nll["kl_bpd"] + nll["decoder_bpd"], rel=1e-6)
+    with np.load(out / "nll_terms.npz") as terms:
+        assert terms["vb"].shape == (50,) and terms["total_bpd"].shape == (3,)
+
+
+@pytest.mark.parametrize("override,message", [("num_samples=0", "num_samples must be a positive integer"),
+                                              ("nll_batches=-1", "nll_batches must be a positive integer")])
+def test_bad_settings_are_evaluation_errors(evaluate, override, message):
+    with pytest.raises(EvaluationError, match=message):
+        evaluate(override)
+
+
+@pytest.mark.slow
+def test_cli_reports_bad_inputs_in_one_line(tmp_path, trained):
+    for args, expected in [([f"ckpt_path={tmp_path}/missing.ckpt"], "checkpoint not found"),
+                           ([f"ckpt_path={trained[0]}", "num_samples=0"], "num_samples must be a positive integer")]:
+        result = subprocess.run([sys.executable, "evaluate.py", *args, f"hydra.run.dir={tmp_path}/out"], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.stderr

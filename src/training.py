@@ -68,7 +68,9 @@ def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionMo
     out_channels = channels * (2 if diffusion.learns_variance else 1)
     derived = {"in_channels": channels, "out_channels": out_channels, "image_size": image_size}
     _check_derived_model_shape(cfg, derived, diffusion.var_type)
-    with config_errors("model"):
+    # The size and channels come from the data, so the message says where to change them.
+    with config_errors(f"model (built for the data's {image_size}x{image_size} images with {channels} channel(s); "
+                       f"data.image_size sets the size)"):
         net = instantiate(cfg.model, **derived)
     with config_errors("objective.timestep_sampler"):
         timestep_sampler = instantiate(cfg.objective.timestep_sampler)

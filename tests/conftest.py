@@ -19,6 +19,7 @@ FAST_OVERRIDES = [
     "model.num_heads=1",
     "data.batch_size=16",
     "callbacks.sample_grid.num_samples=4",
+    "sampler.steps=10",
     "callbacks.progress_bar=null",
 ]
 

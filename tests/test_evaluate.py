@@ -14,7 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from src.evaluation import CheckpointError, EvaluationError, load_module, run
+from src.errors import CheckpointError, ConfigError
+from src.evaluation import load_module, run
 from src.training import train
 from test_fid import write_random_inception_weights
 
@@ -127,8 +128,8 @@ def test_fid_is_and_nll_report(evaluate, tmp_path):
 
 @pytest.mark.parametrize("override,message", [("num_samples=0", "num_samples must be a positive integer"),
                                               ("nll_batches=-1", "nll_batches must be a positive integer")])
-def test_bad_settings_are_evaluation_errors(evaluate, override, message):
-    with pytest.raises(EvaluationError, match=message):
+def test_bad_settings_are_config_errors(evaluate, override, message):
+    with pytest.raises(ConfigError, match=message):
         evaluate(override)
 
 

@@ -267,3 +267,7 @@ def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_t
     assert metrics_out["eval/fid"] == pytest.approx(single["fid"], rel=1e-5)
     assert metrics_out["eval/is"] == pytest.approx(single["is"], rel=1e-6)
     assert metrics_out["eval/is_std"] == pytest.approx(single["is_std"], rel=1e-4, abs=1e-9)
+    # a second distributed run reads the cached reference statistics instead of recomputing them
+    written = cache.stat().st_mtime_ns
+    metrics_again, _ = train(cfg)
+    assert cache.stat().st_mtime_ns == written and np.isfinite(metrics_again["eval/fid"])

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from src.evaluation.metrics import (FeatureStats, InceptionFeatures, MissingWeightsError, ReferenceImages,
+from src.evaluation.metrics import (NUM_LOGITS, FeatureStats, InceptionFeatures, MissingWeightsError, ReferenceImages,
                                     ReferenceStats, accumulate, dataset_name, fid_and_is, load_reference,
                                     reference_cache_path, reference_meta, resolve_weights, save_reference)
 from src.evaluation.samples import sample_uint8_batches
@@ -114,7 +114,8 @@ class FIDCallback(L.Callback):
         if trainer.is_global_zero:
             self.reference = load_reference(path, meta)
         if not trainer.strategy.broadcast(self.reference is None):
-            log.info("FID reference: %s (cached in %s)", self.reference.describe(), path)
+            if trainer.is_global_zero:
+                log.info("FID reference: %s (cached in %s)", self.reference.describe(), path)
             return
         if trainer.is_global_zero:
             log.info("computing FID reference statistics: %s %s, %d images -> %s", meta["dataset"],
@@ -146,8 +147,9 @@ class FIDCallback(L.Callback):
 
     # --- the evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module) -> dict | None:
-        """Sample, extract and reduce on every process; returns the metrics on rank zero (None elsewhere)."""
+    def evaluate(self, trainer: L.Trainer, pl_module) -> dict:
+        """Sample, extract and reduce on every process; the metrics are computed on rank zero and
+        returned on every process."""
         if self.extractor is None:
             raise RuntimeError("FIDCallback.evaluate called before setup")
         step = trainer.global_step
@@ -165,7 +167,7 @@ class FIDCallback(L.Callback):
                 logits_list.append(logits)
                 if self.save_samples:
                     kept.append(images)
-        logits = torch.cat(logits_list) if logits_list else torch.zeros(0, 1008, device=device)
+        logits = torch.cat(logits_list) if logits_list else torch.zeros(0, NUM_LOGITS, device=device)
         self._all_reduce(trainer, stats)
         logits = self._gather_rows(trainer, logits.to(device), counts)
         if self.save_samples:
@@ -173,16 +175,21 @@ class FIDCallback(L.Callback):
             local = torch.cat(kept) if kept else torch.zeros(shape, dtype=torch.uint8, device=device)
             all_images = self._gather_rows(trainer, local.to(device), counts)
         self.last_step = step
-        if not trainer.is_global_zero:
-            return None
-
-        metrics = fid_and_is(stats, logits, self.reference, self.isc_splits)
+        metrics = None
+        if trainer.is_global_zero:
+            metrics = fid_and_is(stats, logits, self.reference, self.isc_splits)
+            if self.save_samples:
+                self.samples_dir.mkdir(parents=True, exist_ok=True)
+                np.savez(self.samples_dir / f"fid_samples_step_{step:07d}.npz",
+                         arr_0=all_images.permute(0, 2, 3, 1).cpu().numpy())
+        # Every process gets the values (so e.g. a checkpoint monitoring eval/fid agrees across ranks);
+        # only rank zero writes them to the loggers.
+        metrics = trainer.strategy.broadcast(metrics)
         self.last_metrics = {"step": step, **metrics}
-        if self.save_samples:
-            self.samples_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(self.samples_dir / f"fid_samples_step_{step:07d}.npz",
-                     arr_0=all_images.permute(0, 2, 3, 1).cpu().numpy())
-        self._log(trainer, step, metrics)
+        values = {"eval/fid": metrics["fid"], "eval/is": metrics["is"], "eval/is_std": metrics["is_std"]}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        if trainer.is_global_zero:
+            self._log(trainer, step, values, metrics["num_samples"])
         return self.last_metrics
 
     @staticmethod
@@ -194,11 +201,9 @@ class FIDCallback(L.Callback):
         gathered = trainer.strategy.all_gather(padded)  # [world, max(counts), ...]
         return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
-    def _log(self, trainer: L.Trainer, step: int, metrics: dict) -> None:
-        values = {"eval/fid": metrics["fid"], "eval/is": metrics["is"], "eval/is_std": metrics["is_std"]}
+    def _log(self, trainer: L.Trainer, step: int, values: dict, num_samples: int) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
-        log.info("step %d: FID %.3f, IS %.3f +- %.3f (%d EMA samples, %s; reference: %s)", step, metrics["fid"],
-                 metrics["is"], metrics["is_std"], metrics["num_samples"], self.sampler_kwargs or "default sampler",
+        log.info("step %d: FID %.3f, IS %.3f +- %.3f (%d EMA samples, %s; reference: %s)", step, values["eval/fid"],
+                 values["eval/is"], values["eval/is_std"], num_samples, self.sampler_kwargs or "default sampler",
                  self.reference.describe())

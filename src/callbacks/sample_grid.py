@@ -52,7 +52,7 @@ class SampleGridCallback(L.Callback):
         for logger in trainer.loggers:
             log_image = getattr(logger, "log_image", None)  # W&B
             if log_image is not None:
-                log_image(key="samples", images=[grid], step=step)
+                log_image(key="samples", images=[str(path)], step=step)  # the PNG as written, 8-bit
             elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
                 logger.experiment.add_image("samples", grid, global_step=step)
         return path

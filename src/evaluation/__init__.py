@@ -1,12 +1,12 @@
 """Evaluating trained models: checkpoints, samples to files, FID/IS, NLL bits/dim reports."""
-from .checkpoint import CheckpointError, EvaluationError, load_module, module_from_checkpoint, read_checkpoint
+from .checkpoint import load_module, module_from_checkpoint, read_checkpoint
 from .metrics import (FeatureStats, InceptionFeatures, MissingWeightsError, ReferenceImages, ReferenceStats,
                       frechet_distance, inception_score, reference_statistics, resolve_weights)
 from .provenance import git_info
 from .run import run
 
 __all__ = [
-    "CheckpointError", "EvaluationError", "FeatureStats", "InceptionFeatures", "MissingWeightsError",
+    "FeatureStats", "InceptionFeatures", "MissingWeightsError",
     "ReferenceImages", "ReferenceStats", "frechet_distance", "git_info", "inception_score", "load_module",
     "module_from_checkpoint", "read_checkpoint", "reference_statistics", "resolve_weights", "run",
 ]

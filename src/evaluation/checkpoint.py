@@ -13,16 +13,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src.errors import CheckpointError
 from src.lit import DiffusionModule
 from src.training import build_module  # the builder train.py uses, so both build the same module
-
-
-class EvaluationError(RuntimeError):
-    """A problem with the evaluation's inputs (one-line message, shown without a traceback)."""
-
-
-class CheckpointError(EvaluationError):
-    """The checkpoint is missing, unreadable or was not written by train.py."""
 
 
 def read_checkpoint(ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

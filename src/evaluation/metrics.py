@@ -31,6 +31,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
 from src.data.transforms import signed_to_uint8
+from src.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,12 @@ INCEPTION_NAME = "inception-v3-compat"
 FID_FEATURE = "2048"  # pool3 features, as in the FID paper
 ISC_FEATURE = "logits_unbiased"  # logits without the fc bias, torch-fidelity's default for IS
 FEATURE_DIM = 2048
+NUM_LOGITS = 1008  # the TensorFlow Inception graph's classes
 WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 CACHE_FORMAT = 1
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(RunError, RuntimeError):
     """The Inception weights for FID/IS are not on disk and could not be downloaded (one-line message)."""
 
 

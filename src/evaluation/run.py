@@ -15,8 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.data import DatasetNotFoundError
+from src.errors import ConfigError
 
-from .checkpoint import EvaluationError, module_from_checkpoint, read_checkpoint, run_config
+from .checkpoint import module_from_checkpoint, read_checkpoint, run_config
 from .metrics import (InceptionFeatures, MissingWeightsError, ReferenceImages, accumulate, dataset_name, fid_and_is,
                       reference_statistics, resolve_weights)
 from .nll import nll_terms, save_terms, summarize
@@ -31,7 +32,7 @@ def _positive_int(cfg: DictConfig, key: str, optional: bool = False) -> int | No
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise EvaluationError(f"{key} must be a positive integer{' or null' if optional else ''}, got {value!r}")
+        raise ConfigError(f"{key} must be a positive integer{' or null' if optional else ''}, got {value!r}")
     return value
 
 
@@ -95,9 +96,9 @@ def run(cfg: DictConfig) -> dict:
     nll_batches = _positive_int(cfg, "nll_batches", optional=True)
     nll_num_images = _positive_int(cfg, "nll_num_images", optional=True)
     if cfg.reference_split not in ("train", "val"):
-        raise EvaluationError(f"reference_split must be train or val, got {cfg.reference_split!r}")
+        raise ConfigError(f"reference_split must be train or val, got {cfg.reference_split!r}")
     if cfg.fid and num_samples < cfg.isc_splits:
-        raise EvaluationError(f"num_samples={num_samples} is below isc_splits={cfg.isc_splits}; the Inception Score "
+        raise ConfigError(f"num_samples={num_samples} is below isc_splits={cfg.isc_splits}; the Inception Score "
                               f"needs at least one sample per split")
 
     out_dir = Path(cfg.paths.output_dir)
@@ -157,7 +158,7 @@ def run(cfg: DictConfig) -> dict:
             terms = nll_terms(module, datamodule.val_dataloader(), max_batches=nll_batches, max_images=nll_num_images,
                               clip_denoised=cfg.nll_clip_denoised, generator=generator)
         except ValueError as err:
-            raise EvaluationError(str(err)) from None
+            raise ConfigError(str(err)) from None
         summary = {"split": "val", "clip_denoised": bool(cfg.nll_clip_denoised), **summarize(terms),
                    "terms": str(save_terms(terms, out_dir / "nll_terms.npz")),
                    "seconds": round(time.perf_counter() - start, 2)}

@@ -192,11 +192,10 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     from src.data import DatasetNotFoundError
-    from src.evaluation.checkpoint import EvaluationError
 
     try:
         run(cfg)
-    except (RunError, EvaluationError, DatasetNotFoundError) as err:
+    except (RunError, DatasetNotFoundError) as err:
         # A problem with the inputs, not a bug: one line, no traceback (unless asked for).
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -54,7 +54,7 @@ def test_ema_differs_from_live_weights_after_training(compose_train):
 @pytest.mark.slow
 def test_multirun_runs_each_job_in_its_own_folder(tmp_path):
     cmd = [sys.executable, "train.py", "-m", "schedule=linear,cosine", "objective=simple,hybrid",
-           "trainer.max_steps=2", "trainer.accelerator=cpu", "schedule.num_timesteps=20", "sampler.steps=5",
+           "trainer.max_steps=2", "trainer.accelerator=cpu", "schedule.num_timesteps=50", "sampler.steps=5",
            "model.base_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=1",
            "callbacks.sample_grid.num_samples=4", "callbacks.progress_bar=null",
            f"hydra.sweep.dir={tmp_path}", f"paths.data_dir={tmp_path}/data"]

@@ -15,6 +15,7 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from src.config_diff import UNSET, differences
 from src.data import DatasetNotFoundError
 from src.errors import CheckpointError, ConfigError, RunError
 from src.lit import AtomicCheckpointIO, DiffusionModule
@@ -164,18 +165,13 @@ def read_checkpoint_header(path: Path) -> dict:
 
 def check_resume_compatible(run_config: dict, cfg: DictConfig, path: Path) -> None:
     """Raise a ConfigError listing every RESUME_MUST_MATCH value on which the checkpoint and cfg differ."""
-    current = OmegaConf.to_container(cfg, resolve=True)
-    diffs = []
-    for key in RESUME_MUST_MATCH:
-        old, new = _flatten(_select(run_config, key), key), _flatten(_select(current, key), key)
-        for name in sorted(old.keys() | new.keys()):
-            # An interpolated value (objective.timestep_sampler.num_timesteps: ${schedule.num_timesteps})
-            # differs because its source does, which is listed itself.
-            if old.get(name, "<unset>") != new.get(name, "<unset>") and not _is_interpolation(cfg, name):
-                diffs.append((name, old.get(name, "<unset>"), new.get(name, "<unset>")))
+    # An interpolated value (objective.timestep_sampler.num_timesteps: ${schedule.num_timesteps})
+    # differs because its source does, which is listed itself.
+    diffs = differences(run_config, OmegaConf.to_container(cfg, resolve=True), RESUME_MUST_MATCH,
+                        skip=lambda name: _is_interpolation(cfg, name))
     if diffs:
         listed = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs)
-        fix = " ".join(f"{k}={_override(a)}" for k, a, _ in diffs if a != "<unset>")
+        fix = " ".join(f"{k}={_override(a)}" for k, a, _ in diffs if a != UNSET)
         raise ConfigError(f"checkpoint {path} was trained with another config ({listed}); resume with the "
                           f"checkpoint's values ({fix}) or start a new run without ckpt_path/resume")
 
@@ -184,21 +180,6 @@ def _is_interpolation(cfg: DictConfig, dotted: str) -> bool:
     parent, _, leaf = dotted.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
     return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
-
-
-def _select(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-    return tree
-
-
-def _flatten(value, prefix: str) -> dict:
-    if isinstance(value, dict):
-        flat = {}
-        for k, v in value.items():
-            flat.update(_flatten(v, f"{prefix}.{k}"))
-        return flat
-    return {prefix: value}
 
 
 def _override(value) -> str:

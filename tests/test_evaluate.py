@@ -126,6 +126,20 @@ def test_fid_is_and_nll_report(evaluate, tmp_path):
         assert terms["vb"].shape == (50,) and terms["total_bpd"].shape == (3,)
 
 
+def test_train_config_values_on_the_command_line_are_reported_and_the_checkpoint_wins(evaluate, caplog):
+    metrics, _ = evaluate("fid=false", "sampler=ddim", "steps=2", "+model.base_channels=64",
+                          "+schedule.num_timesteps=1000", "+model.dropout=0.0", "+data.batch_size=2")
+    # the tiny checkpoint (T=50, ch 32) was sampled, not a net built from the command line
+    assert metrics["diffusion"]["num_timesteps"] == 50
+    ignored = metrics["config_vs_command_line"]["ignored"]
+    assert ignored == {"model.base_channels": {"checkpoint": 32, "command_line": 64},
+                       "schedule.num_timesteps": {"checkpoint": 50, "command_line": 1000}}  # dropout 0.0 matches
+    assert metrics["config_vs_command_line"]["data_overrides"] == {
+        "data.batch_size": {"checkpoint": 16, "command_line": 2}}
+    assert "ignoring command-line values that differ from it: model.base_channels: checkpoint 32, command line 64; " \
+           "schedule.num_timesteps: checkpoint 50, command line 1000" in caplog.text
+
+
 @pytest.mark.parametrize("override,message", [("num_samples=0", "num_samples must be a positive integer"),
                                               ("nll_batches=-1", "nll_batches must be a positive integer")])
 def test_bad_settings_are_config_errors(evaluate, override, message):

@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src.config_diff import UNSET, differences
 from src.data import DatasetNotFoundError
 from src.errors import ConfigError
 
@@ -45,6 +46,28 @@ def sampler_kwargs(trained: dict, cfg: DictConfig) -> dict:
         if cfg.get(key) is not None:
             kwargs[key] = cfg[key]
     return kwargs
+
+
+# Train-config groups that may appear on evaluate.py's command line (+model.base_channels=64, ...):
+# the checkpoint fixes them, so such values are reported and ignored. `data` overrides are applied.
+FIXED_BY_CHECKPOINT = ("model", "schedule", "objective", "diffusion", "module")
+
+
+def command_line_differences(trained: DictConfig, cfg: DictConfig) -> dict:
+    """Log and return the values given here that differ from the checkpoint's own config."""
+    old = OmegaConf.to_container(trained, resolve=True)
+    new = OmegaConf.to_container(cfg, resolve=True)
+    ignored = differences(old, new, [k for k in FIXED_BY_CHECKPOINT if k in cfg])
+    ignored = [(k, a, b) for k, a, b in ignored if b != UNSET]  # only what the command line sets
+    applied = [(k, a, b) for k, a, b in differences(old, new, ["data"]) if b != UNSET]
+    if ignored:
+        log.warning("using the checkpoint's own config; ignoring command-line values that differ from it: %s",
+                    "; ".join(f"{k}: checkpoint {a!r}, command line {b!r}" for k, a, b in ignored))
+    if applied:
+        log.warning("data overrides applied on top of the checkpoint's data config: %s",
+                    "; ".join(f"{k}: checkpoint {a!r}, command line {b!r}" for k, a, b in applied))
+    fmt = lambda rows: {k: {"checkpoint": a, "command_line": b} for k, a, b in rows}  # noqa: E731
+    return {"ignored": fmt(ignored), "data_overrides": fmt(applied)}
 
 
 def pick_device(name: str) -> torch.device:
@@ -111,6 +134,7 @@ def run(cfg: DictConfig) -> dict:
     net = module.ema.model
     report = Report(out_dir / "metrics.json", {
         "checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step"), **git_info(),
+        "config_vs_command_line": command_line_differences(trained, cfg),
         "data": {"target": trained.data._target_, "image_size": net.image_size, "channels": net.in_channels},
         "diffusion": {"num_timesteps": module.diffusion.num_timesteps, "var_type": module.diffusion.var_type,
                       "mean_type": module.diffusion.mean_type, "schedule": OmegaConf.to_container(trained.schedule)},

@@ -229,10 +229,24 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     with config_errors("trainer"):
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                          plugins=_plugins(cfg))
-    # The checkpoint is this project's own (checked above), and it holds the hparams: not weights-only.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    try:
+        # The checkpoint is this project's own (checked above), and it holds the hparams: not weights-only.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    finally:
+        _finish_wandb(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def _finish_wandb(loggers: list) -> None:
+    """Close the W&B run: the jobs of a Hydra multirun share one process, and without this each
+    job after the first would log into the first job's run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
 
 
 def _plugins(cfg: DictConfig) -> list:

@@ -94,6 +94,22 @@ def test_wandb_offline_records_scalars_images_fid_config_and_commit(compose_trai
     assert list((run_dir / "files" / "media" / "images").glob("samples_*.png"))
 
 
+def test_each_training_run_closes_its_wandb_run(compose_train, no_wandb_account):
+    """Multirun jobs run one after another in one process: each must get its own W&B run."""
+    import wandb
+
+    folders = []
+    for lr in ("1e-3", "2e-3"):
+        cfg = compose_train("logger=wandb", "trainer.max_steps=1", "callbacks.sample_grid=null",
+                            "+trainer.limit_val_batches=0", f"module.optimizer.lr={lr}")
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir).parent / f"job_lr{lr}")
+        train(cfg)
+        assert wandb.run is None  # finished, not left open for the next job
+        (run_dir,) = (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")
+        folders.append(run_dir.name)
+    assert folders[0] != folders[1]
+
+
 def test_wandb_sample_grid_is_the_png_written_to_disk(compose_train, no_wandb_account):
     import numpy as np
     import wandb

@@ -154,7 +154,8 @@ def read_checkpoint_header(path: Path) -> dict:
     except Exception as err:  # truncated zip, not a checkpoint, ...: many exception types
         siblings = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
         other = f"; other checkpoints in {path.parent}: {', '.join(siblings)}" if siblings else ""
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {_one_line(err)}); it is "
+        reason = " ".join(str(err).split()).split(". ")[0]  # torch appends paragraphs of advice
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason}); it is "
                               f"incomplete or not a checkpoint: resume from another one with ckpt_path=<file>{other}") from err
     run_config = ckpt.get("hyper_parameters", {}).get("run_config") if isinstance(ckpt, dict) else None
     if not isinstance(run_config, dict):

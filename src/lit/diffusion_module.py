@@ -89,6 +89,14 @@ class DiffusionModule(L.LightningModule):
             f"update, nothing was saved after it; last good checkpoint: {last or 'none saved yet'}; resume from it "
             f"(ckpt_path=...) with a lower module.optimizer.lr or trainer.gradient_clip_val, or trainer.precision=32-true")
 
+    def on_train_start(self) -> None:
+        # Every rank starts from the same random state (one seed; a resume restores rank zero's states
+        # everywhere), so each rank would draw the same t and noise for its own images. Ranks above zero
+        # move to streams of their own, derived from the shared state and the rank; rank zero, and a
+        # single process, keep drawing exactly what they would have.
+        if self.trainer.world_size > 1 and self.global_rank > 0:
+            _seed_rank_stream(self.global_rank)
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
@@ -159,13 +167,23 @@ class DiffusionModule(L.LightningModule):
 def _collect_rng_states(device: torch.device) -> dict[str, Any]:
     """The global random states of torch (CPU and `device` if CUDA), numpy and Python.
 
-    Only the CUDA generator of this process's device is kept: under DDP rank k draws from device k,
-    and every rank is seeded alike and draws alike, so rank zero's checkpoint holds every rank's state.
+    Only the CUDA generator of this process's device is kept (under DDP rank k draws from device k).
+    The checkpoint holds rank zero's states: a resumed DDP run repeats rank zero's draws exactly and
+    gives the other ranks fresh streams (see on_train_start).
     """
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if device.type == "cuda":
         states["torch.cuda"] = torch.cuda.get_rng_state(device)
     return states
+
+
+def _seed_rank_stream(rank: int) -> None:
+    """Reseed torch (CPU and CUDA), numpy and Python from the current shared state and `rank`."""
+    shared = int(torch.randint(0, 2**62, (1,)))
+    seed = int(np.random.SeedSequence([shared, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:

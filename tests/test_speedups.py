@@ -1,0 +1,42 @@
+"""Speed switches: the optimizer kernel choice and the channels_last callback (speed itself is not asserted)."""
+import pytest
+import torch
+
+from src.lit.optim import make_optimizer
+from src.training import train
+
+
+def adam_steps(implementation: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    params = [torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)]
+    optimizer = make_optimizer(params, implementation=implementation, lr=1e-2)
+    for _ in range(3):
+        loss = sum((p ** 2).sum() for p in params)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return params
+
+
+def test_auto_picks_foreach_on_cpu_with_the_numbers_of_the_plain_loop():
+    optimizer = make_optimizer([torch.zeros(2, requires_grad=True)], lr=1e-3)
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["foreach"] is True
+    for a, b in zip(adam_steps("auto"), adam_steps("for-loop")):
+        assert torch.equal(a, b)
+
+
+def test_unknown_implementation_is_an_error():
+    with pytest.raises(ValueError, match="unknown optimizer implementation 'fast'"):
+        make_optimizer([torch.zeros(2, requires_grad=True)], implementation="fast", lr=1e-3)
+
+
+def test_channels_last_switch_trains_and_keeps_checkpoint_names(compose_train):
+    cfg = compose_train("trainer.max_steps=2", "callbacks.sample_grid=null", "callbacks.speedups.channels_last=true")
+    _, objects = train(cfg)
+    module = objects["module"]
+    conv = module.net.conv_out.weight  # [1, 32, 3, 3]: the layouts differ (conv_in has 1 input channel)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert module.ema.model.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    assert module.ema.num_updates == 2
+    ckpt = torch.load(objects["trainer"].checkpoint_callback.last_model_path, weights_only=False)
+    assert set(ckpt["state_dict"]) == set(module.state_dict())

@@ -21,20 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 # Epochs of 4 batches, checkpoints every 4 steps, the stop after step 4: an epoch boundary. Lightning
 # cannot restore a position inside an epoch (the DataLoader is not stateful; a resumed epoch
 # re-iterates it with a fresh shuffle), so only a stop at an epoch boundary can continue exactly.
-# Validation runs at steps 3 and 6, i.e. not at the checkpoint step: a run resumed from a checkpoint
-# written at the end of a step with a validation due replays that validation's DataLoader creation,
-# which draws a seed from the global RNG (see the note in test_stop_and_resume_matches_uninterrupted_run).
+# Validation runs at steps 3 and 6 (EXACT), or at the checkpoint step (see the parametrized test).
 # A sample grid is written at the checkpoint step: it uses its own generator and must not matter.
-EXACT = [
+EXACT_BASE = [
     "trainer.deterministic=true",
     "trainer.log_every_n_steps=1",
     "+trainer.limit_train_batches=4",
     "+trainer.limit_val_batches=2",
-    "trainer.val_check_interval=3",
     "callbacks.model_checkpoint.every_n_train_steps=4",
     "callbacks.sample_grid.every_n_steps=4",
     "sampler.steps=10",
 ]
+EXACT = [*EXACT_BASE, "trainer.val_check_interval=3"]
 
 
 def csv_rows(run_dir: Path) -> list[dict]:
@@ -73,17 +71,19 @@ def assert_same_run(uninterrupted: Path, resumed: Path) -> None:
     assert_identical(a["rng_states"]["torch"], b["rng_states"]["torch"], "rng_states.torch")
 
 
-def test_stop_and_resume_matches_uninterrupted_run(compose_train, tmp_path):
-    # Note: with validation due at the checkpoint step (as in the default config, 500 and 500) the
-    # continuation is not exact: Lightning counts that validation as done by creating (not running) the
-    # validation DataLoader's iterator, which draws one number from the global RNG unless the DataLoader
-    # has a generator of its own. Everything else here would still match.
-    uninterrupted = compose_train(*EXACT, "trainer.max_steps=8")
+@pytest.mark.parametrize("val_check_interval", [3, 4], ids=["validation-off-the-checkpoint-step",
+                                                          "validation-at-the-checkpoint-step"])
+def test_stop_and_resume_matches_uninterrupted_run(compose_train, tmp_path, val_check_interval):
+    # With validation due at the checkpoint step (as in the default config: 500 and 500), Lightning counts
+    # that validation as done on resume by creating, not running, the validation DataLoader's iterator;
+    # the loader has its own generator so that this draws nothing from the global RNG.
+    exact = [*EXACT_BASE, f"trainer.val_check_interval={val_check_interval}"]
+    uninterrupted = compose_train(*exact, "trainer.max_steps=8")
     train(uninterrupted)
-    first_half = compose_train(*EXACT, "trainer.max_steps=4")
+    first_half = compose_train(*exact, "trainer.max_steps=4")
     first_half.paths.output_dir = str(tmp_path / "resumed")
     train(first_half)
-    second_half = compose_train(*EXACT, "trainer.max_steps=8", "ckpt_path=last")
+    second_half = compose_train(*exact, "trainer.max_steps=8", "ckpt_path=last")
     second_half.paths.output_dir = str(tmp_path / "resumed")
     _, objects = train(second_half)
     assert objects["trainer"].global_step == 8

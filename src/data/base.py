@@ -149,4 +149,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
-        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, **self._loader_kwargs())
+        # Its own generator: creating a DataLoader iterator draws a base seed from the global RNG otherwise,
+        # and Lightning creates (without running) this iterator when a resumed run restarts at a step whose
+        # validation was already done, which would shift every random number after it.
+        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, generator=torch.Generator().manual_seed(0),
+                          **self._loader_kwargs())

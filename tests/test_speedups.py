@@ -18,11 +18,14 @@ def adam_steps(implementation: str) -> list[torch.Tensor]:
     return params
 
 
-def test_auto_picks_foreach_on_cpu_with_the_numbers_of_the_plain_loop():
+def test_auto_keeps_torch_default_on_cpu_and_foreach_gives_the_same_numbers():
     optimizer = make_optimizer([torch.zeros(2, requires_grad=True)], lr=1e-3)
-    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["foreach"] is True
-    for a, b in zip(adam_steps("auto"), adam_steps("for-loop")):
-        assert torch.equal(a, b)
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["foreach"] is None
+    assert make_optimizer([torch.zeros(2, requires_grad=True)], implementation="foreach", lr=1e-3).defaults["foreach"]
+    loop = adam_steps("for-loop")
+    for other in (adam_steps("auto"), adam_steps("foreach")):
+        for a, b in zip(other, loop):
+            assert torch.equal(a, b)
 
 
 def test_unknown_implementation_is_an_error():

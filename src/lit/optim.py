@@ -15,15 +15,18 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "torch.opti
     "fused": one kernel per step over all tensors (CUDA; rounds differently from the others in the last bit);
     "foreach": a few kernels over tensor lists, the same numbers as the per-tensor loop;
     "for-loop": one set of kernels per tensor;
-    "auto": fused when every parameter is on a GPU, foreach otherwise. Lightning builds the optimizer
-        after moving the module to its device, so the parameters are already where they train.
+    "auto": fused when every parameter is on a GPU, otherwise torch's own default (the per-tensor loop
+        on CPU, where foreach measured 1.5x slower: benchmarks/update_kernels.py). Lightning builds the
+        optimizer after moving the module to its device, so the parameters are already where they train.
     """
     params = list(params)
     cls = get_class(name)
     if implementation == "auto":
         # Parameter groups (dicts) count as not on a GPU: foreach works everywhere.
         on_gpu = bool(params) and all(isinstance(p, torch.Tensor) and p.is_cuda for p in params)
-        implementation = "fused" if on_gpu else "foreach"
+        if not on_gpu:
+            return cls(params, **hyperparameters)
+        implementation = "fused"
     if implementation == "fused":
         kernels = {"fused": True}
     elif implementation == "foreach":

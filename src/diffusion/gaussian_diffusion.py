@@ -215,19 +215,40 @@ class GaussianDiffusion(nn.Module):
         output = model(xt, t, **(model_kwargs or {}))
         return self.p_mean_variance_from_output(output, xt, t, clip_denoised)
 
+    def condition_mean(self, cond_fn, out: dict, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Classifier guidance of the ancestral step (Dhariwal & Nichol 2021, Alg. 1): the mean shifted by
+        Sigma * cond_fn(x_t, t), where cond_fn returns s * grad_x log p(y | x_t)."""
+        return out["mean"] + out["variance"] * cond_fn(xt, t)
+
+    def condition_score(self, cond_fn, out: dict, xt: torch.Tensor, t: torch.Tensor) -> dict:
+        """Classifier guidance of the DDIM step (Dhariwal & Nichol 2021, Alg. 2): eps - sqrt(1 - abar_t) *
+        cond_fn(x_t, t), with pred_x0 and the mean recomputed from the shifted eps."""
+        eps = self.predict_eps_from_x0(xt, t, out["pred_x0"])
+        eps = eps - self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * cond_fn(xt, t)
+        pred_x0 = self.predict_x0_from_eps(xt, t, eps)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
+        return {**out, "mean": mean, "pred_x0": pred_x0, "pred_eps": eps}
+
     def p_sample(self, model: Model, xt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                 clip_denoised: bool = True, model_kwargs: dict | None = None) -> dict:
-        """One ancestral step x_t -> x_{t-1} = mean + sigma_t z (no noise at t=0). Returns dict(sample, pred_x0)."""
+                 clip_denoised: bool = True, model_kwargs: dict | None = None, cond_fn=None) -> dict:
+        """One ancestral step x_t -> x_{t-1} = mean + sigma_t z (no noise at t=0). Returns dict(sample, pred_x0).
+        cond_fn(x_t, t) (classifier guidance) shifts the mean, see `condition_mean`."""
         out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, xt, t)
         nonzero = (t != 0).to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_x0": out["pred_x0"]}
 
     def ddim_step(self, model: Model, xt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None,
-                  eta: float = 0.0, clip_denoised: bool = True, model_kwargs: dict | None = None) -> dict:
+                  eta: float = 0.0, clip_denoised: bool = True, model_kwargs: dict | None = None,
+                  cond_fn=None) -> dict:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12). eta=0 is deterministic; eta=1 uses
-        the DDPM posterior variance beta~_t. Returns dict(sample, pred_x0)."""
+        the DDPM posterior variance beta~_t. Returns dict(sample, pred_x0). cond_fn(x_t, t) (classifier
+        guidance) shifts eps, see `condition_score`."""
         out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, xt, t)
         # 1. eps consistent with the (clipped) predicted x_0
         eps = self.predict_eps_from_x0(xt, t, out["pred_x0"])
         abar = self.extract("alphas_cumprod", t, xt)

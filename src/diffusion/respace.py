@@ -96,6 +96,13 @@ class SpacedDiffusion(GaussianDiffusion):
 
         return wrapped
 
+    # The classifier of classifier guidance sees the original timesteps too.
+    def condition_mean(self, cond_fn, *args, **kwargs):
+        return super().condition_mean(self.wrap(cond_fn), *args, **kwargs)
+
+    def condition_score(self, cond_fn, *args, **kwargs):
+        return super().condition_score(self.wrap(cond_fn), *args, **kwargs)
+
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self.wrap(model), *args, **kwargs)
 

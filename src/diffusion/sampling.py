@@ -9,6 +9,7 @@ import torch
 from torchvision.utils import make_grid
 
 from .gaussian_diffusion import GaussianDiffusion, Model
+from .guidance import Classifier, CondFn, guide
 from .respace import SpacedDiffusion, space_timesteps
 
 SamplerName = Literal["ddpm", "ddim"]
@@ -61,7 +62,7 @@ def _randn_like(generator: torch.Generator | None) -> RandnLike:
 
 def _reverse(diff: GaussianDiffusion, model: Model, x: torch.Tensor, *, first: int, sampler: str, eta: float,
              clip_denoised: bool, randn_like: RandnLike, model_kwargs: dict | None, progress: bool,
-             on_step: Callable[[int, dict], None] | None = None) -> torch.Tensor:
+             on_step: Callable[[int, dict], None] | None = None, cond_fn: CondFn | None = None) -> torch.Tensor:
     """Run the reverse process of `diff` from x at its index `first` down to index 0; returns the state
     after the last step (unclamped). on_step(index, step_output) sees every step when given."""
     indices = range(first, -1, -1)
@@ -72,11 +73,13 @@ def _reverse(diff: GaussianDiffusion, model: Model, x: torch.Tensor, *, first: i
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         if sampler == "ddpm":
             # DDPM Algorithm 2: x_{t-1} = mu(x_t, t) + sigma_t z (no noise at the last step)
-            out = diff.p_sample(model, x, t, randn_like(x), clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+            out = diff.p_sample(model, x, t, randn_like(x), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                cond_fn=cond_fn)
         else:
             # DDIM eq. 12; noise is drawn only when eta > 0 so eta=0 consumes no randomness
             z = randn_like(x) if eta > 0 else None
-            out = diff.ddim_step(model, x, t, z, eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+            out = diff.ddim_step(model, x, t, z, eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                 cond_fn=cond_fn)
         x = out["sample"]
         if on_step is not None:
             on_step(i, out)
@@ -106,6 +109,10 @@ def sample(
     noise: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
     progress: bool = False,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 0.0,
+    classifier: Classifier | None = None,
+    classifier_scale: float = 1.0,
 ) -> torch.Tensor:
     """Draw images [N x C x H x W] in [-1, 1].
 
@@ -113,12 +120,16 @@ def sample(
         deterministic; eta=1 has the DDPM posterior variance).
     steps / spacing: sample over a subsequence of the T training steps (see `space_timesteps`).
     All randomness comes from `generator` (and `noise` = x_T if given), so a seed fixes the samples.
+    y: class labels [N] for a class-conditional model (None: unconditional samples);
+    guidance_scale: classifier-free guidance weight w (0: none); classifier(x_t, t) -> logits with
+    classifier_scale s: classifier guidance (see src.diffusion.guidance).
     """
     _check_sampler(sampler)
+    model, model_kwargs, cond_fn = guide(model, y, guidance_scale, classifier, classifier_scale, model_kwargs)
     diff, device, x = _start(diffusion, shape, steps, spacing, generator, device, noise)
     x = _reverse(diff, model, x, first=diff.num_timesteps - 1, sampler=sampler, eta=eta,
                  clip_denoised=clip_denoised, randn_like=_randn_like(generator),
-                 model_kwargs=model_kwargs, progress=progress)
+                 model_kwargs=model_kwargs, progress=progress, cond_fn=cond_fn)
     return x.clamp(-1.0, 1.0)
 
 
@@ -145,6 +156,10 @@ def sample_trajectory(
     noise: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
     progress: bool = False,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 0.0,
+    classifier: Classifier | None = None,
+    classifier_scale: float = 1.0,
 ) -> Trajectory:
     """`sample`, keeping x_t and the predicted x_0 at chosen steps (progressive generation, DDPM Fig. 6).
 
@@ -158,6 +173,7 @@ def sample_trajectory(
     _check_sampler(sampler)
     if record_every is not None and record_timesteps is not None:
         raise ValueError("give record_every or record_timesteps, not both")
+    model, model_kwargs, cond_fn = guide(model, y, guidance_scale, classifier, classifier_scale, model_kwargs)
     diff, device, x = _start(diffusion, shape, steps, spacing, generator, device, noise)
     num_steps = diff.num_timesteps
     timestep_of = (diff.timestep_map.tolist() if isinstance(diff, SpacedDiffusion) else list(range(num_steps)))
@@ -189,7 +205,7 @@ def sample_trajectory(
 
     x = _reverse(diff, model, x, first=num_steps - 1, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
                  randn_like=_randn_like(generator), model_kwargs=model_kwargs, progress=progress,
-                 on_step=on_step)
+                 on_step=on_step, cond_fn=cond_fn)
     return Trajectory(sample=x.clamp(-1.0, 1.0), timesteps=timesteps,
                       xt=torch.stack(states, dim=1), pred_x0=torch.stack(preds, dim=1))
 
@@ -231,20 +247,25 @@ def denoise_from(
     randn_like: RandnLike | None = None,
     model_kwargs: dict | None = None,
     progress: bool = False,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 0.0,
+    classifier: Classifier | None = None,
+    classifier_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run the reverse process from xt [N x C x H x W] at the original timestep t (0-based) down to
     images in [-1, 1] (DDPM Sec. 4.4's decoding of an encoded x_t).
 
     steps / spacing pick the visited timesteps among 0..t (t itself always first); without them every
     step is taken. `randn_like(x)` replaces the generator's step noise when given (e.g. noise shared
-    across a batch). With t = T - 1 this is `sample` from noise=xt.
+    across a batch). With t = T - 1 this is `sample` from noise=xt. Labels and guidance as in `sample`.
     """
     _check_sampler(sampler)
+    model, model_kwargs, cond_fn = guide(model, y, guidance_scale, classifier, classifier_scale, model_kwargs)
     kept = kept_timesteps_until(diffusion.num_timesteps, t, steps, spacing)
     diff = _on_device(diffusion if kept is None else SpacedDiffusion(diffusion, kept), xt.device)
     x = _reverse(diff, model, xt, first=diff.num_timesteps - 1, sampler=sampler, eta=eta,
                  clip_denoised=clip_denoised, randn_like=randn_like or _randn_like(generator),
-                 model_kwargs=model_kwargs, progress=progress)
+                 model_kwargs=model_kwargs, progress=progress, cond_fn=cond_fn)
     return x.clamp(-1.0, 1.0)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.diffusion import GaussianDiffusion, LossSecondMomentResampler, UniformSampler, sample
+from src.diffusion import GaussianDiffusion, LossSecondMomentResampler, UniformSampler, drop_labels, sample
 from src.errors import NonFiniteLossError
 
 from .ema import EMA
@@ -29,6 +29,9 @@ class DiffusionModule(L.LightningModule):
         optimizer: a partial taking `params` (Hydra `_partial_: true`), e.g. torch.optim.Adam(lr=2e-4).
         lr_warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         ema_decay: EMA decay of the weights used for validation and sampling.
+        label_dropout: for a class-conditional net (one with `num_classes`), the probability of training
+            on the null label instead of the image's, so the net also learns the unconditional model that
+            classifier-free guidance needs (Ho & Salimans 2022). Unused for unconditional nets.
         run_config: the resolved run config, saved in the checkpoint so a run can be rebuilt from it.
     """
 
@@ -40,6 +43,7 @@ class DiffusionModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_warmup_steps: int = 0,
         ema_decay: float = 0.9999,
+        label_dropout: float = 0.0,
         run_config: dict | None = None,
     ):
         super().__init__()
@@ -47,6 +51,8 @@ class DiffusionModule(L.LightningModule):
         if timestep_sampler.num_timesteps != diffusion.num_timesteps:
             raise ValueError(f"timestep sampler has T={timestep_sampler.num_timesteps} but the diffusion has "
                              f"T={diffusion.num_timesteps}")
+        if not 0.0 <= label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
         self.net = net
         self.diffusion = diffusion
         self.timestep_sampler = timestep_sampler
@@ -60,7 +66,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x0 = batch[0]
         t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-        losses = self.diffusion.training_losses(self.net, x0, t)
+        losses = self.diffusion.training_losses(self.net, x0, t, model_kwargs=self._labels(batch, dropout=True))
         loss = (losses["loss"] * weights).mean()
         # Checked here, before backward and the optimizer step, so a NaN never reaches the weights, the
         # EMA, the timestep sampler's history or a checkpoint.
@@ -73,6 +79,17 @@ class DiffusionModule(L.LightningModule):
         self.log("train/mse", losses["mse"].mean())
         self.log("train/vb", losses["vb"].mean())
         return loss
+
+    def _labels(self, batch, dropout: bool = False) -> dict | None:
+        """The net's label kwargs: None for an unconditional net, else the batch's labels (some replaced by
+        the null label when training)."""
+        num_classes = getattr(self.net, "num_classes", None)
+        if num_classes is None:
+            return None
+        y = batch[1]
+        if dropout and self.hparams.label_dropout > 0:
+            y = drop_labels(y, self.hparams.label_dropout, null=num_classes)
+        return {"y": y}
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         bad = not bool(torch.isfinite(loss))
@@ -129,7 +146,7 @@ class DiffusionModule(L.LightningModule):
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
         noise = torch.randn(x0.shape, device=x0.device, generator=gen)
-        losses = self.diffusion.training_losses(self.ema.model, x0, t, noise=noise)
+        losses = self.diffusion.training_losses(self.ema.model, x0, t, noise=noise, model_kwargs=self._labels(batch))
         # Cheap one-sample-per-image estimate of the NLL bound: T * E_t[L_t] + L_T.
         bpd = self.diffusion.num_timesteps * losses["vb"] + self.diffusion.prior_bpd(x0)
         self.log_dict({"val/loss": losses["loss"].mean(), "val/mse": losses["mse"].mean(),
@@ -158,7 +175,8 @@ class DiffusionModule(L.LightningModule):
     def sample(self, num_samples: int, generator: torch.Generator | None = None, use_ema: bool = True,
                **sampler_kwargs) -> torch.Tensor:
         """Images [N x C x H x W] in [-1, 1] from the EMA (default) or live weights; sampler_kwargs as in
-        src.diffusion.sample (sampler, steps, spacing, eta, clip_denoised, progress)."""
+        src.diffusion.sample (sampler, steps, spacing, eta, clip_denoised, progress; y [N] labels on this
+        module's device, guidance_scale, classifier, classifier_scale)."""
         net = self.ema.model if use_ema else self.net
         shape = (num_samples, net.in_channels, net.image_size, net.image_size)
         return sample(self.diffusion, net, shape, generator=generator, device=self.device, **sampler_kwargs)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config_diff import UNSET, differences
 from src.data import DatasetNotFoundError
+from src.diffusion import GaussianDiffusion
 from src.errors import CheckpointError, ConfigError, RunError
 from src.lit import AtomicCheckpointIO, DiffusionModule
 
@@ -53,9 +54,8 @@ def _one_line(err: BaseException) -> str:
     return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
 
 
-def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionModule:
-    """Network + diffusion + timestep sampler -> DiffusionModule. The network's shape comes from the
-    data (channels, image size) and the objective (2C outputs when the variance is learned)."""
+def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
+    """The GaussianDiffusion of the config's schedule and objective."""
     with config_errors("schedule"):
         betas = instantiate(cfg.schedule)
     if not bool(((betas > 0) & (betas < 1)).all()):
@@ -65,7 +65,24 @@ def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionMo
                           f"outside (0, 1) (largest {betas.max().item():.4g}); use a larger schedule.num_timesteps "
                           f"(the linear schedule scales its betas by 1000/T) or schedule=cosine")
     with config_errors("diffusion (objective)"):
-        diffusion = instantiate(cfg.diffusion)
+        return instantiate(cfg.diffusion)
+
+
+def check_num_classes(cfg: DictConfig, data_num_classes: int | None) -> None:
+    """A class-conditional model needs an embedding for every label of the data."""
+    num_classes = cfg.model.get("num_classes")
+    if num_classes is not None and data_num_classes is not None and num_classes < data_num_classes:
+        raise ConfigError(f"model.num_classes={num_classes} but the data has {data_num_classes} classes (labels 0.."
+                          f"{data_num_classes - 1}); set model.num_classes={data_num_classes}")
+
+
+def build_module(cfg: DictConfig, channels: int, image_size: int,
+                 data_num_classes: int | None = None) -> DiffusionModule:
+    """Network + diffusion + timestep sampler -> DiffusionModule. The network's shape comes from the
+    data (channels, image size) and the objective (2C outputs when the variance is learned); a
+    class-conditional net (model.num_classes) must cover the data's labels."""
+    diffusion = build_diffusion(cfg)
+    check_num_classes(cfg, data_num_classes)
     out_channels = channels * (2 if diffusion.learns_variance else 1)
     derived = {"in_channels": channels, "out_channels": out_channels, "image_size": image_size}
     _check_derived_model_shape(cfg, derived, diffusion.var_type)
@@ -80,6 +97,18 @@ def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionMo
         make_module = instantiate(cfg.module, _partial_=True)
         return make_module(net=net, diffusion=diffusion, timestep_sampler=timestep_sampler,
                            run_config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def build_task_module(cfg: DictConfig, datamodule) -> L.LightningModule:
+    """The LightningModule of the config's task: the denoiser or the noisy-image classifier."""
+    task = cfg.get("task", "diffusion")
+    if task == "diffusion":
+        return build_module(cfg, datamodule.channels, datamodule.image_size, datamodule.num_classes)
+    if task == "classifier":
+        from src.classifier_training import build_classifier_module  # it builds on this module's helpers
+
+        return build_classifier_module(cfg, datamodule)
+    raise ConfigError(f"unknown task {task!r}; use task=diffusion or task=classifier")
 
 
 def _check_derived_model_shape(cfg: DictConfig, derived: dict, var_type: str) -> None:
@@ -222,7 +251,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         log.info("resuming from %s (step %d)", ckpt_path, header["global_step"])
     with config_errors("data"):
         datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule.channels, datamodule.image_size)
+    module = build_task_module(cfg, datamodule)
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = instantiate_group(cfg.get("logger"), "logger")
     if header is not None:

@@ -1,0 +1,77 @@
+"""The noisy-image classifier of classifier guidance (Dhariwal & Nichol 2021, Sec. 4): the encoder half
+of the U-Net (timestep embedding, down path, middle block) and a pooled linear head, trained on x_t."""
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import AttentionBlock, Downsample, ResAttnBlock, ResBlock, SinusoidalTimestepEmbedding, group_norm, zero_module
+from .unet import UNet
+
+
+class NoisyClassifier(nn.Module):
+    """(x_t [B, C_in, S, S], t [B]) -> logits [B, num_classes] of p(y | x_t).
+
+    The layers are those of UNet's down path and middle block with the same arguments (so a model config
+    of the U-Net builds its matching classifier), followed by GroupNorm, SiLU, global average pooling and
+    a zero-initialised linear layer (guided-diffusion's "adaptive" pooling head), so every class starts
+    equally likely.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        base_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        num_heads: int = 1,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        channel_mult = tuple(int(m) for m in channel_mult)
+        attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        UNet._validate(in_channels, num_classes, image_size, base_channels, channel_mult, num_res_blocks,
+                       attention_resolutions, dropout, num_heads, None)
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+
+        ch = base_channels
+        emb_dim = 4 * ch
+        self.time_embed = nn.Sequential(SinusoidalTimestepEmbedding(ch), nn.Linear(ch, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        resolution = image_size
+        for level, mult in enumerate(channel_mult):
+            out_ch = base_channels * mult
+            for _ in range(num_res_blocks):
+                attn = AttentionBlock(out_ch, num_heads) if resolution in attention_resolutions else None
+                self.down.append(ResAttnBlock(ResBlock(ch, out_ch, emb_dim, dropout), attn))
+                ch = out_ch
+            if level != len(channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                resolution //= 2
+        self.mid = nn.ModuleList([
+            ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads)),
+            ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout)),
+        ])
+        self.norm_out = group_norm(ch)
+        self.out = zero_module(nn.Linear(ch, num_classes))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x [B, C_in, S, S] float, t [B] timesteps (0..T-1) -> logits [B, num_classes]."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"expected x of shape [B, {self.in_channels}, {self.image_size}, {self.image_size}], "
+                             f"got {list(x.shape)}; build the classifier with the data's channels and image size")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"expected t of shape [{x.shape[0]}] (one timestep per image), got {list(t.shape)}")
+        emb = F.silu(self.time_embed(t))
+        h = self.conv_in(x)
+        for layer in [*self.down, *self.mid]:
+            h = layer(h, emb)
+        return self.out(F.silu(self.norm_out(h)).mean(dim=(2, 3)))

@@ -1,5 +1,6 @@
 """Sample from a checkpoint: python sample.py ckpt_path=PATH [mode=grid|trajectory|interpolate|invert]
-[num_samples=N] [sampler=ddpm|ddim] [steps=S] [eta=E] [seed=K]; PNG grids go to the run folder."""
+[num_samples=N] [sampler=ddpm|ddim] [steps=S] [eta=E] [seed=K] [guidance_scale=W] [class_label=K]
+[classifier.ckpt_path=PATH classifier.scale=S]; PNG grids go to the run folder."""
 import logging
 import math
 import os
@@ -100,6 +101,46 @@ def save(grid: torch.Tensor, path: Path) -> Path:
     return path
 
 
+def labels_and_classifier(cfg: DictConfig, diffusion, net, shape: tuple, device: torch.device):
+    """(number of classes to draw rows of, or None for a plain grid; the classifier of classifier guidance or
+    None), after checking the guidance settings against the checkpoint."""
+    from src.evaluation.guidance import check_classifier_classes, check_guidance, guidance_scales, load_classifier
+
+    num_classes = getattr(net, "num_classes", None)
+    scales = guidance_scales(cfg.guidance_scale, num_classes)
+    with_classifier = cfg.classifier.ckpt_path is not None
+    check_guidance(num_classes, scales, with_classifier, cfg.get("class_label"))
+    if cfg.mode != "grid" and (with_classifier or cfg.get("class_label") is not None or any(scales)):
+        raise SampleConfigError(f"class_label, guidance_scale and classifier apply to mode=grid, not mode={cfg.mode}")
+    if not with_classifier:
+        return num_classes, None
+    classifier = load_classifier(cfg.classifier.ckpt_path, diffusion, shape, device)
+    return check_classifier_classes(classifier, num_classes, cfg.get("class_label")), classifier
+
+
+def guided_grids(cfg: DictConfig, diffusion, net, shape: tuple, options: dict, device: torch.device,
+                 out_dir: Path, num_classes: int, classifier) -> dict[str, Path]:
+    """mode=grid with labels: one row per class (or class_label only), one grid per guidance scale, each
+    from the same seed so the grids differ only by the guidance."""
+    from src.diffusion.sampling import image_grid, sample
+    from src.evaluation.guidance import grid_labels, guidance_scales
+
+    per_class = cfg.num_samples if cfg.get("num_samples") is not None else cfg.grid.per_class
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class <= 0:
+        raise SampleConfigError(f"grid.per_class must be a positive integer, got {per_class!r}")
+    labels = grid_labels(num_classes, per_class, cfg.get("class_label"))
+    scales = guidance_scales(cfg.guidance_scale, num_classes)
+    written = {}
+    for w in scales:
+        generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        batches = [sample(diffusion, net, (len(y), *shape), generator=generator, device=device, progress=cfg.progress,
+                          y=y.to(device), guidance_scale=w, classifier=classifier, classifier_scale=cfg.classifier.scale, **options).cpu()
+                   for y in labels.split(cfg.batch_size)]
+        name = "samples.png" if len(scales) == 1 else f"samples_w{w:g}.png"
+        written[name] = save(image_grid(torch.cat(batches), nrow=per_class), out_dir / name)
+    return written
+
+
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Sample from cfg.ckpt_path in cfg.mode; returns the written files by name."""
     from src.diffusion.editing import ddim_invert, ddim_sample, interpolate, interpolate_ddim
@@ -132,12 +173,16 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     if decodes_from_t and not 0 <= spec.t < diffusion.num_timesteps:
         raise SampleConfigError(f"interpolate.t must be in [0, {diffusion.num_timesteps}), got {spec.t}")
     check_sampling(options, diffusion.num_timesteps, until=spec.t if decodes_from_t else None)
+    num_classes, classifier = labels_and_classifier(cfg, diffusion, net, shape, device)
     log.info("mode=%s, %d %s, sampler %s, %s weights, on %s", cfg.mode, n,
              "pairs" if cfg.mode == "interpolate" else "images", options, "EMA" if cfg.use_ema else "raw", device)
     start = time.perf_counter()
     written = {}
 
-    if cfg.mode == "grid":
+    if cfg.mode == "grid" and num_classes is not None:
+        written.update(guided_grids(cfg, diffusion, net, shape, options, device, out_dir, num_classes, classifier))
+
+    elif cfg.mode == "grid":
         batches = []
         for first in range(0, n, cfg.batch_size):
             size = min(cfg.batch_size, n - first)

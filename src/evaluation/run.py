@@ -19,6 +19,8 @@ from src.data import DatasetNotFoundError
 from src.errors import ConfigError
 
 from .checkpoint import module_from_checkpoint, read_checkpoint, run_config
+from .guidance import (balanced_labels, check_classifier_classes, check_guidance, guidance_scales, load_classifier,
+                       per_class_rows)
 from .metrics import (InceptionFeatures, MissingWeightsError, ReferenceImages, accumulate, dataset_name, fid_and_is,
                       reference_statistics, resolve_weights)
 from .nll import nll_terms, save_terms, summarize
@@ -112,6 +114,43 @@ def compute_fid_is(cfg: DictConfig, trained: DictConfig, images: torch.Tensor, d
             "fid_reference": reference.meta, "fid_weights": str(weights)}
 
 
+def sample_and_score(cfg: DictConfig, trained: DictConfig, module, sampling: dict, device: torch.device, out_dir: Path,
+                     num_samples: int, batch_size: int, update, labels: torch.Tensor | None = None,
+                     **guidance) -> None:
+    """Sample num_samples images (EMA weights) -> npz + PNG grid in out_dir, then FID / IS; `update(**entries)`
+    records each stage as it completes. With labels, the grid has one row per class."""
+    log.info("sampling %d images (%s) on %s", num_samples, sampling, device)
+    start = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    images = torch.cat([b.cpu() for b in sample_uint8_batches(module, num_samples, batch_size, generator=generator,
+                                                              progress=True, labels=labels, **sampling, **guidance)])
+    seconds = time.perf_counter() - start
+    npz = save_npz(images, out_dir)
+    if labels is None:
+        grid = save_grid(images[: cfg.grid_size], out_dir / "samples_grid.png")
+    else:
+        num_classes = int(labels.max()) + 1
+        per_row = max(1, cfg.grid_size // num_classes)
+        grid = save_grid(per_class_rows(images, labels, num_classes, per_row), out_dir / "samples_grid.png",
+                         nrow=per_row)
+    update(samples={"num_samples": num_samples, "sampler": sampling, "seed": int(cfg.seed), "npz": str(npz),
+                    "grid": str(grid), "seconds": round(seconds, 2),
+                    "images_per_sec": round(num_samples / max(seconds, 1e-9), 2)})
+
+    if cfg.fid:
+        start = time.perf_counter()
+        try:
+            metrics = compute_fid_is(cfg, trained, images, device)
+        except (MissingWeightsError, DatasetNotFoundError) as err:
+            log.warning("FID/IS not computed: %s", err)
+            update(fid=None, **{"is": None, "is_std": None}, fid_unavailable=str(err))
+        else:
+            metrics["fid_seconds"] = round(time.perf_counter() - start, 2)
+            update(**metrics)
+    else:
+        update(fid=None, **{"is": None, "is_std": None}, fid_unavailable="not requested (fid=false)")
+
+
 def run(cfg: DictConfig) -> dict:
     """Evaluate cfg.ckpt_path; returns the metrics.json content."""
     num_samples = _positive_int(cfg, "num_samples")
@@ -142,32 +181,37 @@ def run(cfg: DictConfig) -> dict:
     })
     del ckpt
 
-    # 1. samples with the EMA weights -> npz (uint8 NHWC, arr_0) + PNG grid
-    log.info("sampling %d images (%s) on %s", num_samples, sampling, device)
-    start = time.perf_counter()
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    images = torch.cat([b.cpu() for b in sample_uint8_batches(module, num_samples, batch_size, generator=generator,
-                                                              progress=True, **sampling)])
-    seconds = time.perf_counter() - start
-    npz = save_npz(images, out_dir)
-    grid = save_grid(images[: cfg.grid_size], out_dir / "samples_grid.png")
-    report.update(samples={"num_samples": num_samples, "sampler": sampling, "seed": int(cfg.seed), "npz": str(npz),
-                           "grid": str(grid), "seconds": round(seconds, 2),
-                           "images_per_sec": round(num_samples / max(seconds, 1e-9), 2)})
-
-    # 2. FID / IS against the training data (null with the reason when they cannot be computed)
-    if cfg.fid:
-        start = time.perf_counter()
-        try:
-            metrics = compute_fid_is(cfg, trained, images, device)
-        except (MissingWeightsError, DatasetNotFoundError) as err:
-            log.warning("FID/IS not computed: %s", err)
-            report.update(fid=None, **{"is": None, "is_std": None}, fid_unavailable=str(err))
-        else:
-            metrics["fid_seconds"] = round(time.perf_counter() - start, 2)
-            report.update(**metrics)
+    # 1-2. samples with the EMA weights (npz + PNG grid) and their FID / IS; class-conditional checkpoints and
+    # classifier guidance: one sample set per guidance scale, every class equally often
+    num_classes = getattr(net, "num_classes", None)
+    scales = guidance_scales(cfg.get("guidance_scales"), num_classes)
+    classifier_path = cfg.get("classifier", {}).get("ckpt_path")
+    check_guidance(num_classes, scales, classifier_path is not None)
+    if num_classes is None and classifier_path is None:
+        sample_and_score(cfg, trained, module, sampling, device, out_dir, num_samples, batch_size, report.update)
     else:
-        report.update(fid=None, **{"is": None, "is_std": None}, fid_unavailable="not requested (fid=false)")
+        guidance = {}
+        if classifier_path is not None:
+            shape = (net.in_channels, net.image_size, net.image_size)
+            guidance["classifier"] = load_classifier(classifier_path, module.diffusion, shape, device)
+            guidance["classifier_scale"] = float(cfg.classifier.scale)
+            num_classes = check_classifier_classes(guidance["classifier"], num_classes, None)
+        labels = balanced_labels(num_samples, num_classes)
+        runs = []
+        report.update(guidance={"num_classes": num_classes, "labels": "every class equally often",
+                                "classifier": None if classifier_path is None else
+                                {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
+                                "runs": runs})
+        for w in scales:
+            run_entry = {"guidance_scale": w}
+            runs.append(run_entry)
+
+            def update(**entries) -> None:
+                run_entry.update(entries)
+                report.write()
+
+            sample_and_score(cfg, trained, module, sampling, device, out_dir / f"guidance_w{w:g}", num_samples,
+                             batch_size, update, labels=labels, guidance_scale=w, **guidance)
 
     # 3. NLL bound on the validation split, full T
     if cfg.nll:
@@ -192,20 +236,34 @@ def run(cfg: DictConfig) -> dict:
     return report.content
 
 
+def _sample_rows(entry: dict, num_timesteps: int) -> list[tuple[str, str]]:
+    s = entry["samples"]
+    sampler = s["sampler"]
+    steps = sampler.get("steps") or num_timesteps
+    rows = [("samples", f"{s['num_samples']} ({sampler.get('sampler')}, {steps} steps, eta {sampler.get('eta')}, "
+                        f"EMA, seed {s['seed']}; {s['images_per_sec']} images/s) -> {s['npz']}")]
+    if entry.get("fid") is not None:
+        ref = entry["fid_reference"]
+        rows.append(("FID", f"{entry['fid']:.3f} ({s['num_samples']} samples vs {ref['dataset']} {ref['split']}, "
+                            f"{ref['num_images']} images)"))
+        rows.append(("IS", f"{entry['is']:.3f} +- {entry['is_std']:.3f}"))
+    else:
+        rows.append(("FID / IS", f"not computed: {entry.get('fid_unavailable')}"))
+    return rows
+
+
 def print_table(content: dict, path: Path) -> None:
     rows = [("checkpoint", f"{content['checkpoint']} (step {content['global_step']})")]
-    s = content["samples"]
-    sampler = s["sampler"]
-    steps = sampler.get("steps") or content["diffusion"]["num_timesteps"]
-    rows.append(("samples", f"{s['num_samples']} ({sampler.get('sampler')}, {steps} steps, eta {sampler.get('eta')}, "
-                            f"EMA, seed {s['seed']}; {s['images_per_sec']} images/s) -> {s['npz']}"))
-    if content.get("fid") is not None:
-        ref = content["fid_reference"]
-        rows.append(("FID", f"{content['fid']:.3f} ({s['num_samples']} samples vs {ref['dataset']} {ref['split']}, "
-                            f"{ref['num_images']} images)"))
-        rows.append(("IS", f"{content['is']:.3f} +- {content['is_std']:.3f}"))
+    if "guidance" in content:
+        g = content["guidance"]
+        classifier = g["classifier"]
+        rows.append(("guidance", f"{g['num_classes']} classes, {g['labels']}" + (
+            f"; classifier {classifier['ckpt_path']} at scale {classifier['scale']}" if classifier else "")))
+        for run_entry in g["runs"]:
+            rows.extend((f"w={run_entry['guidance_scale']:g} {key}", value)
+                        for key, value in _sample_rows(run_entry, content["diffusion"]["num_timesteps"]))
     else:
-        rows.append(("FID / IS", f"not computed: {content.get('fid_unavailable')}"))
+        rows.extend(_sample_rows(content, content["diffusion"]["num_timesteps"]))
     if "nll" in content:
         n = content["nll"]
         rows.append(("NLL (val)", f"{n['bpd']:.4f} bits/dim over {n['num_images']} images, T={n['num_timesteps']}: "

@@ -15,8 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def sample_uint8_batches(module, num_samples: int, batch_size: int, generator: torch.Generator | None = None,
-                         progress: bool = False, **sampler_kwargs) -> Iterator[torch.Tensor]:
-    """Yield uint8 images [B, C, H, W] from `module.sample` (EMA weights), num_samples in all.
+                         progress: bool = False, labels: torch.Tensor | None = None,
+                         **sampler_kwargs) -> Iterator[torch.Tensor]:
+    """Yield uint8 images [B, C, H, W] from `module.sample` (EMA weights), num_samples in all; with labels
+    [num_samples], image i is drawn for class labels[i].
 
     One generator runs through all batches, so a seed fixes the whole sample set.
     """
@@ -27,6 +29,8 @@ def sample_uint8_batches(module, num_samples: int, batch_size: int, generator: t
     done = 0
     while done < num_samples:
         n = min(batch_size, num_samples - done)
+        if labels is not None:
+            sampler_kwargs["y"] = labels[done:done + n].to(module.device)
         images = module.sample(n, generator=generator, use_ema=True, **sampler_kwargs)
         done += n
         if progress:

@@ -1,0 +1,117 @@
+"""Guided sampling from checkpoints (sample.py and evaluate.py): the classifier of classifier guidance,
+the labels of per-class grids and the checks that turn bad guidance settings into one-line errors."""
+from __future__ import annotations
+
+import os
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from src.diffusion import GaussianDiffusion
+from src.errors import CheckpointError, ConfigError
+
+from .checkpoint import read_checkpoint, run_config
+
+# The classifier's output layer (src.models.NoisyClassifier.out) in a ClassifierModule's state_dict.
+CLASSIFIER_HEAD = "net.out.weight"
+
+
+def num_classes_of(net: nn.Module) -> int | None:
+    """The diffusion net's number of classes (None: unconditional)."""
+    return getattr(net, "num_classes", None)
+
+
+def load_classifier(ckpt_path: str | os.PathLike, diffusion: GaussianDiffusion, image_shape: tuple[int, int, int],
+                    device: torch.device) -> nn.Module:
+    """The EMA classifier of a task=classifier checkpoint, checked against the diffusion model it guides
+    (same schedule, same image shape), in eval mode on `device`."""
+    from src.classifier_training import build_classifier_module
+
+    ckpt = read_checkpoint(ckpt_path, map_location="cpu")
+    cfg = run_config(ckpt)
+    if cfg.get("task") != "classifier" or CLASSIFIER_HEAD not in ckpt["state_dict"]:
+        raise CheckpointError(f"classifier.ckpt_path={ckpt_path} is not a classifier checkpoint (task="
+                              f"{cfg.get('task', 'diffusion')}); train one with python train.py task=classifier")
+    datamodule = instantiate(cfg.data)  # construction does no I/O; the classes come from the weights
+    module = build_classifier_module(cfg, datamodule, num_classes=ckpt["state_dict"][CLASSIFIER_HEAD].shape[0])
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"the weights in {ckpt_path} do not fit the classifier rebuilt from its config "
+                              f"({str(err).splitlines()[0]})") from None
+    net = module.ema.model
+    shape = (net.in_channels, net.image_size, net.image_size)
+    if shape != tuple(image_shape):
+        raise ConfigError(f"the classifier takes images of shape {shape} but the diffusion model makes "
+                          f"{tuple(image_shape)}; train the classifier on the diffusion model's data")
+    theirs, ours = module.diffusion.alphas_cumprod, diffusion.alphas_cumprod.cpu()
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=0):
+        raise ConfigError(f"the classifier was trained on the noise of another schedule (its {cfg.schedule.get('name')} "
+                          f"T={len(theirs)} vs the diffusion model's T={len(ours)} or other betas); train it with the "
+                          f"diffusion checkpoint's schedule")
+    return net.to(device).eval()
+
+
+def check_guidance(num_classes: int | None, guidance_scales: list[float], classifier: bool,
+                   class_label: int | None = None) -> None:
+    """One-line errors for guidance that the diffusion checkpoint cannot do."""
+    if num_classes is None and any(w != 0 for w in guidance_scales):
+        raise ConfigError(f"classifier-free guidance (guidance_scale={guidance_scales}) needs a class-conditional "
+                          f"checkpoint (trained with model.num_classes); this one is unconditional: drop the guidance "
+                          f"scale, or use classifier guidance (classifier.ckpt_path=...)")
+    if class_label is not None:
+        if num_classes is None and not classifier:
+            raise ConfigError(f"class_label={class_label} needs a class-conditional checkpoint or a classifier "
+                              f"(classifier.ckpt_path=...); this checkpoint is unconditional")
+        if isinstance(class_label, bool) or not isinstance(class_label, int) or class_label < 0 or \
+                (num_classes is not None and class_label >= num_classes):
+            top = f"0..{num_classes - 1}" if num_classes is not None else "a class index >= 0"
+            raise ConfigError(f"class_label={class_label!r} is not a class of the checkpoint; use {top}")
+
+
+def check_classifier_classes(classifier: nn.Module, num_classes: int | None, class_label: int | None) -> int:
+    """The number of classes to sample from with classifier guidance (the classifier's), which must agree with
+    a class-conditional diffusion model's."""
+    k = int(classifier.num_classes)
+    if num_classes is not None and k != num_classes:
+        raise ConfigError(f"the classifier has {k} classes but the diffusion model {num_classes}; use a classifier "
+                          f"trained on the same data")
+    if class_label is not None and class_label >= k:
+        raise ConfigError(f"class_label={class_label} is not a class of the classifier; use 0..{k - 1}")
+    return k
+
+
+def grid_labels(num_classes: int, per_class: int, class_label: int | None = None) -> torch.Tensor:
+    """Labels of a per-class grid, row by row: per_class images of each class (or of class_label only)."""
+    classes = torch.arange(num_classes) if class_label is None else torch.tensor([class_label])
+    return classes.repeat_interleave(per_class)
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: every class equally often (up to one), as the class-balanced data."""
+    return torch.arange(num_samples) % num_classes
+
+
+def guidance_scales(value, num_classes: int | None) -> list[float]:
+    """The sweep's scales: the configured list (a number counts as one), or [0, 1, 3] for a class-conditional
+    checkpoint and [0] otherwise when not configured."""
+    if value is None:
+        return [0.0, 1.0, 3.0] if num_classes is not None else [0.0]
+    values = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
+    try:
+        return [float(w) for w in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"guidance scales must be numbers, got {value!r}") from None
+
+
+def per_class_rows(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_row: int) -> torch.Tensor:
+    """[K * per_row, C, H, W]: the first per_row images of each class, one class after the other (a grid
+    with nrow=per_row shows one row per class). Classes with fewer images are padded with blank ones."""
+    rows = []
+    for k in range(num_classes):
+        picked = images[labels == k][:per_row]
+        pad = images.new_zeros((per_row - len(picked), *images.shape[1:]))
+        rows.append(torch.cat([picked, pad]))
+    return torch.cat(rows)

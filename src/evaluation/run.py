@@ -89,6 +89,15 @@ class Report:
         self.content.update(entries)
         self.write()
 
+    def updater(self, entry: dict):
+        """update(**entries) for a dict nested in the report: adds to it and rewrites the file."""
+
+        def update(**entries) -> None:
+            entry.update(entries)
+            self.write()
+
+        return update
+
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.content, indent=2) + "\n")
@@ -203,15 +212,9 @@ def run(cfg: DictConfig) -> dict:
                                 {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
                                 "runs": runs})
         for w in scales:
-            run_entry = {"guidance_scale": w}
-            runs.append(run_entry)
-
-            def update(**entries) -> None:
-                run_entry.update(entries)
-                report.write()
-
+            runs.append({"guidance_scale": w})
             sample_and_score(cfg, trained, module, sampling, device, out_dir / f"guidance_w{w:g}", num_samples,
-                             batch_size, update, labels=labels, guidance_scale=w, **guidance)
+                             batch_size, report.updater(runs[-1]), labels=labels, guidance_scale=w, **guidance)
 
     # 3. NLL bound on the validation split, full T
     if cfg.nll:

@@ -182,7 +182,8 @@ def test_sample_command_draws_one_row_per_class_per_guidance_scale(checkpoints, 
 
     bad = [(["class_label=10"], ConfigError, "not a class of the checkpoint; use 0..9"),
            (["mode=trajectory", "guidance_scale=1"], ConfigError, "apply to mode=grid"),
-           ([f"classifier.ckpt_path={checkpoints['diffusion']}"], CheckpointError, "is not a classifier checkpoint")]
+           ([f"classifier.ckpt_path={checkpoints['diffusion']}"], CheckpointError, "is not a classifier checkpoint"),
+           ([f"ckpt_path={checkpoints['classifier']}"], CheckpointError, "is a task=classifier run, not a diffusion")]
     for overrides, error, message in bad:
         with pytest.raises(error, match=message):
             sample_command.run(compose_sample(tmp_path / "bad", *common, *overrides))

@@ -45,6 +45,9 @@ def run_config(ckpt: dict) -> DictConfig:
 def module_from_checkpoint(ckpt: dict) -> DiffusionModule:
     """Rebuild the module from the checkpoint's run config and load all its weights (strictly)."""
     cfg = run_config(ckpt)
+    if cfg.get("task", "diffusion") != "diffusion":
+        raise CheckpointError(f"the checkpoint is a task={cfg.task} run, not a diffusion model; give a diffusion "
+                              f"checkpoint as ckpt_path (a classifier goes to classifier.ckpt_path=...)")
     datamodule = instantiate(cfg.data)  # construction does no I/O; it knows channels and image size
     module = build_module(cfg, datamodule.channels, datamodule.image_size)
     try:

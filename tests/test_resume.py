@@ -124,6 +124,14 @@ def test_sigterm_and_resume_matches_uninterrupted_run_with_importance_sampling(c
     assert_same_run(Path(uninterrupted.paths.output_dir), tmp_path / "resumed")
 
 
+def test_last_checkpoint_holds_the_final_step_between_periodic_saves(compose_train):
+    cfg = compose_train("trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=2",
+                        "callbacks.sample_grid=null", "+trainer.limit_val_batches=0")
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3  # not 2, the last periodic save
+
+
 def test_ckpt_path_last_without_checkpoint_is_an_error(compose_train):
     cfg = compose_train("ckpt_path=last")
     with pytest.raises(CheckpointError) as err:

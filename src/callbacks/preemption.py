@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 class PreemptionCheckpoint(L.Callback):
     """Writes `<dirpath>/last.ckpt` when training is stopped by SIGTERM, SIGUSR1 or Ctrl+C, so that
-    `ckpt_path=last` continues from the step where the run stopped.
+    `ckpt_path=last` continues from the step where the run stopped, and when training ends normally
+    between two periodic saves, so that last.ckpt always holds the final state.
 
     On SIGTERM Lightning only sets `trainer.received_sigterm` and raises SIGTERMException later, after
     the step's validation if one is due (and it cuts that validation short). The checkpoint is written
@@ -45,6 +46,15 @@ class PreemptionCheckpoint(L.Callback):
         _install(getattr(signal, "SIGUSR1", None), _forward_to_sigterm_handler, unless_handled=True)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             _install(signal.SIGINT, _first_ctrl_c, unless_handled=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint writes last.ckpt only every N steps; a run that ends between two of those saves
+        # (max_steps not a multiple of N, or a resumed run) must still leave its final state in last.ckpt.
+        if not self._up_to_date(trainer) and self._saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)  # a collective under DDP: every rank gets here
+            self._saved_step = trainer.global_step
+            if trainer.is_global_zero:
+                log.info("training finished at step %d; saved %s", trainer.global_step, self.path)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         stop = trainer.received_sigterm

@@ -8,7 +8,9 @@ For each npz written by evaluate.py (uint8 NHWC, key arr_0) it prints:
   training images (lower is better);
 - digit IS: exp(E_x KL(p(y|x) || p(y))) of the classifier (10 = confident and all classes equally
   often, 1 = no information);
-- confidence: the mean max_y p(y|x).
+- confidence: the mean max_y p(y|x);
+- class agreement, for class-conditional samples (npz with `arr_1` labels): how often the classifier
+  names the class a sample was drawn for.
 The first row scores the 180 held-out validation images the same way: the floor a perfect model
 would reach with that many images.
 """
@@ -39,21 +41,26 @@ def hidden_features(classifier: MLPClassifier, x: np.ndarray) -> np.ndarray:
     return np.maximum(x @ classifier.coefs_[0] + classifier.intercepts_[0], 0.0)
 
 
-def scores(classifier: MLPClassifier, x: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> dict:
+def scores(classifier: MLPClassifier, x: np.ndarray, reference: tuple[np.ndarray, np.ndarray],
+           labels: np.ndarray | None = None) -> dict:
     features = hidden_features(classifier, x)
     fd = frechet_distance(features.mean(0), np.cov(features, rowvar=False), *reference)
     probs = classifier.predict_proba(x)
     marginal = probs.mean(0, keepdims=True)
     kl = (probs * (np.log(probs + 1e-12) - np.log(marginal + 1e-12))).sum(1)
-    return {"n": len(x), "fd": fd, "digit_is": float(np.exp(kl.mean())), "confidence": float(probs.max(1).mean())}
+    agreement = None if labels is None else float((classifier.classes_[probs.argmax(1)] == labels).mean())
+    return {"n": len(x), "fd": fd, "digit_is": float(np.exp(kl.mean())), "confidence": float(probs.max(1).mean()),
+            "class_agreement": agreement}
 
 
-def load_npz(path: Path) -> np.ndarray:
+def load_npz(path: Path) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """(images flattened to [0, 1], image size, labels or None)."""
     with np.load(path) as data:
         images = data["arr_0"]
+        labels = data["arr_1"] if "arr_1" in data.files else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 1:
         raise SystemExit(f"error: {path} is not a uint8 NHWC npz of 1-channel images (evaluate.py on a digits run)")
-    return images.reshape(len(images), -1).astype(np.float64) / 255.0, images.shape[1]
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0, images.shape[1], labels
 
 
 def main() -> None:
@@ -61,7 +68,7 @@ def main() -> None:
     parser.add_argument("npz", nargs="+", type=Path)
     args = parser.parse_args()
     samples = {path: load_npz(path) for path in args.npz}
-    sizes = {size for _, size in samples.values()}
+    sizes = {size for _, size, _ in samples.values()}
     if len(sizes) != 1:
         raise SystemExit(f"error: the npz files hold images of different sizes {sorted(sizes)}; score one size at a time")
     train_x, train_y, val_x = digits_split(sizes.pop())
@@ -70,11 +77,12 @@ def main() -> None:
     reference = (train_features.mean(0), np.cov(train_features, rowvar=False))
 
     rows = [("validation images (floor)", scores(classifier, val_x, reference))]
-    rows += [(str(path), scores(classifier, x, reference)) for path, (x, _) in samples.items()]
-    print("| images | n | FD (digit features) | digit IS | confidence |")
-    print("|---|---|---|---|---|")
+    rows += [(str(path), scores(classifier, x, reference, labels)) for path, (x, _, labels) in samples.items()]
+    print("| images | n | FD (digit features) | digit IS | confidence | class agreement |")
+    print("|---|---|---|---|---|---|")
     for name, s in rows:
-        print(f"| {name} | {s['n']} | {s['fd']:.2f} | {s['digit_is']:.2f} | {s['confidence']:.3f} |")
+        agreement = "" if s["class_agreement"] is None else f"{100 * s['class_agreement']:.1f}%"
+        print(f"| {name} | {s['n']} | {s['fd']:.2f} | {s['digit_is']:.2f} | {s['confidence']:.3f} | {agreement} |")
 
 
 if __name__ == "__main__":

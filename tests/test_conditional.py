@@ -201,6 +201,8 @@ def test_evaluate_sweeps_the_guidance_scale(checkpoints, tmp_path):
     for r in runs:
         folder = out / f"guidance_w{r['guidance_scale']:g}"
         assert r["samples"]["npz"] == str(folder / "samples_12x8x8x1.npz") and r["fid"] is None
+        with np.load(folder / "samples_12x8x8x1.npz") as npz:  # openai's class-conditional format: arr_1 = labels
+            assert npz["arr_0"].shape == (12, 8, 8, 1) and npz["arr_1"].tolist() == [k % 10 for k in range(12)]
         # one row per class, 2 columns (grid_size 20 / 10 classes); classes 2..9 got one image, then a blank
         assert read_png(folder / "samples_grid.png").shape[:2] == (2 + 10 * 10, 2 + 2 * 10)
     assert "samples" not in metrics  # per w only

@@ -134,7 +134,7 @@ def sample_and_score(cfg: DictConfig, trained: DictConfig, module, sampling: dic
     images = torch.cat([b.cpu() for b in sample_uint8_batches(module, num_samples, batch_size, generator=generator,
                                                               progress=True, labels=labels, **sampling, **guidance)])
     seconds = time.perf_counter() - start
-    npz = save_npz(images, out_dir)
+    npz = save_npz(images, out_dir, labels)
     if labels is None:
         grid = save_grid(images[: cfg.grid_size], out_dir / "samples_grid.png")
     else:

@@ -38,14 +38,18 @@ def sample_uint8_batches(module, num_samples: int, batch_size: int, generator: t
         yield signed_to_uint8(images)
 
 
-def save_npz(images: torch.Tensor, dirpath: str | Path) -> Path:
-    """uint8 [N, C, H, W] -> <dirpath>/samples_NxHxWxC.npz with `arr_0` uint8 [N, H, W, C] (openai's format)."""
+def save_npz(images: torch.Tensor, dirpath: str | Path, labels: torch.Tensor | None = None) -> Path:
+    """uint8 [N, C, H, W] -> <dirpath>/samples_NxHxWxC.npz with `arr_0` uint8 [N, H, W, C] (openai's format)
+    and, for class-conditional samples, `arr_1` int64 [N]: the label each image was drawn for."""
     array = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     if array.dtype != np.uint8:
         raise TypeError(f"expected uint8 images, got {array.dtype}")
     path = Path(dirpath) / f"samples_{'x'.join(str(d) for d in array.shape)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, arr_0=array)
+    if labels is None:
+        np.savez(path, arr_0=array)
+    else:
+        np.savez(path, arr_0=array, arr_1=labels.cpu().numpy().astype(np.int64))
     return path
 
 

@@ -146,6 +146,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     from src.diffusion.editing import ddim_invert, ddim_sample, interpolate, interpolate_ddim
     from src.diffusion.sampling import image_grid, sample, sample_trajectory, trajectory_grid
     from src.evaluation.checkpoint import module_from_checkpoint, read_checkpoint, run_config
+    from src.evaluation.compiled import compile_for_sampling, compile_mode
 
     try:
         ckpt_path = cfg.ckpt_path
@@ -154,6 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     if cfg.mode not in MODES:
         raise SampleConfigError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     n = count(cfg)
+    compile_mode(cfg.compile)
     out_dir = Path(cfg.paths.output_dir)
     device = pick_device(cfg.device)
 
@@ -162,6 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     module = module_from_checkpoint(ckpt).to(device)
     del ckpt
     net = module.ema.model if cfg.use_ema else module.net
+    compile_for_sampling(net, cfg.compile)
     diffusion = module.diffusion
     options = sampler_options(trained, cfg)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))

@@ -141,7 +141,8 @@ def test_train_config_values_on_the_command_line_are_reported_and_the_checkpoint
 
 
 @pytest.mark.parametrize("override,message", [("num_samples=0", "num_samples must be a positive integer"),
-                                              ("nll_batches=-1", "nll_batches must be a positive integer")])
+                                              ("nll_batches=-1", "nll_batches must be a positive integer"),
+                                              ("compile=fast", "compile must be false, true or one of")])
 def test_bad_settings_are_config_errors(evaluate, override, message):
     with pytest.raises(ConfigError, match=message):
         evaluate(override)

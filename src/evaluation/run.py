@@ -19,6 +19,7 @@ from src.data import DatasetNotFoundError
 from src.errors import ConfigError
 
 from .checkpoint import module_from_checkpoint, read_checkpoint, run_config
+from .compiled import compile_for_sampling, compile_mode
 from .guidance import (balanced_labels, check_classifier_classes, check_guidance, guidance_scales, load_classifier,
                        per_class_rows)
 from .metrics import (InceptionFeatures, MissingWeightsError, ReferenceImages, accumulate, dataset_name, fid_and_is,
@@ -172,6 +173,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"num_samples={num_samples} is below isc_splits={cfg.isc_splits}; the Inception Score "
                               f"needs at least one sample per split")
 
+    compile_mode(cfg.compile)
     out_dir = Path(cfg.paths.output_dir)
     device = pick_device(cfg.device)
     ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
@@ -180,6 +182,7 @@ def run(cfg: DictConfig) -> dict:
     module = module_from_checkpoint(ckpt).to(device)
     sampling = sampler_kwargs(OmegaConf.to_container(trained, resolve=True), cfg)
     net = module.ema.model
+    compile_for_sampling(net, cfg.compile)
     report = Report(out_dir / "metrics.json", {
         "checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step"), **git_info(),
         "config_vs_command_line": command_line_differences(trained, cfg),

@@ -104,3 +104,61 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     # Each rank draws its default t and noise from a stream of its own (not rank zero's numbers for
     # other images).
     assert not torch.equal(rank0["rng"], rank1["rng"])
+
+
+# --- exact resume under DDP ----------------------------------------------------------------------
+RESUME_IMAGES, RESUME_BATCH = 16, 8  # global batch 8 = 2 ranks x 4 images: epochs of 2 steps
+
+
+class RandomImages(ImageDataModule):
+    channels, image_size, num_classes = 1, 8, None
+
+    def build_datasets(self):
+        images = torch.randint(0, 256, (RESUME_IMAGES, 1, 8, 8), generator=torch.Generator().manual_seed(1),
+                               dtype=torch.uint8)
+        dataset = UInt8ImageDataset(images, torch.zeros(RESUME_IMAGES, dtype=torch.long))
+        return dataset, dataset
+
+
+class RecordingModule(DiffusionModule):
+    """The DiffusionModule as it trains (t and noise from each rank's global stream); writes its end state."""
+
+    out_dir: Path
+
+    def on_train_end(self):
+        state = {k: v.detach().clone() for k, v in self.state_dict().items() if torch.is_tensor(v)}
+        torch.save({"state": state, "rng": torch.get_rng_state()}, self.out_dir / f"rank{self.global_rank}.pt")
+
+
+def fit_for_resume(out_dir: Path, max_steps: int, ckpt_path: Path | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    module = RecordingModule(net=tiny_unet(), diffusion=GaussianDiffusion(make_beta_schedule("linear", T)),
+                             timestep_sampler=UniformSampler(T), ema_decay=0.9,
+                             optimizer=functools.partial(make_optimizer, lr=LR))
+    module.out_dir = out_dir
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir, save_last=True, every_n_train_steps=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=max_steps,
+                        deterministic=True, limit_val_batches=0, logger=False, callbacks=[checkpoints],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=RandomImages(batch_size=RESUME_BATCH), ckpt_path=ckpt_path, weights_only=False)
+
+
+@pytest.mark.slow
+def test_ddp_resume_continues_every_ranks_random_stream(tmp_path):
+    # Stopped at an epoch boundary (step 2 of 4) and resumed on the same 2 ranks, the run must draw on
+    # rank 1 what the uninterrupted run drew there: rank 1's t and noise reach the shared weights
+    # through the all-reduced gradient, so a rank that restarted its stream changes every weight.
+    fit_for_resume(tmp_path / "uninterrupted", max_steps=4)
+    fit_for_resume(tmp_path / "resumed", max_steps=2)
+    saved = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=False)
+    assert len(saved["rng_states_per_rank"]) == 2
+    assert not torch.equal(saved["rng_states_per_rank"][0]["torch"], saved["rng_states_per_rank"][1]["torch"])
+    fit_for_resume(tmp_path / "resumed", max_steps=4, ckpt_path=tmp_path / "resumed" / "last.ckpt")
+
+    for rank in (0, 1):
+        a = torch.load(tmp_path / "uninterrupted" / f"rank{rank}.pt")
+        b = torch.load(tmp_path / "resumed" / f"rank{rank}.pt")
+        assert torch.equal(a["rng"], b["rng"]), f"rank {rank} is elsewhere in its random stream"
+        for key, value in a["state"].items():
+            assert torch.equal(value, b["state"][key]), f"rank {rank}: {key} differs from the uninterrupted run"

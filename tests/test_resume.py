@@ -166,8 +166,11 @@ def test_stop_signal_to_train_py_saves_and_ckpt_path_last_resumes(tmp_path, sign
            "callbacks.sample_grid=null", "callbacks.progress_bar=null", "trainer.val_check_interval=100000",
            "callbacks.model_checkpoint.every_n_train_steps=5", f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path}/data"]
     last = run_dir / "checkpoints" / "last.ckpt"
+    # A shell starts background jobs with SIGINT ignored and Python keeps that; the child takes Ctrl+C as
+    # a terminal would deliver it, whatever way the tests themselves were started.
     proc = subprocess.Popen([*cmd, "trainer.max_steps=100000"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not last.exists():  # training has run at least 5 steps

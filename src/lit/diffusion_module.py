@@ -15,8 +15,10 @@ from .ema import EMA
 
 log = logging.getLogger(__name__)
 
-# Checkpoint key of the global random states (see DiffusionModule.on_save_checkpoint).
+# Checkpoint keys of the global random states (see DiffusionModule.on_save_checkpoint): rank zero's, and
+# under DDP a list with every rank's.
 RNG_STATES_KEY = "rng_states"
+RNG_STATES_PER_RANK_KEY = "rng_states_per_rank"
 
 
 class DiffusionModule(L.LightningModule):
@@ -58,6 +60,7 @@ class DiffusionModule(L.LightningModule):
         self.timestep_sampler = timestep_sampler
         self.ema = EMA(net, decay=ema_decay)
         self._rng_before_validation: dict | None = None
+        self._rank_stream_restored = False
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.net(xt, t, **kwargs)
@@ -107,11 +110,11 @@ class DiffusionModule(L.LightningModule):
             f"(ckpt_path=...) with a lower module.optimizer.lr or trainer.gradient_clip_val, or trainer.precision=32-true")
 
     def on_train_start(self) -> None:
-        # Every rank starts from the same random state (one seed; a resume restores rank zero's states
-        # everywhere), so each rank would draw the same t and noise for its own images. Ranks above zero
-        # move to streams of their own, derived from the shared state and the rank; rank zero, and a
-        # single process, keep drawing exactly what they would have.
-        if self.trainer.world_size > 1 and self.global_rank > 0:
+        # Every rank starts from the same random state (one seed), so each rank would draw the same t and
+        # noise for its own images. Ranks above zero move to streams of their own, derived from the shared
+        # state and the rank; rank zero, and a single process, keep drawing exactly what they would have.
+        # A resume with the same number of ranks has already put every rank back on its own stream.
+        if self.trainer.world_size > 1 and self.global_rank > 0 and not self._rank_stream_restored:
             _seed_rank_stream(self.global_rank)
 
     def optimizer_step(self, *args, **kwargs):
@@ -160,7 +163,14 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Saved mid-validation (a stop signal during validation): the training stream is the snapshot
         # taken before validation started, not the current, validation-advanced state.
-        checkpoint[RNG_STATES_KEY] = self._rng_before_validation or _collect_rng_states(self.device)
+        states = self._rng_before_validation or _collect_rng_states(self.device)
+        checkpoint[RNG_STATES_KEY] = states
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank builds the checkpoint (rank zero writes it), so the gather is a collective that
+            # every rank reaches.
+            per_rank = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(per_rank, states)
+            checkpoint[RNG_STATES_PER_RANK_KEY] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get(RNG_STATES_KEY)
@@ -168,6 +178,16 @@ class DiffusionModule(L.LightningModule):
             log.warning("the checkpoint has no random states: the resumed run continues the model and optimizer "
                         "exactly but draws other random numbers than an uninterrupted run would")
             return
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        per_rank = checkpoint.get(RNG_STATES_PER_RANK_KEY)
+        if world_size > 1 and per_rank is not None and len(per_rank) == world_size:
+            _set_rng_states(per_rank[self.global_rank], self.device)
+            self._rank_stream_restored = True
+            return
+        if world_size > 1 and self.global_rank == 0:
+            saved = len(per_rank) if per_rank is not None else 1
+            log.warning("the checkpoint holds the random states of %d rank(s), this run has %d: rank zero continues "
+                        "its stream exactly, the other ranks start new streams of their own", saved, world_size)
         _set_rng_states(states, self.device)
 
     # --- sampling ----------------------------------------------------------------------------
@@ -186,8 +206,9 @@ def _collect_rng_states(device: torch.device) -> dict[str, Any]:
     """The global random states of torch (CPU and `device` if CUDA), numpy and Python.
 
     Only the CUDA generator of this process's device is kept (under DDP rank k draws from device k).
-    The checkpoint holds rank zero's states: a resumed DDP run repeats rank zero's draws exactly and
-    gives the other ranks fresh streams (see on_train_start).
+    Under DDP the checkpoint holds every rank's states, and a resume with the same number of ranks puts
+    each rank back on its own stream; with another number, rank zero continues exactly and the other
+    ranks get fresh streams (see on_train_start).
     """
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if device.type == "cuda":

@@ -107,7 +107,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
 
 
 # --- exact resume under DDP ----------------------------------------------------------------------
-RESUME_IMAGES, RESUME_BATCH = 16, 8  # global batch 8 = 2 ranks x 4 images: epochs of 2 steps
+RESUME_IMAGES, RESUME_BATCH = 24, 8  # global batch 8 = 2 ranks x 4 images: epochs of 3 steps
 
 
 class RandomImages(ImageDataModule):
@@ -146,9 +146,10 @@ def fit_for_resume(out_dir: Path, max_steps: int, ckpt_path: Path | None = None)
 
 @pytest.mark.slow
 def test_ddp_resume_continues_every_ranks_random_stream(tmp_path):
-    # Stopped at an epoch boundary (step 2 of 4) and resumed on the same 2 ranks, the run must draw on
-    # rank 1 what the uninterrupted run drew there: rank 1's t and noise reach the shared weights
-    # through the all-reduced gradient, so a rank that restarted its stream changes every weight.
+    # Stopped inside the first epoch (step 2 of 3) and resumed on the same 2 ranks, the run must go on with
+    # the DistributedSampler's order where it stopped and draw on rank 1 what the uninterrupted run drew
+    # there: rank 1's t and noise reach the shared weights through the all-reduced gradient, so a rank
+    # that restarted its stream changes every weight.
     fit_for_resume(tmp_path / "uninterrupted", max_steps=4)
     fit_for_resume(tmp_path / "resumed", max_steps=2)
     saved = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=False)

@@ -18,21 +18,20 @@ from src.training import resolve_ckpt_path, train
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Epochs of 4 batches, checkpoints every 4 steps, the stop after step 4: an epoch boundary. Lightning
-# cannot restore a position inside an epoch (the DataLoader is not stateful; a resumed epoch
-# re-iterates it with a fresh shuffle), so only a stop at an epoch boundary can continue exactly.
+# Epochs of 4 batches, checkpoints every 4 steps, the stop after step 4: an epoch boundary (the
+# parametrized test also stops inside an epoch of 101 batches, which the DataLoader's state resumes).
 # Validation runs at steps 3 and 6 (EXACT), or at the checkpoint step (see the parametrized test).
 # A sample grid is written at the checkpoint step: it uses its own generator and must not matter.
+EPOCHS_OF_4 = "+trainer.limit_train_batches=4"
 EXACT_BASE = [
     "trainer.deterministic=true",
     "trainer.log_every_n_steps=1",
-    "+trainer.limit_train_batches=4",
     "+trainer.limit_val_batches=2",
     "callbacks.model_checkpoint.every_n_train_steps=4",
     "callbacks.sample_grid.every_n_steps=4",
     "sampler.steps=10",
 ]
-EXACT = [*EXACT_BASE, "trainer.val_check_interval=3"]
+EXACT = [*EXACT_BASE, EPOCHS_OF_4, "trainer.val_check_interval=3"]
 
 
 def csv_rows(run_dir: Path) -> list[dict]:
@@ -71,13 +70,16 @@ def assert_same_run(uninterrupted: Path, resumed: Path) -> None:
     assert_identical(a["rng_states"]["torch"], b["rng_states"]["torch"], "rng_states.torch")
 
 
-@pytest.mark.parametrize("val_check_interval", [3, 4], ids=["validation-off-the-checkpoint-step",
-                                                          "validation-at-the-checkpoint-step"])
-def test_stop_and_resume_matches_uninterrupted_run(compose_train, tmp_path, val_check_interval):
+@pytest.mark.parametrize("epochs,val_check_interval", [(EPOCHS_OF_4, 3), (EPOCHS_OF_4, 4), (None, 3)],
+                         ids=["validation-off-the-checkpoint-step", "validation-at-the-checkpoint-step",
+                              "stop-inside-an-epoch"])
+def test_stop_and_resume_matches_uninterrupted_run(compose_train, tmp_path, epochs, val_check_interval):
     # With validation due at the checkpoint step (as in the default config: 500 and 500), Lightning counts
     # that validation as done on resume by creating, not running, the validation DataLoader's iterator;
-    # the loader has its own generator so that this draws nothing from the global RNG.
-    exact = [*EXACT_BASE, f"trainer.val_check_interval={val_check_interval}"]
+    # the loader has its own generator so that this draws nothing from the global RNG. Stopped inside an
+    # epoch, the training DataLoader's state (epoch, batches handed out) puts the resumed run at the
+    # same place in the same shuffle.
+    exact = [*EXACT_BASE, *([epochs] if epochs else []), f"trainer.val_check_interval={val_check_interval}"]
     uninterrupted = compose_train(*exact, "trainer.max_steps=8")
     train(uninterrupted)
     first_half = compose_train(*exact, "trainer.max_steps=4")

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .resumable import EpochShuffleSampler, ResumableDataLoader
 from .transforms import maybe_hflip, uint8_to_signed
 
 
@@ -107,6 +108,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction = None if val_fraction is None else float(val_fraction)
         self.split_seed = int(split_seed)
         self.batch_size_per_device = self.batch_size
+        self.shuffle_seed = 0
         self.train_dataset: Optional[Dataset] = None
         self.val_dataset: Optional[Dataset] = None
 
@@ -122,6 +124,9 @@ class ImageDataModule(L.LightningDataModule):
                 f"(number of processes); use a multiple of {world_size}"
             )
         self.batch_size_per_device = self.batch_size // world_size
+        # The training shuffle follows the run's seed (seed_everything), read before a resumed run
+        # restores its random states.
+        self.shuffle_seed = torch.initial_seed() % 2**62
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset = self.build_datasets()
 
@@ -144,8 +149,11 @@ class ImageDataModule(L.LightningDataModule):
                 f"the training set has {len(self.train_dataset)} images, fewer than the per-device batch size "
                 f"{self.batch_size_per_device}; lower data.batch_size"
             )
-        # Lightning swaps in a DistributedSampler under DDP (keeping shuffle), so none is added here.
-        return DataLoader(self.train_dataset, shuffle=True, drop_last=True, **self._loader_kwargs())
+        # Resumable inside an epoch (see ResumableDataLoader); under DDP Lightning swaps in a shuffling
+        # DistributedSampler for the EpochShuffleSampler.
+        return ResumableDataLoader(self.train_dataset, sampler=EpochShuffleSampler(self.train_dataset, self.shuffle_seed),
+                                   drop_last=True, generator=torch.Generator().manual_seed(self.shuffle_seed),
+                                   **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -47,3 +48,13 @@ def compose_train(tmp_path):
         return compose_config(*overrides, output_dir=tmp_path, fast=fast)
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("single_thread")`): tiny
+    nets and elementwise ops only stall on a second thread of a shared 2-core machine (25x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

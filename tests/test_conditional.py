@@ -25,13 +25,7 @@ TINY = ["trainer.accelerator=cpu", "data.image_size=8", "schedule.num_timesteps=
         "+trainer.num_sanity_val_steps=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny nets: on a shared 2-core machine a second intra-op thread only adds stalls (25x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def perturbed(net: nn.Module) -> nn.Module:

@@ -19,12 +19,7 @@ ABAR = np.cumprod(1.0 - BETAS)
 M, S = 0.1, 0.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make() -> GaussianDiffusion:

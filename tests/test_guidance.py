@@ -25,13 +25,7 @@ N = 1000  # images per class
 NULL = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Thousands of tiny elementwise ops: intra-op threads only add stalls on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from torch import nn
 from src.diffusion import GaussianDiffusion
 
 from .ema import EMA
+from .optim import with_linear_warmup
 
 
 class ClassifierModule(L.LightningModule):
@@ -64,7 +65,4 @@ class ClassifierModule(L.LightningModule):
         self.ema.update(self.net)
 
     def configure_optimizers(self):
-        optimizer = self.hparams.optimizer(params=self.net.parameters())
-        warmup = max(1, self.hparams.lr_warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_linear_warmup(self.hparams.optimizer(params=self.net.parameters()), self.hparams.lr_warmup_steps)

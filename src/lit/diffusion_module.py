@@ -12,6 +12,7 @@ from src.diffusion import GaussianDiffusion, LossSecondMomentResampler, UniformS
 from src.errors import NonFiniteLossError
 
 from .ema import EMA
+from .optim import with_linear_warmup
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,7 @@ class DiffusionModule(L.LightningModule):
         self.ema.update(self.net)
 
     def configure_optimizers(self):
-        optimizer = self.hparams.optimizer(params=self.net.parameters())
-        warmup = max(1, self.hparams.lr_warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_linear_warmup(self.hparams.optimizer(params=self.net.parameters()), self.hparams.lr_warmup_steps)
 
     # --- validation (EMA weights) -------------------------------------------------------------
     # Validation runs outside the training's random stream: the validation DataLoader seeds its

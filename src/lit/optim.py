@@ -37,3 +37,11 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "torch.opti
         raise ValueError(f"unknown optimizer implementation {implementation!r}; choose auto, fused, foreach or for-loop")
     return cls(params, **hyperparameters, **kernels)
 
+
+
+def with_linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
+    """Lightning's configure_optimizers answer: `optimizer` with its LR ramped linearly from 0 over
+    `warmup_steps` optimizer steps, stepped every step."""
+    warmup = max(1, int(warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,7 +1,7 @@
 """Training and sampling throughput, peak memory and FLOP utilisation of our U-Net configs, side by side
 with diffusers' UNet2DModel built at the same configuration (the peer).
 
-    python benchmarks/throughput.py                      # CPU defaults, a few minutes on 2 cores
+    python benchmarks/throughput.py                      # CPU defaults, about 2 minutes on 2 cores
     python benchmarks/throughput.py --device cuda --precision bf16 --compile --channels-last
 
 Per model and implementation it measures
@@ -308,6 +308,10 @@ def fmt_mem(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def fmt_rate(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"  # three significant digits (2.31, 117)
+
+
 def ratio(a, b) -> str:
     return "n/a" if not a or not b else f"{a / b:.2f}"
 
@@ -320,10 +324,10 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, as bf16-mixed")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs for both")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3 CPU, 5 GPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind first")
     parser.add_argument("--min-seconds", type=float, default=None,
-                        help="each timed run repeats its step until this long (default 1.0 CPU, 0.5 GPU)")
+                        help="each timed run repeats its step until this long (default 2.0 CPU, 0.5 GPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: torch's choice); 1 is steadier on a machine shared with other jobs")
     parser.add_argument("--models", default="unet_small,unet_ddpm_cifar10", help="comma-separated conf/model names")
@@ -332,8 +336,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     on_cpu = device.type == "cpu"
-    args.repeats = args.repeats or (3 if on_cpu else 5)
-    args.min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if on_cpu else 0.5)
+    args.repeats = args.repeats or 5
+    args.min_seconds = args.min_seconds if args.min_seconds is not None else (2.0 if on_cpu else 0.5)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
@@ -354,7 +358,7 @@ def main() -> None:
     for name, rows in results.items():
         for key, r in rows.items():
             f = r["flops"]
-            print(f"| {name} | {key} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['train']:.1f} | {r['sample']:.1f} | "
+            print(f"| {name} | {key} | {r['params'] / 1e6:.2f}M | {r['batch']} | {fmt_rate(r['train'])} | {fmt_rate(r['sample'])} | "
                   f"{fmt_mem(r['mem_train'])} | {fmt_mem(r['mem_sample'])} | {f['train'] / 1e9:.2f} | "
                   f"{f['sample'] / 1e9:.2f} | {f['train'] * r['train'] / matmul:.0%} | "
                   f"{f['sample'] * r['sample'] / matmul:.0%} |")

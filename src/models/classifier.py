@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttentionBlock, Downsample, ResAttnBlock, ResBlock, SinusoidalTimestepEmbedding, group_norm, zero_module
-from .unet import UNet
+from .blocks import group_norm, zero_module
+from .unet import UNet, build_encoder, timestep_mlp
 
 
 class NoisyClassifier(nn.Module):
@@ -40,26 +40,11 @@ class NoisyClassifier(nn.Module):
                        attention_resolutions, dropout, num_heads, None)
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
 
-        ch = base_channels
-        emb_dim = 4 * ch
-        self.time_embed = nn.Sequential(SinusoidalTimestepEmbedding(ch), nn.Linear(ch, emb_dim), nn.SiLU(),
-                                        nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        resolution = image_size
-        for level, mult in enumerate(channel_mult):
-            out_ch = base_channels * mult
-            for _ in range(num_res_blocks):
-                attn = AttentionBlock(out_ch, num_heads) if resolution in attention_resolutions else None
-                self.down.append(ResAttnBlock(ResBlock(ch, out_ch, emb_dim, dropout), attn))
-                ch = out_ch
-            if level != len(channel_mult) - 1:
-                self.down.append(Downsample(ch))
-                resolution //= 2
-        self.mid = nn.ModuleList([
-            ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads)),
-            ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout)),
-        ])
+        self.time_embed = timestep_mlp(base_channels)
+        encoder = build_encoder(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
+                                attention_resolutions, dropout, num_heads)
+        self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
+        ch = encoder.channels
         self.norm_out = group_norm(ch)
         self.out = zero_module(nn.Linear(ch, num_classes))
 

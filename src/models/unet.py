@@ -1,6 +1,7 @@
 """The DDPM U-Net (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", appendix B), laid out as
 in openai/improved-diffusion's UNetModel and diffusers' UNet2DModel (google/ddpm-cifar10-32)."""
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,39 +64,13 @@ class UNet(nn.Module):
         self.image_size = image_size
         self.num_classes = num_classes
 
-        ch = base_channels
-        emb_dim = 4 * ch
-        self.time_embed = nn.Sequential(
-            SinusoidalTimestepEmbedding(ch),
-            nn.Linear(ch, emb_dim),
-            nn.SiLU(),
-            nn.Linear(emb_dim, emb_dim),
-        )
+        self.time_embed = timestep_mlp(base_channels)
+        emb_dim = 4 * base_channels
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
-
-        def attn(channels: int, resolution: int) -> AttentionBlock | None:
-            return AttentionBlock(channels, num_heads) if resolution in attention_resolutions else None
-
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        # Down path: every layer's output is kept as a skip for the up path (conv_in's output too).
-        self.down = nn.ModuleList()
-        skip_channels = [ch]
-        resolution = image_size
-        for level, mult in enumerate(channel_mult):
-            out_ch = base_channels * mult
-            for _ in range(num_res_blocks):
-                self.down.append(ResAttnBlock(ResBlock(ch, out_ch, emb_dim, dropout), attn(out_ch, resolution)))
-                ch = out_ch
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                self.down.append(Downsample(ch))
-                skip_channels.append(ch)
-                resolution //= 2
-
-        self.mid = nn.ModuleList([
-            ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads)),
-            ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout)),
-        ])
+        encoder = build_encoder(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
+                                attention_resolutions, dropout, num_heads)
+        self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
+        skip_channels, ch, resolution = encoder.skip_channels, encoder.channels, encoder.resolution
 
         # Up path: num_res_blocks + 1 layers per level, each eating one skip (popped in reverse).
         self.up = nn.ModuleList()
@@ -105,7 +80,8 @@ class UNet(nn.Module):
                 res = ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, dropout)
                 ch = out_ch
                 upsample = Upsample(ch) if level != 0 and i == num_res_blocks else None
-                self.up.append(ResAttnBlock(res, attn(ch, resolution), upsample))
+                self.up.append(ResAttnBlock(res, attention_at(ch, resolution, attention_resolutions, num_heads),
+                                            upsample))
             if level != 0:
                 resolution *= 2
         assert not skip_channels
@@ -199,3 +175,52 @@ class UNet(nn.Module):
         for layer in self.up:
             h = layer(torch.cat([h, skips.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def timestep_mlp(base_channels: int) -> nn.Sequential:
+    """Sinusoidal embedding of width ch and a two-layer MLP to 4 ch (DDPM's timestep embedding)."""
+    emb_dim = 4 * base_channels
+    return nn.Sequential(SinusoidalTimestepEmbedding(base_channels), nn.Linear(base_channels, emb_dim), nn.SiLU(),
+                         nn.Linear(emb_dim, emb_dim))
+
+
+def attention_at(channels: int, resolution: int, attention_resolutions: Sequence[int],
+                 num_heads: int) -> AttentionBlock | None:
+    return AttentionBlock(channels, num_heads) if resolution in attention_resolutions else None
+
+
+class Encoder(NamedTuple):
+    conv_in: nn.Conv2d
+    down: nn.ModuleList
+    mid: nn.ModuleList
+    skip_channels: list[int]  # channels of every down-path output, conv_in's first (the U-Net's skips)
+    channels: int  # width of the middle block
+    resolution: int  # spatial size of the middle block
+
+
+def build_encoder(in_channels: int, image_size: int, base_channels: int, channel_mult: Sequence[int],
+                  num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float,
+                  num_heads: int) -> Encoder:
+    """The U-Net's input conv, down path and middle block (shared by UNet and NoisyClassifier)."""
+    emb_dim = 4 * base_channels
+    ch = base_channels
+    conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+    down = nn.ModuleList()
+    skip_channels = [ch]
+    resolution = image_size
+    for level, mult in enumerate(channel_mult):
+        out_ch = base_channels * mult
+        for _ in range(num_res_blocks):
+            res = ResBlock(ch, out_ch, emb_dim, dropout)
+            down.append(ResAttnBlock(res, attention_at(out_ch, resolution, attention_resolutions, num_heads)))
+            ch = out_ch
+            skip_channels.append(ch)
+        if level != len(channel_mult) - 1:
+            down.append(Downsample(ch))
+            skip_channels.append(ch)
+            resolution //= 2
+    mid = nn.ModuleList([
+        ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads)),
+        ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout)),
+    ])
+    return Encoder(conv_in, down, mid, skip_channels, ch, resolution)

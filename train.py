@@ -2,36 +2,18 @@
 
 Resume a stopped run in its folder: python train.py hydra.run.dir=<run folder> ckpt_path=last [...same overrides].
 """
-import os
-import signal
-import sys
-
 import hydra
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from src.data import DatasetNotFoundError
-from src.errors import NonFiniteLossError, RunError
+from src.cli import run_command
+from src.training import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from src.training import run
-
-    try:
-        return run(cfg)
-    except (RunError, DatasetNotFoundError) as err:
-        # A problem with the inputs or the numerics, not a bug: one line, no traceback (unless asked for).
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
-    except SIGTERMException:
-        # Preempted: last.ckpt was saved (src.callbacks.PreemptionCheckpoint). Exit non-zero like a
-        # process ended by SIGTERM, so schedulers do not count the run as finished.
-        print(f"stopped by a signal; resume with: python train.py hydra.run.dir={cfg.paths.output_dir} ckpt_path=last "
-              f"(and the same overrides)", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+    # Preempted runs have saved last.ckpt (src.callbacks.PreemptionCheckpoint) before the signal ends them.
+    return run_command(run, cfg, resume_hint=f"resume with: python train.py hydra.run.dir={cfg.paths.output_dir} "
+                                             f"ckpt_path=last (and the same overrides)")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def test_unknown_group_option_lists_the_choices(compose_train, group, options):
     assert f"Available options in '{group}'" in str(err.value) and options in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, fragments", [
     ("objective.loss_type=l1", ["diffusion (objective): unknown loss_type 'l1'; choose one of simple, vlb, hybrid"]),
     ("objective.var_type=learned", ["unknown var_type 'learned'; choose one of fixed_small, fixed_large, learned_range"]),
@@ -56,6 +57,7 @@ def test_bad_config_value_is_one_line_config_error(compose_train, override, frag
     one_line_error(err, *fragments)
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_lists_what_differs(compose_train):
     train(compose_train(*ONE_STEP))
     cfg = compose_train(*ONE_STEP, "schedule.num_timesteps=40", "objective=hybrid", "ckpt_path=last")
@@ -70,6 +72,7 @@ def test_resume_with_another_config_lists_what_differs(compose_train):
     assert "timestep_sampler.num_timesteps" not in message  # follows schedule.num_timesteps; not listed twice
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint_is_one_line_error(compose_train):
     cfg = compose_train(*ONE_STEP, "ckpt_path=last")
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -77,9 +80,10 @@ def test_unreadable_checkpoint_is_one_line_error(compose_train):
     last.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError) as err:
         train(cfg)
-    one_line_error(err, f"cannot read checkpoint {last}", "resume from another one with ckpt_path=<file>")
+    one_line_error(err, f"cannot read checkpoint {last}", "use another one with ckpt_path=<file>")
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_file_is_one_line_error(compose_train, tmp_path):
     with pytest.raises(CheckpointError) as err:
         train(compose_train(*ONE_STEP, f"ckpt_path={tmp_path}/nope.ckpt"))
@@ -96,6 +100,7 @@ def write_images(folder: Path, count: int) -> None:
 IMAGE_FOLDER = ["data=image_folder", "data.image_size=16", "data.num_workers=0", "data.pin_memory=false"]
 
 
+@pytest.mark.slow
 def test_empty_image_folder(compose_train, tmp_path):
     (tmp_path / "empty").mkdir()
     cfg = compose_train(*ONE_STEP, *IMAGE_FOLDER, f"data.root={tmp_path}/empty")
@@ -104,6 +109,7 @@ def test_empty_image_folder(compose_train, tmp_path):
     one_line_error(err, f"no images found in: {tmp_path}/empty", "set data.root=")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_bad_image", ["skip", "error"])
 def test_unreadable_images_are_skipped_with_a_count_or_stop_the_run(compose_train, tmp_path, caplog, on_bad_image):
     write_images(tmp_path / "images", 20)
@@ -120,6 +126,7 @@ def test_unreadable_images_are_skipped_with_a_count_or_stop_the_run(compose_trai
     assert "skipping 2 unreadable image(s)" in caplog.text
 
 
+@pytest.mark.slow
 def test_wrong_cifar10_files(compose_train, tmp_path):
     folder = tmp_path / "cifar10" / "cifar-10-batches-py"
     folder.mkdir(parents=True)

@@ -4,28 +4,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, FAST_OVERRIDES
+from conftest import FAST_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_MISSING = "not installed; pip install -r requirements-cluster.txt"
 
 
-def compose_hydra(*overrides: str):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def test_slurm_launcher_config_composes():
+def test_slurm_launcher_config_composes(compose_train):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason=f"hydra-submitit-launcher {PLUGIN_MISSING}")
-    cfg = compose_hydra("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4")
+    cfg = compose_train("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", fast=False, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     # one task per GPU, as many as the trainer's devices: Lightning takes the ranks from SLURM
@@ -34,9 +23,9 @@ def test_slurm_launcher_config_composes():
     assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0
 
 
-def test_optuna_sweeper_searches_keys_of_the_train_config():
+def test_optuna_sweeper_searches_keys_of_the_train_config(compose_train):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason=f"hydra-optuna-sweeper {PLUGIN_MISSING}")
-    cfg = compose_hydra("hydra/sweeper=optuna_lr_ema_dropout")
+    cfg = compose_train("hydra/sweeper=optuna_lr_ema_dropout", fast=False, return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("optuna_sweeper.OptunaSweeper") and sweeper.direction == "minimize"
     assert set(sweeper.params) == {"module.optimizer.lr", "module.ema_decay", "model.dropout"}

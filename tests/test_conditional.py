@@ -15,8 +15,6 @@ from src.evaluation.guidance import check_guidance, per_class_rows
 from src.lit import DiffusionModule
 from src.models import NoisyClassifier, UNet
 from src.training import train
-from test_evaluate import compose_config
-from test_samplers import compose_sample
 
 # A tiny T=50 net on 8x8 digits, for runs of one step.
 TINY = ["trainer.accelerator=cpu", "data.image_size=8", "schedule.num_timesteps=50", "model.base_channels=32", "model.channel_mult=[1,2]",
@@ -86,7 +84,8 @@ def test_training_step_drops_labels_at_the_configured_rate(p):
     assert abs(dropped - n * p) <= 5 * math.sqrt(n * p * (1 - p))
     assert torch.equal(seen[seen != 10], y[seen != 10])
     # validation (with the EMA copy of the net) conditions on every label
-    module.validation_step((torch.zeros(8, 1, 2, 2), y[:8]), 0)
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached
+        module.validation_step((torch.zeros(8, 1, 2, 2), y[:8]), 0)
     assert torch.equal(module.ema.model.seen[-1], y[:8])
 
 
@@ -123,6 +122,7 @@ def test_per_class_rows_and_guidance_checks():
     check_guidance(None, [0.0], classifier=True, class_label=3)  # classifier guidance of an unconditional model
 
 
+@pytest.mark.slow
 def test_model_num_classes_below_the_data_classes_is_a_config_error(compose_train):
     cfg = compose_train("model.num_classes=5", "+trainer.fast_dev_run=true")
     with pytest.raises(ConfigError, match="model.num_classes=5 but the data has 10 classes.*set model.num_classes=10"):
@@ -130,13 +130,13 @@ def test_model_num_classes_below_the_data_classes_is_a_config_error(compose_trai
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, compose_config):
     """One-step runs on digits, T=50: a class-conditional denoiser and a noisy-image classifier."""
     root = tmp_path_factory.mktemp("conditional")
-    cfg = compose_config("train", ["experiment=digits_conditional", *TINY, "callbacks.sample_grid.num_samples=2",
-                                   "sampler.steps=2"], root / "diffusion", root / "data")
+    cfg = compose_config("train", "experiment=digits_conditional", *TINY, "callbacks.sample_grid.num_samples=2",
+                         "sampler.steps=2", output_dir=root / "diffusion", data_dir=root / "data")
     _, diffusion_objects = train(cfg)
-    cfg = compose_config("train", ["task=classifier", *TINY], root / "classifier", root / "data")
+    cfg = compose_config("train", "task=classifier", *TINY, output_dir=root / "classifier", data_dir=root / "data")
     metrics, classifier_objects = train(cfg)
     return {"diffusion": root / "diffusion" / "checkpoints" / "last.ckpt",
             "classifier": root / "classifier" / "checkpoints" / "last.ckpt",
@@ -144,6 +144,7 @@ def checkpoints(tmp_path_factory):
             "classifier_metrics": metrics}
 
 
+@pytest.mark.slow
 def test_conditional_digits_and_classifier_train_through_the_config(checkpoints):
     net = checkpoints["diffusion_module"].net
     assert isinstance(net, UNet) and net.num_classes == 10 and checkpoints["diffusion_module"].hparams.label_dropout == 0.1
@@ -160,35 +161,38 @@ def read_png(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_sample_command_draws_one_row_per_class_per_guidance_scale(checkpoints, tmp_path):
+@pytest.mark.slow
+def test_sample_command_draws_one_row_per_class_per_guidance_scale(checkpoints, compose_sample, tmp_path):
     import sample as sample_command
 
     common = [f"ckpt_path={checkpoints['diffusion']}", "device=cpu", "sampler=ddim", "steps=2"]
-    written = sample_command.run(compose_sample(tmp_path / "cfg", *common, "guidance_scale=[0,3]", "grid.per_class=2"))
+    written = sample_command.run(compose_sample(*common, "guidance_scale=[0,3]", "grid.per_class=2",
+                                                output_dir=tmp_path / "cfg"))
     assert set(written) == {"samples_w0.png", "samples_w3.png"}
     for path in written.values():  # 10 rows of 2 images of 8 px, 2 px padding
         assert read_png(path).shape[:2] == (2 + 10 * 10, 2 + 2 * 10)
 
-    written = sample_command.run(compose_sample(tmp_path / "clf", *common, "class_label=7", "num_samples=3",
+    written = sample_command.run(compose_sample(*common, "class_label=7", "num_samples=3",
                                                 f"classifier.ckpt_path={checkpoints['classifier']}",
-                                                "classifier.scale=2"))
+                                                "classifier.scale=2", output_dir=tmp_path / "clf"))
     assert read_png(written["samples.png"]).shape[:2] == (2 + 10, 2 + 3 * 10)
 
     bad = [(["class_label=10"], ConfigError, "not a class of the checkpoint; use 0..9"),
            (["mode=trajectory", "guidance_scale=1"], ConfigError, "apply to mode=grid"),
-           ([f"classifier.ckpt_path={checkpoints['diffusion']}"], CheckpointError, "is not a classifier checkpoint"),
+           ([f"classifier.ckpt_path={checkpoints['diffusion']}"], CheckpointError, "is a task=diffusion run, not a classifier checkpoint"),
            ([f"ckpt_path={checkpoints['classifier']}"], CheckpointError, "is a task=classifier run, not a diffusion")]
     for overrides, error, message in bad:
         with pytest.raises(error, match=message):
-            sample_command.run(compose_sample(tmp_path / "bad", *common, *overrides))
+            sample_command.run(compose_sample(*common, *overrides, output_dir=tmp_path / "bad"))
 
 
-def test_evaluate_sweeps_the_guidance_scale(checkpoints, tmp_path):
+@pytest.mark.slow
+def test_evaluate_sweeps_the_guidance_scale(checkpoints, compose_evaluate, tmp_path):
     from src.evaluation import run
 
     out = tmp_path / "eval"
-    cfg = compose_config("evaluate", [f"ckpt_path={checkpoints['diffusion']}", "num_samples=12", "batch_size=12",
-                                      "fid=false", "sampler=ddim", "steps=2", "grid_size=20"], out, tmp_path / "data")
+    cfg = compose_evaluate(f"ckpt_path={checkpoints['diffusion']}", "num_samples=12", "batch_size=12",
+                           "fid=false", "sampler=ddim", "steps=2", "grid_size=20", output_dir=out)
     metrics = run(cfg)
     runs = metrics["guidance"]["runs"]
     assert [r["guidance_scale"] for r in runs] == [0.0, 1.0, 3.0] and metrics["guidance"]["num_classes"] == 10
@@ -201,9 +205,9 @@ def test_evaluate_sweeps_the_guidance_scale(checkpoints, tmp_path):
         assert read_png(folder / "samples_grid.png").shape[:2] == (2 + 10 * 10, 2 + 2 * 10)
     assert "samples" not in metrics  # per w only
 
-    cfg = compose_config("evaluate", [f"ckpt_path={checkpoints['diffusion']}", "num_samples=4", "batch_size=4",
-                                      "fid=false", "sampler=ddim", "steps=2", "guidance_scales=[2]",
-                                      f"classifier.ckpt_path={checkpoints['classifier']}"], out, tmp_path / "data")
+    cfg = compose_evaluate(f"ckpt_path={checkpoints['diffusion']}", "num_samples=4", "batch_size=4",
+                           "fid=false", "sampler=ddim", "steps=2", "guidance_scales=[2]",
+                           f"classifier.ckpt_path={checkpoints['classifier']}", output_dir=out)
     metrics = run(cfg)
     assert [r["guidance_scale"] for r in metrics["guidance"]["runs"]] == [2.0]
     assert metrics["guidance"]["classifier"]["ckpt_path"] == str(checkpoints["classifier"])

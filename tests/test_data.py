@@ -1,4 +1,5 @@
 """Data layer: value range and 8-bit grid, splits, flips, CIFAR-10 files, image folders, configs."""
+import inspect
 import logging
 import pickle
 import urllib.error
@@ -17,6 +18,14 @@ from src.data import CIFAR10DataModule, DatasetNotFoundError, DigitsDataModule, 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
+def data_args(name: str, **overrides) -> dict:
+    """The constructor arguments in conf/data/<name>.yaml (the data modules take their settings from the
+    config), with in-process, unpinned loading (these tests run on the CPU), then `overrides`."""
+    args = OmegaConf.to_container(OmegaConf.load(CONF_DATA / f"{name}.yaml"))
+    del args["_target_"]
+    return {**args, "num_workers": 0, "pin_memory": False, **overrides}
+
+
 def assert_on_8bit_grid(x: torch.Tensor) -> None:
     v = x * 127.5 + 127.5
     assert torch.allclose(v, v.round(), atol=1e-3)
@@ -24,7 +33,7 @@ def assert_on_8bit_grid(x: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def digits():
-    dm = DigitsDataModule(batch_size=64)
+    dm = DigitsDataModule(**data_args("digits", batch_size=64))
     dm.setup()
     return dm
 
@@ -45,13 +54,13 @@ def test_digits_batches_shape_range_and_grid(digits):
 
 
 def test_digits_split_is_fixed_and_disjoint(digits):
-    other = DigitsDataModule(batch_size=64)
+    other = DigitsDataModule(**data_args("digits", batch_size=64))
     other.setup()
     assert torch.equal(digits.train_indices, other.train_indices)
     assert torch.equal(digits.val_indices, other.val_indices)
     train, val = set(digits.train_indices.tolist()), set(digits.val_indices.tolist())
     assert not train & val and len(train) + len(val) == 1797 and len(val) == 180
-    reseeded = DigitsDataModule(split_seed=1)
+    reseeded = DigitsDataModule(**data_args("digits", split_seed=1))
     reseeded.setup()
     assert not torch.equal(reseeded.val_indices, digits.val_indices)
 
@@ -65,7 +74,7 @@ def test_digits_no_flip_by_default_and_val_loader_keeps_everything(digits):
 
 
 def test_digits_other_image_size():
-    dm = DigitsDataModule(image_size=8)
+    dm = DigitsDataModule(**data_args("digits", image_size=8))
     dm.setup()
     x, _ = dm.val_dataset[0]
     assert x.shape == (1, 8, 8)
@@ -73,7 +82,7 @@ def test_digits_other_image_size():
 
 
 def test_random_flip_on_training_only():
-    dm = DigitsDataModule(random_flip=True)
+    dm = DigitsDataModule(**data_args("digits", random_flip=True))
     dm.setup()
     train, val = dm.train_dataset, dm.val_dataset
     i = next(i for i in range(len(train)) if not torch.equal(train.images[i], train.images[i].flip(-1)))
@@ -86,19 +95,34 @@ def test_random_flip_on_training_only():
 
 
 def test_global_batch_size_is_split_across_processes():
-    dm = DigitsDataModule(batch_size=128)
+    dm = DigitsDataModule(**data_args("digits", batch_size=128))
     dm.trainer = SimpleNamespace(world_size=2)
     dm.setup("fit")
     assert dm.batch_size_per_device == 64
     assert dm.train_dataloader().batch_size == 64
-    dm = DigitsDataModule(batch_size=128)
+    dm = DigitsDataModule(**data_args("digits", batch_size=128))
     dm.trainer = SimpleNamespace(world_size=3)
     with pytest.raises(ValueError, match=r"128.*3"):
         dm.setup("fit")
 
 
+@pytest.mark.parametrize("cls, name", [(DigitsDataModule, "digits"), (CIFAR10DataModule, "cifar10"),
+                                       (ImageFolderDataModule, "image_folder")])
+def test_the_config_is_the_only_source_of_the_settings(cls, name):
+    # Every setting in conf/data/<name>.yaml is an argument without a default, or a DataLoader setting passed on
+    # to ImageDataModule, whose defaults are the only ones; a misspelt one is an error.
+    own = inspect.signature(cls.__init__).parameters
+    for key in data_args(name):
+        if key in own:
+            assert own[key].default is inspect.Parameter.empty, key
+        else:
+            assert key in ("num_workers", "pin_memory") and "loader" in own, key
+    with pytest.raises(TypeError, match="num_worker"):
+        cls(**data_args(name, num_worker=2, **({"root": "unused"} if "root" in own else {})))
+
+
 def test_hyperparameters_include_subclass_arguments():
-    dm = DigitsDataModule(image_size=12, batch_size=32)
+    dm = DigitsDataModule(**data_args("digits", image_size=12, batch_size=32))
     assert dm.hparams["image_size"] == 12 and dm.hparams["batch_size"] == 32 and dm.hparams["split_seed"] == 0
 
 
@@ -134,7 +158,7 @@ def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
 
 def test_cifar10_reads_written_images_and_labels(tmp_path):
     written = write_cifar(tmp_path)
-    dm = CIFAR10DataModule(root=str(tmp_path), download=False, batch_size=5, num_workers=0, random_flip=False)
+    dm = CIFAR10DataModule(**data_args("cifar10", root=str(tmp_path), download=False, batch_size=5, random_flip=False))
     assert (dm.channels, dm.image_size, dm.num_classes) == (3, 32, 10)
     dm.setup()
     train, val = dm.train_dataset, dm.val_dataset
@@ -156,7 +180,7 @@ def test_cifar10_reads_written_images_and_labels(tmp_path):
 
 def test_cifar10_resize(tmp_path):
     write_cifar(tmp_path)
-    dm = CIFAR10DataModule(root=str(tmp_path), download=False, image_size=16, batch_size=2, num_workers=0)
+    dm = CIFAR10DataModule(**data_args("cifar10", root=str(tmp_path), download=False, image_size=16, batch_size=2))
     dm.setup()
     x, _ = dm.val_dataset[0]
     assert x.shape == (3, 16, 16)
@@ -164,7 +188,7 @@ def test_cifar10_resize(tmp_path):
 
 
 def test_cifar10_missing_without_download(tmp_path):
-    dm = CIFAR10DataModule(root=str(tmp_path / "empty"), download=False, num_workers=0)
+    dm = CIFAR10DataModule(**data_args("cifar10", root=str(tmp_path / "empty"), download=False))
     with pytest.raises(DatasetNotFoundError) as info:
         dm.setup()
     message = str(info.value)
@@ -178,7 +202,7 @@ def test_cifar10_offline_download_gives_clear_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
-    dm = CIFAR10DataModule(root=str(tmp_path / "c10"), download=True, num_workers=0)
+    dm = CIFAR10DataModule(**data_args("cifar10", root=str(tmp_path / "c10"), download=True))
     for step in (dm.prepare_data, dm.setup):
         with pytest.raises(DatasetNotFoundError) as info:
             step()
@@ -201,7 +225,7 @@ def test_cifar10_corrupt_file_is_named(tmp_path, content, reason):
     write_cifar(tmp_path)
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     bad.write_bytes(content)
-    dm = CIFAR10DataModule(root=str(tmp_path), download=False, num_workers=0)
+    dm = CIFAR10DataModule(**data_args("cifar10", root=str(tmp_path), download=False))
     with pytest.raises(DatasetNotFoundError, match=reason) as info:
         dm.setup()
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
@@ -232,7 +256,8 @@ def folder(tmp_path):
 
 
 def test_image_folder_shapes_labels_and_range(folder):
-    dm = ImageFolderDataModule(root=str(folder), image_size=12, batch_size=4, num_workers=0, val_fraction=0.2)
+    dm = ImageFolderDataModule(**data_args("image_folder", root=str(folder), image_size=12, batch_size=4,
+                                           val_fraction=0.2))
     assert (dm.channels, dm.image_size, dm.num_classes) == (3, 12, 2) and dm.classes == ["cats", "dogs"]
     dm.setup()
     assert len(dm.train_dataset) == 8 and len(dm.val_dataset) == 2
@@ -247,12 +272,13 @@ def test_image_folder_shapes_labels_and_range(folder):
 
 
 def test_image_folder_split_is_seeded(folder):
-    a = ImageFolderDataModule(root=str(folder), num_workers=0, val_fraction=0.2)
-    b = ImageFolderDataModule(root=str(folder), num_workers=0, val_fraction=0.2)
+    a = ImageFolderDataModule(**data_args("image_folder", root=str(folder), val_fraction=0.2))
+    b = ImageFolderDataModule(**data_args("image_folder", root=str(folder), val_fraction=0.2))
     a.setup()
     b.setup()
     assert a.val_paths == b.val_paths and not set(a.val_paths) & set(a.train_paths)
-    tiny = ImageFolderDataModule(root=str(folder), num_workers=0)  # 1% of 10 rounds to 0, still one val image
+    # val_fraction 0.01 (the config's): 1% of 10 rounds to 0, still one val image
+    tiny = ImageFolderDataModule(**data_args("image_folder", root=str(folder)))
     tiny.setup()
     assert len(tiny.val_dataset) == 1
 
@@ -267,7 +293,8 @@ def test_image_folder_center_crop(tmp_path):
     tall = np.zeros((128, 64, 3), np.uint8)  # 64x128 -> resized to 32x64, center 32x32 is the white middle
     tall[32:96] = 255
     Image.fromarray(tall).save(tmp_path / "tall.png")
-    dm = ImageFolderDataModule(root=str(tmp_path), image_size=32, num_workers=0, val_fraction=0.0, random_flip=False)
+    dm = ImageFolderDataModule(**data_args("image_folder", root=str(tmp_path), image_size=32, val_fraction=0.0,
+                                           random_flip=False))
     assert dm.num_classes == 1
     dm.setup()
     images = {p.name: dm.train_dataset[i] for i, p in enumerate(dm.train_dataset.paths)}
@@ -279,7 +306,7 @@ def test_image_folder_center_crop(tmp_path):
 
 
 def test_image_folder_grayscale(folder):
-    dm = ImageFolderDataModule(root=str(folder), image_size=8, channels=1, batch_size=2, num_workers=0)
+    dm = ImageFolderDataModule(**data_args("image_folder", root=str(folder), image_size=8, channels=1, batch_size=2))
     assert dm.channels == 1
     dm.setup()
     x, _ = next(iter(dm.train_dataloader()))
@@ -291,21 +318,21 @@ def test_image_folder_missing_or_empty(tmp_path):
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images here")
     for root in (tmp_path / "empty", tmp_path / "absent"):
         with pytest.raises(DatasetNotFoundError) as info:
-            ImageFolderDataModule(root=str(root), num_workers=0).setup()
+            ImageFolderDataModule(**data_args("image_folder", root=str(root))).setup()
         assert str(root) in str(info.value) and ".png" in str(info.value) and ".jpg" in str(info.value)
 
 
 def test_image_folder_bad_file_skip_or_error(folder, caplog):
     bad = folder / "cats" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
-    dm = ImageFolderDataModule(root=str(folder), num_workers=0, val_fraction=0.2)
+    dm = ImageFolderDataModule(**data_args("image_folder", root=str(folder), val_fraction=0.2))
     with caplog.at_level(logging.WARNING, logger="src.data.image_folder"):
         dm.setup()
     assert len(dm.train_dataset) + len(dm.val_dataset) == 10
     assert bad not in dm.train_dataset.paths + dm.val_dataset.paths
     assert "1 unreadable" in caplog.text and str(bad) in caplog.text
     with pytest.raises(DatasetNotFoundError, match="on_bad_image=skip") as info:
-        ImageFolderDataModule(root=str(folder), num_workers=0, on_bad_image="error").setup()
+        ImageFolderDataModule(**data_args("image_folder", root=str(folder), on_bad_image="error")).setup()
     assert str(bad) in str(info.value)
 
 

@@ -23,6 +23,8 @@ T = 50
 STEPS = 3
 LR = 1e-3
 
+pytestmark = pytest.mark.slow  # every test trains through the Trainer
+
 
 class TinyData(ImageDataModule):
     """8 random 1x8x8 images whose label is their index (the key of their t and noise)."""
@@ -77,7 +79,6 @@ def fit(out_dir: Path, devices: int) -> None:
     trainer.fit(module, datamodule=TinyData(batch_size=GLOBAL_BATCH))
 
 
-@pytest.mark.slow
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     fit(tmp_path, devices=2)
     fit(tmp_path, devices=1)
@@ -144,7 +145,6 @@ def fit_for_resume(out_dir: Path, max_steps: int, ckpt_path: Path | None = None)
     trainer.fit(module, datamodule=RandomImages(batch_size=RESUME_BATCH), ckpt_path=ckpt_path, weights_only=False)
 
 
-@pytest.mark.slow
 def test_ddp_resume_continues_every_ranks_random_stream(tmp_path):
     # Stopped inside the first epoch (step 2 of 3) and resumed on the same 2 ranks, the run must go on with
     # the DistributedSampler's order where it stopped and draw on rank 1 what the uninterrupted run drew

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.diffusion import GaussianDiffusion, space_timesteps
+from src.diffusion import GaussianDiffusion, SamplerOptions, space_timesteps
 from src.diffusion.editing import ddim_invert, ddim_sample, interpolate, interpolate_ddim, lerp, slerp
 
 T = 1000
@@ -108,7 +108,7 @@ def test_slerp_endpoints_and_parallel_fallback():
 # --- interpolation (DDPM Sec. 4.4) -----------------------------------------------------------------
 def test_interpolation_endpoints_reconstruct_the_inputs_at_small_t():
     x_a, x_b = data(4, 0), data(4, 1)
-    out = interpolate(make(), oracle, x_a, x_b, [0.0, 0.5, 1.0], t=5, generator=torch.Generator().manual_seed(0))
+    out = interpolate(make(), oracle, x_a, x_b, [0.0, 0.5, 1.0], 5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 1, 8, 8)
     rms = lambda u, v: (u - v).pow(2).mean().sqrt().item()  # noqa: E731
     # Decoding draws x_0' from (nearly) p(x_0 | x_t), independent of x_0 given x_t, so the expected
@@ -127,7 +127,7 @@ def test_interpolation_endpoints_reconstruct_the_inputs_at_small_t():
 
 def test_interpolation_shares_encoding_and_reverse_noise_across_lambdas():
     x = data(2, 3)
-    out = interpolate(make(), oracle, x, x, torch.linspace(0, 1, 5), t=400, steps=20,
+    out = interpolate(make(), oracle, x, x, torch.linspace(0, 1, 5), 400, SamplerOptions(steps=20),
                       generator=torch.Generator().manual_seed(0))
     for j in range(1, 5):  # equal inputs: every lambda is the same decode
         torch.testing.assert_close(out[:, j], out[:, 0])
@@ -139,7 +139,7 @@ def test_interpolation_with_ddim_decoding_is_the_closed_form():
     x_a, x_b = data(2, 4), data(2, 5)
     t, lam = 300, torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     noise = torch.randn(x_a.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    out = interpolate(make(), oracle, x_a, x_b, lam, t=t, sampler="ddim", steps=25, noise=noise)
+    out = interpolate(make(), oracle, x_a, x_b, lam, t, SamplerOptions("ddim", steps=25), noise=noise)
     a = ABAR[t]
     x_t = lambda x: math.sqrt(a) * x + math.sqrt(1 - a) * noise  # noqa: E731
     slope, shift = decoder_map(space_timesteps(t + 1, 25))
@@ -151,22 +151,22 @@ def test_interpolation_with_ddim_decoding_is_the_closed_form():
 def test_interpolation_rejects_bad_arguments():
     x = data(1, 0)
     with pytest.raises(ValueError, match="same shape"):
-        interpolate(make(), oracle, x, data(2, 0), [0.5], t=10)
+        interpolate(make(), oracle, x, data(2, 0), [0.5], 10)
     with pytest.raises(ValueError, match="unknown interpolation method"):
-        interpolate(make(), oracle, x, x, [0.5], t=10, method="cubic")
+        interpolate(make(), oracle, x, x, [0.5], 10, method="cubic")
     with pytest.raises(ValueError, match="lambdas must not be empty"):
-        interpolate(make(), oracle, x, x, [], t=10)
+        interpolate(make(), oracle, x, x, [], 10)
 
 
 # --- DDIM inversion ------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [20, 50])
 def test_ddim_invert_is_the_closed_form_encoder(steps):
     x0 = data(4, 7)
-    latent = ddim_invert(make(), oracle, x0, steps=steps)
+    latent = ddim_invert(make(), oracle, x0, SamplerOptions(steps=steps))
     slope, shift = encoder_map(space_timesteps(T, steps))
     np.testing.assert_allclose(latent.numpy(), (slope * x0 + shift).numpy(), atol=1e-9)
     rec_slope, rec_shift = decoder_map(space_timesteps(T, steps))
-    recon = ddim_sample(make(), oracle, latent, steps=steps)
+    recon = ddim_sample(make(), oracle, latent, SamplerOptions(steps=steps))
     np.testing.assert_allclose(recon.numpy(), (rec_slope * latent + rec_shift).numpy(), atol=1e-9)
 
 
@@ -179,8 +179,8 @@ def test_ddim_inversion_reconstruction_error_shrinks_with_steps():
     exact_latent = math.sqrt(a_T) * M + math.sqrt(a_T * S ** 2 + 1 - a_T) * (x0 - M) / S
     errors = {}
     for steps, rec_tol, latent_tol in [(1000, 0.02, 0.04), (200, 0.08, 0.2)]:
-        latent = ddim_invert(make(), oracle, x0, steps=steps)
-        recon = ddim_sample(make(), oracle, latent, steps=steps)
+        latent = ddim_invert(make(), oracle, x0, SamplerOptions(steps=steps))
+        recon = ddim_sample(make(), oracle, latent, SamplerOptions(steps=steps))
         errors[steps] = (recon - x0).abs().max().item()
         print(f"DDIM {steps} steps: max |x0 - recon| {errors[steps]:.4f}, "
               f"max |latent - exact| {(latent - exact_latent).abs().max().item():.4f}")
@@ -191,8 +191,9 @@ def test_ddim_inversion_reconstruction_error_shrinks_with_steps():
 
 def test_interpolate_ddim_endpoints_reconstruct():
     x_a, x_b = data(2, 9), data(2, 10)
-    out = interpolate_ddim(make(), oracle, x_a, x_b, [0.0, 0.5, 1.0], steps=100)
-    recon = ddim_sample(make(), oracle, ddim_invert(make(), oracle, torch.cat([x_a, x_b]), steps=100), steps=100)
+    out = interpolate_ddim(make(), oracle, x_a, x_b, [0.0, 0.5, 1.0], SamplerOptions(steps=100))
+    options = SamplerOptions(steps=100)
+    recon = ddim_sample(make(), oracle, ddim_invert(make(), oracle, torch.cat([x_a, x_b]), options), options)
     np.testing.assert_allclose(out[:, 0].numpy(), recon[:2].numpy(), atol=1e-9)
     np.testing.assert_allclose(out[:, 2].numpy(), recon[2:].numpy(), atol=1e-9)
     assert (out[:, 0] - x_a).abs().max() < 0.1 and (out[:, 2] - x_b).abs().max() < 0.1

@@ -9,10 +9,6 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from src.errors import CheckpointError, ConfigError
 from src.evaluation import load_module, run
@@ -20,44 +16,32 @@ from src.training import train
 from test_fid import write_random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = str(REPO / "conf")
 TINY_TRAIN = ["trainer.accelerator=cpu", "schedule.num_timesteps=50", "model.base_channels=32",
               "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=1", "data.batch_size=16",
               "trainer.max_steps=2", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
               "sampler.steps=null"]
 
-
-def compose_config(name: str, overrides: list[str], out_dir: Path, data_dir: Path):
-    """A config as its entry point would see it (Hydra's run-time values set), writing to out_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-        cfg.paths.data_dir = str(data_dir)
-        del cfg.hydra
-    GlobalHydra.instance().clear()
-    return cfg
+# Every test here reads the checkpoint of a training run (`trained`), most run evaluate.py's command on it.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, compose_config):
     """A 2-step digits run (T=50, tiny U-Net): (checkpoint path, the trained module)."""
     root = tmp_path_factory.mktemp("trained")
-    cfg = compose_config("train", TINY_TRAIN, root / "run", root / "data")
+    cfg = compose_config("train", *TINY_TRAIN, output_dir=root / "run", data_dir=root / "data")
     _, objects = train(cfg)
     return root / "run" / "checkpoints" / "last.ckpt", objects["module"]
 
 
 @pytest.fixture
-def evaluate(tmp_path, trained):
+def evaluate(tmp_path, trained, compose_evaluate):
     """evaluate(*overrides) -> (metrics dict, output folder) for the tiny checkpoint."""
 
     def _evaluate(*overrides: str):
         out = tmp_path / "eval"
-        cfg = compose_config("evaluate", [f"ckpt_path={trained[0]}", "num_samples=4", "batch_size=4", "isc_splits=2",
-                                          *overrides], out, tmp_path / "data")
+        cfg = compose_evaluate(f"ckpt_path={trained[0]}", "num_samples=4", "batch_size=4", "isc_splits=2",
+                               *overrides, output_dir=out)
         return run(cfg), out
 
     return _evaluate
@@ -91,8 +75,8 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, trained):
     text.write_text("not a checkpoint")
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}}, foreign)
-    cases = {tmp_path / "missing.ckpt": "checkpoint not found", truncated: "could not read checkpoint",
-             text: "could not read checkpoint", foreign: "no run config"}
+    cases = {tmp_path / "missing.ckpt": "checkpoint not found", truncated: "cannot read checkpoint",
+             text: "cannot read checkpoint", foreign: "no run config"}
     for path, expected in cases.items():
         with pytest.raises(CheckpointError) as err:
             load_module(path)
@@ -103,7 +87,7 @@ def test_without_inception_weights_samples_are_written_and_fid_is_null(evaluate,
     metrics, out = evaluate("sampler=ddim", "steps=5")
     assert metrics["fid"] is None and metrics["is"] is None
     assert "Inception weights" in metrics["fid_unavailable"] and "network is unreachable" in metrics["fid_unavailable"]
-    assert metrics["samples"]["sampler"] == {"sampler": "ddim", "steps": 5, "eta": 0.0, "clip_denoised": True}
+    assert metrics["samples"]["sampler"] == {"sampler": "ddim", "steps": 5, "spacing": None, "eta": 0.0, "clip_denoised": True}
     with np.load(out / "samples_4x16x16x1.npz") as data:
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (4, 16, 16, 1)
     assert (out / "samples_grid.png").stat().st_size > 0
@@ -148,7 +132,6 @@ def test_bad_settings_are_config_errors(evaluate, override, message):
         evaluate(override)
 
 
-@pytest.mark.slow
 def test_cli_reports_bad_inputs_in_one_line(tmp_path, trained):
     for args, expected in [([f"ckpt_path={tmp_path}/missing.ckpt"], "checkpoint not found"),
                            ([f"ckpt_path={trained[0]}", "num_samples=0"], "num_samples must be a positive integer")]:

@@ -61,11 +61,7 @@ def test_recipe_values_match_the_paper(compose_train, experiment, expected):
 
 
 def test_ablation_sweeps_the_six_table2_objectives(compose_train):
-    from hydra import compose, initialize_config_dir
-
-    from conftest import CONF_DIR
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["experiment=cifar10_ddpm_ablation"], return_hydra_config=True)
+    cfg = compose_train("experiment=cifar10_ddpm_ablation", fast=False, return_hydra_config=True)
     objectives = cfg.hydra.sweeper.params.objective.split(",")
     rows = set()
     for name in objectives:

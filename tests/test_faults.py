@@ -11,7 +11,8 @@ import torch
 from src.errors import NonFiniteLossError
 from src.lit import AtomicCheckpointIO
 from src.models import UNet
-from src.training import read_checkpoint_header, train
+from src.checkpoints import read_checkpoint
+from src.training import train
 
 QUIET = ["callbacks.sample_grid=null", "+trainer.limit_val_batches=0", "+trainer.num_sanity_val_steps=0"]
 
@@ -47,6 +48,7 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the partial temp file is gone
 
 
+@pytest.mark.slow
 def test_checkpoint_write_failing_during_training_keeps_last_ckpt_loadable(compose_train, monkeypatch):
     cfg = compose_train(*QUIET, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2")
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -57,10 +59,11 @@ def test_checkpoint_write_failing_during_training_keeps_last_ckpt_loadable(compo
     monkeypatch.undo()
     assert str(last) + ".tmp" in calls  # written through AtomicCheckpointIO: temp file next to the target
     assert not Path(str(last) + ".tmp").exists()
-    assert read_checkpoint_header(last)["global_step"] == 2
+    assert read_checkpoint(last)["global_step"] == 2
     assert torch.load(last, weights_only=False)["global_step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_step", [3, 1])
 def test_nan_loss_stops_before_the_update_and_names_the_last_good_checkpoint(compose_train, monkeypatch, bad_step):
     cfg = compose_train(*QUIET, "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2")
@@ -94,6 +97,7 @@ def test_nan_loss_stops_before_the_update_and_names_the_last_good_checkpoint(com
         assert torch.equal(value, ckpt["state_dict"][f"net.{name}"]), name
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_with_learned_variance_gives_finite_losses(compose_train):
     # bf16 autocast is very slow on CPUs without bf16 units: 2 steps of a tiny net.
     cfg = compose_train(*QUIET, "trainer.precision=bf16-mixed", "objective=hybrid", "trainer.max_steps=2",

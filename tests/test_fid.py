@@ -223,6 +223,7 @@ def fid_overrides(weights: Path, tmp_path: Path, *extra: str) -> list[str]:
             "callbacks.fid.num_reference_images=6", f"callbacks.fid.cache_dir={tmp_path}/fid_stats", *extra]
 
 
+@pytest.mark.slow
 def test_fid_callback_refuses_to_start_without_weights(compose_train, tmp_path):
     missing = tmp_path / "no-such-weights.pth"
     cfg = compose_train("callbacks=fid", f"callbacks.fid.feature_extractor_weights_path={missing}",
@@ -232,6 +233,7 @@ def test_fid_callback_refuses_to_start_without_weights(compose_train, tmp_path):
     assert "\n" not in str(err.value) and str(missing) in str(err.value)
 
 
+@pytest.mark.slow
 def test_fid_callback_logs_fid_and_is_once_per_step(compose_train, tmp_path, weights):
     cfg = compose_train(*fid_overrides(weights, tmp_path, "callbacks.sample_grid=null", "trainer.max_steps=2",
                                        "callbacks.fid.every_n_steps=2",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.diffusion import GaussianDiffusion, make_beta_schedule, respaced, sample
+from src.diffusion import Guidance, GaussianDiffusion, SamplerOptions, make_beta_schedule, respaced, sample
 from src.diffusion.guidance import ClassifierFreeGuidance, classifier_guidance, drop_labels, guide
 from src.diffusion.sampling import denoise_from, sample_trajectory
 
@@ -67,9 +67,11 @@ def true_logits(abar: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.T
     return -(diff ** 2).flatten(2).sum(-1) / (2.0 * v.view(-1, 1))
 
 
-def draw(diffusion, model, y, seed=0, shape=None, **kwargs) -> torch.Tensor:
-    return sample(diffusion, model, shape or (len(y), *SHAPE), y=y, generator=torch.Generator().manual_seed(seed),
-                  clip_denoised=False, **kwargs).double()
+def draw(diffusion, model, y, seed=0, shape=None, guidance_scale=0.0, classifier=None, classifier_scale=1.0,
+         **options) -> torch.Tensor:
+    guidance = Guidance(y=y, scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale)
+    return sample(diffusion, model, shape or (len(y), *SHAPE), SamplerOptions(clip_denoised=False, **options), guidance,
+                  generator=torch.Generator().manual_seed(seed)).double()
 
 
 def labels() -> torch.Tensor:
@@ -201,12 +203,14 @@ def test_trajectory_and_denoise_from_take_labels(diffusion):
     oracle = MixtureOracle(diffusion.alphas_cumprod)
     y = torch.tensor([0, 1, 1, 0])
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    plain = sample(diffusion, oracle, (4, *SHAPE), steps=20, y=y, guidance_scale=1.0, generator=gen())
-    traj = sample_trajectory(diffusion, oracle, (4, *SHAPE), steps=20, y=y, guidance_scale=1.0, generator=gen())
+    options, guidance = SamplerOptions(steps=20), Guidance(y=y, scale=1.0)
+    plain = sample(diffusion, oracle, (4, *SHAPE), options, guidance, generator=gen())
+    traj = sample_trajectory(diffusion, oracle, (4, *SHAPE), options, guidance, generator=gen())
     assert torch.equal(traj.sample, plain)
     noise = torch.randn(4, *SHAPE, generator=gen())
-    decoded = denoise_from(diffusion, oracle, noise, T - 1, sampler="ddim", steps=20, y=y)
-    assert torch.equal(decoded, sample(diffusion, oracle, (4, *SHAPE), sampler="ddim", steps=20, y=y, noise=noise))
+    decoded = denoise_from(diffusion, oracle, noise, T - 1, SamplerOptions("ddim", steps=20), Guidance(y=y))
+    assert torch.equal(decoded, sample(diffusion, oracle, (4, *SHAPE), SamplerOptions("ddim", steps=20), Guidance(y=y),
+                                       noise=noise))
 
 
 def test_label_dropout_rate_is_binomial():

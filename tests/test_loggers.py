@@ -17,6 +17,8 @@ from test_fid import fid_overrides, write_random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # every test trains through the Trainer
+
 
 def read_wandb_records(path: Path) -> list:
     """The protobuf records of an offline run's .wandb file (a LevelDB-style log: 32 KiB blocks of
@@ -149,7 +151,6 @@ def test_csv_records_throughput_and_git_commit(compose_train):
     assert f"git_commit: {git_info()['git_commit']}" in hparams and "run_config:" in hparams
 
 
-@pytest.mark.slow
 def test_train_py_with_wandb_needs_no_account_and_never_waits_for_input(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "no-netrc"))

@@ -115,14 +115,8 @@ def stratified_data() -> torch.Tensor:
     return torch.from_numpy(GRID[k].reshape(-1, 1, 16, 16))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The loops below run ~10^4 small elementwise ops; on a shared 2-core machine intra-op threads
-    only add synchronisation stalls (milliseconds per op when the other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The loops below run ~10^4 small elementwise ops: one intra-op thread (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --- the oracle itself -------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def assert_same_run(uninterrupted: Path, resumed: Path) -> None:
     assert_identical(a["rng_states"]["torch"], b["rng_states"]["torch"], "rng_states.torch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs,val_check_interval", [(EPOCHS_OF_4, 3), (EPOCHS_OF_4, 4), (None, 3)],
                          ids=["validation-off-the-checkpoint-step", "validation-at-the-checkpoint-step",
                               "stop-inside-an-epoch"])
@@ -93,6 +94,7 @@ def test_stop_and_resume_matches_uninterrupted_run(compose_train, tmp_path, epoc
     assert_same_run(Path(uninterrupted.paths.output_dir), tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_sigterm_and_resume_matches_uninterrupted_run_with_importance_sampling(compose_train, tmp_path, monkeypatch):
     # L_vlb with importance-sampled t: with one stored loss per t and 4 x 32 draws over T=25 the sampler
     # is warmed up when the run is stopped, so the resumed steps draw t from the restored history.
@@ -126,6 +128,7 @@ def test_sigterm_and_resume_matches_uninterrupted_run_with_importance_sampling(c
     assert_same_run(Path(uninterrupted.paths.output_dir), tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(compose_train):
     cfg = compose_train("trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=2",
                         "callbacks.sample_grid=null", "+trainer.limit_val_batches=0")
@@ -134,6 +137,7 @@ def test_last_checkpoint_holds_the_final_step_between_periodic_saves(compose_tra
     assert torch.load(last, weights_only=False)["global_step"] == 3  # not 2, the last periodic save
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_without_checkpoint_is_an_error(compose_train):
     cfg = compose_train("ckpt_path=last")
     with pytest.raises(CheckpointError) as err:

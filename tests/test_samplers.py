@@ -16,29 +16,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
 
-from src.diffusion import GaussianDiffusion, SpacedDiffusion, sample
+from src.diffusion import GaussianDiffusion, SamplerOptions, SpacedDiffusion, sample
 from src.diffusion.sampling import Trajectory, denoise_from, image_grid, sample_trajectory, trajectory_grid
+from src.errors import ConfigError
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)  # DDPM's linear schedule
 ABAR = np.cumprod(1.0 - BETAS)
 M, S = 0.1, 0.2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The sampling loops run thousands of small elementwise ops; on a shared 2-core machine intra-op
-    threads only add synchronisation stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The sampling loops run thousands of small elementwise ops: one intra-op thread (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make(var_type: str = "fixed_large", betas: np.ndarray = BETAS) -> GaussianDiffusion:
@@ -130,8 +121,8 @@ SHAPE = (256, 1, 16, 16)  # 65536 pixels: standard error of the std ~ s / sqrt(2
 MC_TOL = 0.003  # 5 standard errors
 
 
-def run_oracle(diffusion, oracle, seed=0, **kwargs) -> tuple[float, float]:
-    x = sample(diffusion, oracle, SHAPE, generator=torch.Generator().manual_seed(seed), **kwargs).double()
+def run_oracle(diffusion, oracle, seed=0, **options) -> tuple[float, float]:
+    x = sample(diffusion, oracle, SHAPE, SamplerOptions(**options), generator=torch.Generator().manual_seed(seed)).double()
     return x.mean().item(), x.std().item()
 
 
@@ -198,7 +189,7 @@ def test_oracle_ddim_is_the_closed_form_affine_map():
     x_t = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     for n in (20, 50):
         slope, shift = ddim_affine_map(even(n))
-        out = sample(make(), Oracle(), x_t.shape, sampler="ddim", steps=n, noise=x_t)
+        out = sample(make(), Oracle(), x_t.shape, SamplerOptions("ddim", steps=n), noise=x_t)
         np.testing.assert_allclose(out.numpy(), slope * x_t.numpy() + shift, atol=2e-5)
 
 
@@ -207,20 +198,18 @@ def test_ddim_eta0_is_deterministic_given_x_t():
     x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     net = lambda x, t: torch.tanh(x) + 1e-3 * t.view(-1, 1, 1, 1)  # noqa: E731
     diffusion = make()
-    a = sample(diffusion, net, x_t.shape, sampler="ddim", steps=20, noise=x_t,
-               generator=torch.Generator().manual_seed(1))
-    b = sample(diffusion, net, x_t.shape, sampler="ddim", steps=20, noise=x_t,
-               generator=torch.Generator().manual_seed(2))
+    ddim = SamplerOptions("ddim", steps=20)
+    a = sample(diffusion, net, x_t.shape, ddim, noise=x_t, generator=torch.Generator().manual_seed(1))
+    b = sample(diffusion, net, x_t.shape, ddim, noise=x_t, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
-    c = sample(diffusion, net, x_t.shape, sampler="ddim", steps=20, eta=1.0, noise=x_t,
-               generator=torch.Generator().manual_seed(1))
+    c = sample(diffusion, net, x_t.shape, ddim.replace(eta=1.0), noise=x_t, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(a, c)
 
 
 def test_ddpm_same_seed_same_images():
     net = lambda x, t: torch.tanh(x)  # noqa: E731
     diffusion = make()
-    draw = lambda seed: sample(diffusion, net, (3, 1, 8, 8), sampler="ddpm", steps=25,  # noqa: E731
+    draw = lambda seed: sample(diffusion, net, (3, 1, 8, 8), SamplerOptions("ddpm", steps=25),  # noqa: E731
                                generator=torch.Generator().manual_seed(seed))
     assert torch.equal(draw(0), draw(0))
     assert not torch.allclose(draw(0), draw(1))
@@ -229,7 +218,7 @@ def test_ddpm_same_seed_same_images():
 @pytest.mark.parametrize("steps", [None, 5])
 def test_sampling_on_another_device_leaves_the_callers_diffusion_in_place(steps):
     diffusion = make(betas=np.linspace(1e-3, 0.2, 10))
-    out = sample(diffusion, lambda x, t: torch.zeros_like(x), (1, 1, 4, 4), steps=steps, device="meta")
+    out = sample(diffusion, lambda x, t: torch.zeros_like(x), (1, 1, 4, 4), SamplerOptions(steps=steps), device="meta")
     assert out.device.type == "meta" and out.shape == (1, 1, 4, 4)
     assert diffusion.betas.device.type == "cpu"
 
@@ -332,7 +321,7 @@ def test_strided_ddpm_loop_matches_diffusers(var_type):
         x = scheduler.step(net(x, t.view(1).expand(x.shape[0])), t, x, generator=g).prev_sample
     seen = []
     ours = sample(make(var_type), lambda xt, t: (seen.append(int(t[0])), net(xt, t))[1], x_t.shape,
-                  sampler="ddpm", spacing=timesteps, noise=x_t, generator=torch.Generator().manual_seed(1))
+                  SamplerOptions("ddpm", spacing=timesteps), noise=x_t, generator=torch.Generator().manual_seed(1))
     assert seen == timesteps  # the network gets the original timesteps
     np.testing.assert_allclose(ours.numpy(), x.clamp(-1, 1).numpy(), rtol=1e-10, atol=1e-12)
 
@@ -357,7 +346,7 @@ def test_ddim_loop_matches_diffusers(eta, steps_offset):
         z = torch.randn(x.shape, generator=g, dtype=x.dtype) if eta > 0 else None
         x = scheduler.step(net(x, t.view(1).expand(x.shape[0])), t, x, eta=eta, use_clipped_model_output=True,
                            variance_noise=z).prev_sample
-    ours = sample(make(), net, x_t.shape, sampler="ddim", eta=eta, spacing=timesteps, noise=x_t,
+    ours = sample(make(), net, x_t.shape, SamplerOptions("ddim", eta=eta, spacing=timesteps), noise=x_t,
                   generator=torch.Generator().manual_seed(1))
     np.testing.assert_allclose(ours.numpy(), x.clamp(-1, 1).numpy(), rtol=1e-10, atol=1e-12)
 
@@ -381,10 +370,10 @@ def test_ddim_step_matches_diffusers_with_clipping():
 # --- trajectories --------------------------------------------------------------------------------
 def test_trajectory_records_and_matches_sample():
     diffusion, net = make(), smooth_net(1)
-    kwargs = dict(sampler="ddpm", steps=30, generator=None)
-    plain = sample(diffusion, net, (3, 1, 8, 8), **{**kwargs, "generator": torch.Generator().manual_seed(0)})
-    traj = sample_trajectory(diffusion, net, (3, 1, 8, 8), record_every=10,
-                             **{**kwargs, "generator": torch.Generator().manual_seed(0)})
+    options = SamplerOptions("ddpm", steps=30)
+    plain = sample(diffusion, net, (3, 1, 8, 8), options, generator=torch.Generator().manual_seed(0))
+    traj = sample_trajectory(diffusion, net, (3, 1, 8, 8), options, record_every=10,
+                             generator=torch.Generator().manual_seed(0))
     assert isinstance(traj, Trajectory)
     assert torch.equal(traj.sample, plain)  # recording changes nothing
     assert traj.xt.shape == traj.pred_x0.shape == (3, 4, 1, 8, 8)  # steps 1, 11, 21 and 30 of 30
@@ -392,19 +381,19 @@ def test_trajectory_records_and_matches_sample():
     kept = [round(j * 999 / 29) for j in range(30)]
     assert traj.timesteps == [kept[29], kept[19], kept[9], kept[0]]  # the n-th step runs at kept[30 - n]
 
-    default = sample_trajectory(diffusion, net, (2, 1, 8, 8), sampler="ddim", steps=25)
+    default = sample_trajectory(diffusion, net, (2, 1, 8, 8), SamplerOptions("ddim", steps=25))
     assert default.xt.shape[1] == 10 and default.timesteps[0] == 999 and default.timesteps[-1] == 0
-    chosen = sample_trajectory(diffusion, net, (2, 1, 8, 8), sampler="ddim", steps=25,
+    chosen = sample_trajectory(diffusion, net, (2, 1, 8, 8), SamplerOptions("ddim", steps=25),
                                record_timesteps=[kept_t := round(24 * 999 / 24), 0])
     assert chosen.timesteps == [kept_t, 0]
     with pytest.raises(ValueError, match="not among the sampled timesteps"):
-        sample_trajectory(diffusion, net, (2, 1, 8, 8), steps=25, record_timesteps=[501])
+        sample_trajectory(diffusion, net, (2, 1, 8, 8), SamplerOptions(steps=25), record_timesteps=[501])
     with pytest.raises(ValueError, match="not both"):
-        sample_trajectory(diffusion, net, (2, 1, 8, 8), steps=25, record_every=2, record_timesteps=[0])
+        sample_trajectory(diffusion, net, (2, 1, 8, 8), SamplerOptions(steps=25), record_every=2, record_timesteps=[0])
 
 
 def test_trajectory_grid_rows_are_samples_columns_are_steps():
-    traj = sample_trajectory(make(), smooth_net(1), (3, 1, 8, 8), steps=10, record_every=3)
+    traj = sample_trajectory(make(), smooth_net(1), (3, 1, 8, 8), SamplerOptions(steps=10), record_every=3)
     assert traj.xt.shape[1] == 4  # steps 1, 4, 7, 10
     grid = trajectory_grid(traj, "pred_x0", padding=2)
     assert grid.shape == (3, 3 * (8 + 2) + 2, 4 * (8 + 2) + 2)  # make_grid repeats 1 channel to RGB
@@ -420,20 +409,21 @@ def test_trajectory_grid_rows_are_samples_columns_are_steps():
 def test_denoise_from_t_visits_steps_up_to_t():
     oracle = Oracle()
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    denoise_from(make(), oracle, x, 300, sampler="ddim", steps=7)
+    denoise_from(make(), oracle, x, 300, SamplerOptions("ddim", steps=7))
     assert oracle.calls == [300, 250, 200, 150, 100, 50, 0]
     oracle.calls.clear()
     denoise_from(make(), oracle, x, 4)
     assert oracle.calls == [4, 3, 2, 1, 0]
     # from T - 1 with a seed it is `sample` from that x_T
-    a = denoise_from(make(), smooth_net(1), x, T - 1, steps=10, generator=torch.Generator().manual_seed(5))
-    b = sample(make(), smooth_net(1), x.shape, steps=10, noise=x, generator=torch.Generator().manual_seed(5))
+    a = denoise_from(make(), smooth_net(1), x, T - 1, SamplerOptions(steps=10),
+                     generator=torch.Generator().manual_seed(5))
+    b = sample(make(), smooth_net(1), x.shape, SamplerOptions(steps=10), noise=x, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     oracle.calls.clear()
-    denoise_from(make(), oracle, x, T - 1, sampler="ddim", spacing="ddim10")  # from noise DDIM starts at 900
+    denoise_from(make(), oracle, x, T - 1, SamplerOptions("ddim", spacing="ddim10"))  # from noise DDIM starts at 900
     assert oracle.calls == list(range(900, -1, -100))
     with pytest.raises(ValueError, match="ends at"):
-        denoise_from(make(), oracle, x, 300, spacing="ddim7")
+        denoise_from(make(), oracle, x, 300, SamplerOptions(spacing="ddim7"))
     with pytest.raises(ValueError, match="t must be in"):
         denoise_from(make(), oracle, x, T)
 
@@ -444,7 +434,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_checkpoint(compose_train, path: Path) -> Path:
     """A tiny untrained run (T=50) saved as train.py's checkpoints are: state_dict + run_config."""
-    from src.training import build_module
+    from src.builders import build_module
 
     cfg = compose_train()
     module = build_module(cfg, channels=1, image_size=16)
@@ -458,20 +448,8 @@ def read_png(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def compose_sample(output_dir: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="sample", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.progress = False
-        del cfg.hydra
-    GlobalHydra.instance().clear()
-    return cfg
-
-
-def test_sample_command_writes_each_mode(compose_train, tmp_path):
+@pytest.mark.slow
+def test_sample_command_writes_each_mode(compose_train, compose_sample, tmp_path):
     import sample as sample_command
 
     ckpt = write_checkpoint(compose_train, tmp_path / "last.ckpt")
@@ -489,7 +467,7 @@ def test_sample_command_writes_each_mode(compose_train, tmp_path):
                    {"invert": (3, 2 + 2 * 18, 2 + 3 * 18)}),
     }
     for name, (overrides, expected) in cases.items():
-        written = sample_command.run(compose_sample(tmp_path / name, *common, *overrides))
+        written = sample_command.run(compose_sample(*common, *overrides, output_dir=tmp_path / name))
         assert set(written) == set(expected), name
         for key, shape in expected.items():
             assert written[key].parent == tmp_path / name and written[key].suffix == ".png"
@@ -497,36 +475,36 @@ def test_sample_command_writes_each_mode(compose_train, tmp_path):
             assert (3, *image.shape[:2]) == shape, (name, key)
 
     # the same seed gives the same grid
-    again = sample_command.run(compose_sample(tmp_path / "again", *common, *cases["grid"][0]))
+    again = sample_command.run(compose_sample(*common, *cases["grid"][0], output_dir=tmp_path / "again"))
     assert np.array_equal(read_png(again["samples"]), read_png(tmp_path / "grid" / "samples.png"))
     for overrides, message in [(["mode=video"], "unknown mode"),
                                (["mode=interpolate", "interpolate.t=20", "steps=50"], r"must be in \[1, 21\]"),
                                (["spacing=ddim11"], "exactly 11 equally strided steps"),
                                (["mode=interpolate", "interpolate.method=cubic"], "unknown interpolate.method")]:
-        with pytest.raises(sample_command.SampleConfigError, match=message):
-            sample_command.run(compose_sample(tmp_path / "bad", *common, *overrides))
+        with pytest.raises(ConfigError, match=message):
+            sample_command.run(compose_sample(*common, *overrides, output_dir=tmp_path / "bad"))
 
 
 @pytest.mark.slow
-def test_sample_command_compiled_network_draws_the_eager_grid(compose_train, tmp_path):
+def test_sample_command_compiled_network_draws_the_eager_grid(compose_train, compose_sample, tmp_path):
     import sample as sample_command
     from torch._dynamo.utils import counters
 
-    from src.errors import ConfigError
 
     ckpt = write_checkpoint(compose_train, tmp_path / "last.ckpt")
     common = [f"ckpt_path={ckpt}", "device=cpu", "seed=1", "mode=grid", "num_samples=4", "sampler=ddim", "steps=3"]
-    eager = sample_command.run(compose_sample(tmp_path / "eager", *common))["samples"]
+    eager = sample_command.run(compose_sample(*common, output_dir=tmp_path / "eager"))["samples"]
     counters.clear()
-    compiled = sample_command.run(compose_sample(tmp_path / "compiled", *common, "compile=true"))["samples"]
+    compiled = sample_command.run(compose_sample(*common, "compile=true", output_dir=tmp_path / "compiled"))["samples"]
     assert counters["stats"]["unique_graphs"] >= 1  # the network really ran through torch.compile
     # inductor's kernels round differently from eager ones; after 3 steps that is at most one uint8 level
     difference = np.abs(read_png(compiled).astype(int) - read_png(eager).astype(int))
     assert difference.max() <= 1 and difference.mean() < 0.05
     with pytest.raises(ConfigError, match="compile must be false, true or one of"):
-        sample_command.run(compose_sample(tmp_path / "bad", *common, "compile=fast"))
+        sample_command.run(compose_sample(*common, "compile=fast", output_dir=tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_sample_command_missing_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
     script = str(REPO / "sample.py")
     for args, message in [([], "error: ckpt_path is required"),

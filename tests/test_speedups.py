@@ -33,6 +33,7 @@ def test_unknown_implementation_is_an_error():
         make_optimizer([torch.zeros(2, requires_grad=True)], implementation="fast", lr=1e-3)
 
 
+@pytest.mark.slow
 def test_channels_last_switch_trains_and_keeps_checkpoint_names(compose_train):
     cfg = compose_train("trainer.max_steps=2", "callbacks.sample_grid=null", "callbacks.speedups.channels_last=true")
     _, objects = train(cfg)

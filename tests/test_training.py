@@ -11,6 +11,8 @@ from src.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # every test trains through the Trainer
+
 
 @pytest.mark.parametrize("objective", ["simple", "vlb", "hybrid"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -51,7 +53,6 @@ def test_ema_differs_from_live_weights_after_training(compose_train):
     assert not torch.equal(live, ema)
 
 
-@pytest.mark.slow
 def test_multirun_runs_each_job_in_its_own_folder(tmp_path):
     cmd = [sys.executable, "train.py", "-m", "schedule=linear,cosine", "objective=simple,hybrid",
            "trainer.max_steps=2", "trainer.accelerator=cpu", "schedule.num_timesteps=50", "sampler.steps=5",
@@ -67,7 +68,6 @@ def test_multirun_runs_each_job_in_its_own_folder(tmp_path):
         assert list((job / "samples").glob("*.png"))
 
 
-@pytest.mark.slow
 def test_offline_cifar10_stops_with_one_clear_line(tmp_path):
     cmd = [sys.executable, "train.py", "data=cifar10", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run",
            f"data.root={tmp_path}/cifar10", "data.download=false"]

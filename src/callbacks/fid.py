@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from src.diffusion import SamplerOptions
 from src.evaluation.metrics import (NUM_LOGITS, FeatureStats, InceptionFeatures, MissingWeightsError, ReferenceImages,
                                     ReferenceStats, accumulate, dataset_name, fid_and_is, load_reference,
                                     reference_cache_path, reference_meta, resolve_weights, save_reference)
@@ -38,7 +39,7 @@ class FIDCallback(L.Callback):
         num_samples: generated images per evaluation (50k for paper numbers; tiny values are noisy and biased).
         batch_size: images per sampling / Inception batch on each process.
         seed: sampling seed of rank 0 (rank r uses seed + r); the same noise at every evaluation.
-        sampler: keyword arguments of src.diffusion.sample (sampler, steps, eta, ...), usually the run's.
+        sampler: the sampler options (src.diffusion.SamplerOptions: sampler, steps, spacing, eta, ...), usually the run's.
         feature_extractor_weights_path: local Inception weights (torch-fidelity's
             weights-inception-2015-12-05-6726825d.pth); null: the torch hub cache, downloaded if missing.
             Without weights the callback stops the run in `setup`, naming the file to provide.
@@ -52,11 +53,10 @@ class FIDCallback(L.Callback):
         samples_dir: folder of those files.
     """
 
-    def __init__(self, every_n_steps: int = 50000, num_samples: int = 10000, batch_size: int = 250, seed: int = 0,
-                 sampler: dict | None = None, feature_extractor_weights_path: str | None = None,
-                 cache_dir: str = "fid_stats", reference_split: str = "train", num_reference_images: int | None = None,
-                 isc_splits: int = 10, on_train_end: bool = True, save_samples: bool = False,
-                 samples_dir: str | None = None):
+    def __init__(self, every_n_steps: int, num_samples: int, batch_size: int, seed: int, sampler: dict | None,
+                 feature_extractor_weights_path: str | None, cache_dir: str, reference_split: str,
+                 num_reference_images: int | None, isc_splits: int, on_train_end: bool, save_samples: bool,
+                 samples_dir: str | None):
         super().__init__()
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")
@@ -69,7 +69,7 @@ class FIDCallback(L.Callback):
         if save_samples and samples_dir is None:
             raise ValueError("save_samples=true needs samples_dir")
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
-        self.sampler_kwargs = dict(sampler or {})
+        self.options = SamplerOptions.from_mapping(sampler)
         self.weights_path = feature_extractor_weights_path
         self.cache_dir = Path(cache_dir)
         self.reference_split, self.num_reference_images = reference_split, num_reference_images
@@ -160,8 +160,8 @@ class FIDCallback(L.Callback):
 
         stats, logits_list, kept = FeatureStats(device=device), [], []
         if counts[rank] > 0:
-            for images in sample_uint8_batches(pl_module, counts[rank], self.batch_size, generator=generator,
-                                               **self.sampler_kwargs):
+            for images in sample_uint8_batches(pl_module, counts[rank], self.batch_size, self.options,
+                                               generator=generator):
                 pool, logits = self.extractor(images)
                 stats.update(pool)
                 logits_list.append(logits)
@@ -171,7 +171,7 @@ class FIDCallback(L.Callback):
         self._all_reduce(trainer, stats)
         logits = self._gather_rows(trainer, logits.to(device), counts)
         if self.save_samples:
-            shape = (0, pl_module.ema.model.in_channels, *(2 * [pl_module.ema.model.image_size]))
+            shape = (0, *pl_module.ema.model.image_shape)
             local = torch.cat(kept) if kept else torch.zeros(shape, dtype=torch.uint8, device=device)
             all_images = self._gather_rows(trainer, local.to(device), counts)
         self.last_step = step
@@ -205,5 +205,5 @@ class FIDCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
         log.info("step %d: FID %.3f, IS %.3f +- %.3f (%d EMA samples, %s; reference: %s)", step, values["eval/fid"],
-                 values["eval/is"], values["eval/is_std"], num_samples, self.sampler_kwargs or "default sampler",
+                 values["eval/is"], values["eval/is_std"], num_samples, self.options.as_dict(),
                  self.reference.describe())

@@ -6,18 +6,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from src.diffusion import SamplerOptions
+
 
 class SampleGridCallback(L.Callback):
     """Every `every_n_steps` optimizer steps and at the end of training, sample `num_samples` images
     with the EMA weights from the same seed (so successive grids show the same noise maturing), write
     `<dirpath>/step_<N>.png` and hand the grid to every logger that takes images.
 
-    `sampler` holds the keyword arguments of src.diffusion.sample (sampler, steps, eta, ...).
+    `sampler` holds the sampler options (src.diffusion.SamplerOptions: sampler, steps, spacing, eta, ...).
     Runs on rank zero only; `every_n_steps <= 0` keeps only the final grid.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, seed: int = 0,
-                 nrow: int | None = None, on_train_end: bool = True, sampler: dict | None = None):
+    def __init__(self, dirpath: str, every_n_steps: int, num_samples: int, seed: int, sampler: dict | None,
+                 nrow: int | None = None, on_train_end: bool = True):
         super().__init__()
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -25,7 +27,7 @@ class SampleGridCallback(L.Callback):
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.nrow = nrow or max(1, int(num_samples ** 0.5))
         self.at_train_end = on_train_end
-        self.sampler_kwargs = dict(sampler or {})
+        self.options = SamplerOptions.from_mapping(sampler)
         self.last_path: Path | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -44,7 +46,7 @@ class SampleGridCallback(L.Callback):
         if path == self.last_path:  # the end-of-training grid coincides with a periodic one
             return path
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images = pl_module.sample(self.num_samples, generator=generator, **self.sampler_kwargs)
+        images = pl_module.sample(self.num_samples, self.options, generator=generator)
         grid = make_grid((images + 1) / 2, nrow=self.nrow, padding=2, pad_value=1.0)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)

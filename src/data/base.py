@@ -43,6 +43,13 @@ class UInt8ImageDataset(Dataset):
         return uint8_to_signed(image), self.labels[index]
 
 
+def check_image_size(image_size: int) -> int:
+    """`image_size` as an int; a ValueError unless it is >= 1."""
+    if int(image_size) < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return int(image_size)
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random split of range(n) -> (train indices, val indices), each sorted.
 
@@ -74,7 +81,9 @@ class ImageDataModule(L.LightningDataModule):
             stays fixed across runs.
 
     Subclasses set `channels`, `image_size`, `num_classes` in `__init__` and implement
-    `build_datasets()` -> (train_dataset, val_dataset); `setup` calls it once.
+    `build_datasets()` -> (train_dataset, val_dataset); `setup` calls it once. They take the DataLoader
+    settings (num_workers, pin_memory, persistent_workers) as `**loader` and pass them on unchanged, so
+    the defaults above are the only ones; the dataset's settings come without defaults from conf/data.
     """
 
     channels: int
@@ -83,7 +92,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 128,
+        batch_size: int,
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = True,

@@ -13,7 +13,7 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
-from .base import DatasetNotFoundError, ImageDataModule, UInt8ImageDataset
+from .base import DatasetNotFoundError, ImageDataModule, UInt8ImageDataset, check_image_size
 from .transforms import resize_uint8
 
 # A stalled connection would otherwise block urlopen indefinitely (it has no timeout of its own).
@@ -150,36 +150,18 @@ class CIFAR10DataModule(ImageDataModule):
         image_size: side of the square images; other than 32 the images are resized once in memory
             (bilinear, antialiased when shrinking) and re-quantized to 8 bits.
         batch_size: global batch size (see ImageDataModule).
-        random_flip: random horizontal flip of training images (on by default, as in DDPM).
-        num_workers, pin_memory, persistent_workers: DataLoader settings (see ImageDataModule).
+        random_flip: random horizontal flip of training images (on in conf/data/cifar10.yaml, as in DDPM).
+        loader: num_workers, pin_memory, persistent_workers (DataLoader settings, see ImageDataModule).
     """
 
     channels = 3
     num_classes = 10
 
-    def __init__(
-        self,
-        root: str = "data/cifar10",
-        download: bool = True,
-        image_size: int = 32,
-        batch_size: int = 128,
-        random_flip: bool = True,
-        num_workers: int = 4,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-    ):
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            random_flip=random_flip,
-        )
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
+    def __init__(self, root: str, download: bool, image_size: int, batch_size: int, random_flip: bool, **loader):
+        super().__init__(batch_size=batch_size, random_flip=random_flip, **loader)
         self.root = str(root)
         self.download = bool(download)
-        self.image_size = int(image_size)
+        self.image_size = check_image_size(image_size)
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node, so DDP ranks do not download concurrently.

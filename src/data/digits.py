@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from sklearn.datasets import load_digits
 
-from .base import ImageDataModule, UInt8ImageDataset, split_indices
+from .base import ImageDataModule, UInt8ImageDataset, check_image_size, split_indices
 from .transforms import resize_unit, unit_to_uint8
 
 
@@ -28,37 +28,19 @@ class DigitsDataModule(ImageDataModule):
         batch_size: global batch size (see ImageDataModule).
         val_fraction: fraction held out for validation (0.1 -> 180 of the 1797 images).
         split_seed: seed of the split permutation.
-        random_flip: off by default; digits are not left-right symmetric.
-        num_workers: 0 by default; indexing an in-memory tensor is faster than worker IPC.
-        pin_memory, persistent_workers: see ImageDataModule.
+        random_flip: off in conf/data/digits.yaml; digits are not left-right symmetric.
+        loader: num_workers (0 in the config: indexing an in-memory tensor is faster than worker IPC),
+            pin_memory, persistent_workers (see ImageDataModule).
     """
 
     channels = 1
     num_classes = 10
 
-    def __init__(
-        self,
-        image_size: int = 16,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        random_flip: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-    ):
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            random_flip=random_flip,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-        )
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
-        self.image_size = int(image_size)
+    def __init__(self, image_size: int, batch_size: int, val_fraction: float, split_seed: int, random_flip: bool,
+                 **loader):
+        super().__init__(batch_size=batch_size, random_flip=random_flip, val_fraction=val_fraction,
+                         split_seed=split_seed, **loader)
+        self.image_size = check_image_size(image_size)
         self.train_indices: torch.Tensor | None = None
         self.val_indices: torch.Tensor | None = None
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import DatasetNotFoundError, ImageDataModule, split_indices
+from .base import DatasetNotFoundError, ImageDataModule, check_image_size, split_indices
 from .transforms import maybe_hflip, uint8_to_signed
 
 log = logging.getLogger(__name__)
@@ -114,44 +114,23 @@ class ImageFolderDataModule(ImageDataModule):
         image_size: side of the square crops.
         channels: 3 (RGB) or 1 (grayscale, PIL mode "L").
         batch_size: global batch size (see ImageDataModule).
-        random_flip: random horizontal flip of training images (on by default).
+        random_flip: random horizontal flip of training images.
         val_fraction: fraction held out for validation (at least 1 image when there are >= 2).
         split_seed: seed of the split permutation.
-        on_bad_image: "skip" (default) drops unreadable files with a warning; "error" raises.
-        num_workers, pin_memory, persistent_workers: DataLoader settings (see ImageDataModule).
+        on_bad_image: "skip" drops unreadable files with a warning (conf/data/image_folder.yaml); "error" raises.
+        loader: num_workers, pin_memory, persistent_workers (DataLoader settings, see ImageDataModule).
     """
 
-    def __init__(
-        self,
-        root: str,
-        image_size: int = 64,
-        channels: int = 3,
-        batch_size: int = 64,
-        random_flip: bool = True,
-        val_fraction: float = 0.01,
-        split_seed: int = 0,
-        on_bad_image: str = "skip",
-        num_workers: int = 4,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-    ):
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            random_flip=random_flip,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-        )
+    def __init__(self, root: str, image_size: int, channels: int, batch_size: int, random_flip: bool,
+                 val_fraction: float, split_seed: int, on_bad_image: str, **loader):
+        super().__init__(batch_size=batch_size, random_flip=random_flip, val_fraction=val_fraction,
+                         split_seed=split_seed, **loader)
         if int(channels) not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.image_size = check_image_size(image_size)
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         self.root = str(root)
-        self.image_size = int(image_size)
         self.channels = int(channels)
         self.on_bad_image = on_bad_image
         self._classes: Optional[list[str]] = None

@@ -5,7 +5,8 @@ from typing import Literal, Sequence
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion, Model
-from .sampling import _on_device, denoise_from, respaced, sample
+from .options import SamplerOptions
+from .sampling import DEFAULT_OPTIONS, denoise_from, on_device, respaced_for, sample
 
 Blend = Literal["linear", "slerp"]
 BLENDS = ("linear", "slerp")
@@ -55,25 +56,11 @@ def blend(a: torch.Tensor, b: torch.Tensor, lambdas: Sequence[float] | torch.Ten
 
 
 @torch.no_grad()
-def interpolate(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x_a: torch.Tensor,
-    x_b: torch.Tensor,
-    lambdas: Sequence[float] | torch.Tensor,
-    t: int,
-    *,
-    method: Blend = "linear",
-    sampler: Literal["ddpm", "ddim"] = "ddpm",
-    steps: int | None = None,
-    spacing: str | list[int] | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
-    noise: torch.Tensor | None = None,
-    model_kwargs: dict | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def interpolate(diffusion: GaussianDiffusion, model: Model, x_a: torch.Tensor, x_b: torch.Tensor,
+                lambdas: Sequence[float] | torch.Tensor, t: int, options: SamplerOptions = DEFAULT_OPTIONS, *,
+                method: Blend = "linear", generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
+                progress: bool = False) -> torch.Tensor:
     """Interpolate images in the diffusion's latent space (DDPM Sec. 4.4, Fig. 8).
 
     1. encode x_a, x_b [N x C x H x W] to x_t = q_sample(x, t, noise) with the same noise for both;
@@ -85,7 +72,7 @@ def interpolate(
     """
     if x_a.shape != x_b.shape:
         raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
-    diff = _on_device(diffusion, x_a.device)
+    diff = on_device(diffusion, x_a.device)
     n = x_a.shape[0]
     if noise is None:
         noise = torch.randn(x_a.shape, generator=generator, device=x_a.device, dtype=x_a.dtype)
@@ -101,8 +88,7 @@ def interpolate(
         z = torch.randn((n, 1, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
         return z.expand(n, num_lambdas, *x.shape[1:]).reshape(x.shape)
 
-    images = denoise_from(diff, model, mixed.flatten(0, 1), t, sampler=sampler, steps=steps, spacing=spacing,
-                          eta=eta, clip_denoised=clip_denoised, randn_like=shared_randn_like,
+    images = denoise_from(diff, model, mixed.flatten(0, 1), t, options, randn_like=shared_randn_like,
                           model_kwargs=_repeat_kwargs(model_kwargs, num_lambdas), progress=progress)
     return images.view(n, num_lambdas, *x_a.shape[1:])
 
@@ -116,28 +102,22 @@ def _repeat_kwargs(model_kwargs: dict | None, repeats: int) -> dict | None:
 
 
 @torch.no_grad()
-def ddim_invert(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x0: torch.Tensor,
-    *,
-    steps: int | None = None,
-    spacing: str | list[int] | None = None,
-    clip_denoised: bool = True,
-    model_kwargs: dict | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor,
+                options: SamplerOptions = DEFAULT_OPTIONS, *, model_kwargs: dict | None = None,
+                progress: bool = False) -> torch.Tensor:
     """Encode images x0 [N x C x H x W] in [-1, 1] to DDIM latents x_T (the ODE run forward, eta=0).
 
-    Over the kept timesteps s_0 < ... < s_{K-1} of `respaced(diffusion, steps, spacing)`:
+    Only the options' steps, spacing and clip_denoised apply (the encoder is DDIM with eta=0).
+    Over the kept timesteps s_0 < ... < s_{K-1} of `respaced_for(diffusion, options)`:
     1. the image sits at abar = 1; the first step moves it to s_0 with the network's eps at s_0
        (as diffusers' DDIMInverseScheduler does);
     2. `ddim_reverse_step` then walks s_k -> s_{k+1} up to s_{K-1}.
-    Each encoder step mirrors one step of `sample(..., sampler="ddim", eta=0)` with the same steps and
-    spacing, so `ddim_sample` of the result reconstructs x0 up to the discretisation error.
+    Each encoder step mirrors one step of DDIM sampling (eta=0) with the same steps and spacing, so
+    `ddim_sample` of the result reconstructs x0 up to the discretisation error.
     Returns the latent at s_{K-1} [N x C x H x W].
     """
-    diff = _on_device(respaced(diffusion, steps, spacing), x0.device)
+    diff = on_device(respaced_for(diffusion, options), x0.device)
+    clip_denoised = options.clip_denoised
     n = x0.shape[0]
     first = torch.zeros(n, device=x0.device, dtype=torch.long)
     # 1. x_{s_0} = sqrt(abar_{s_0}) x0 + sqrt(1 - abar_{s_0}) eps(x0, s_0)   (DDIM eq. 12 with sigma = 0)
@@ -156,51 +136,32 @@ def ddim_invert(
     return x
 
 
-def ddim_sample(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    latent: torch.Tensor,
-    *,
-    steps: int | None = None,
-    spacing: str | list[int] | None = None,
-    clip_denoised: bool = True,
-    model_kwargs: dict | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Decode DDIM latents [N x C x H x W] (e.g. from `ddim_invert` with the same steps / spacing) to
-    images in [-1, 1] with the deterministic DDIM sampler (eta = 0)."""
-    return sample(diffusion, model, tuple(latent.shape), sampler="ddim", steps=steps, spacing=spacing, eta=0.0,
-                  clip_denoised=clip_denoised, device=latent.device, noise=latent, model_kwargs=model_kwargs,
-                  progress=progress)
+def ddim_sample(diffusion: GaussianDiffusion, model: Model, latent: torch.Tensor,
+                options: SamplerOptions = DEFAULT_OPTIONS, *, model_kwargs: dict | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Decode DDIM latents [N x C x H x W] (e.g. from `ddim_invert` with the same options) to images in
+    [-1, 1] with the deterministic DDIM sampler (the options' steps, spacing and clipping; eta = 0)."""
+    return sample(diffusion, model, tuple(latent.shape), options.replace(sampler="ddim", eta=0.0),
+                  device=latent.device, noise=latent, model_kwargs=model_kwargs, progress=progress)
 
 
 @torch.no_grad()
-def interpolate_ddim(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x_a: torch.Tensor,
-    x_b: torch.Tensor,
-    lambdas: Sequence[float] | torch.Tensor,
-    *,
-    method: Blend = "slerp",
-    steps: int | None = None,
-    spacing: str | list[int] | None = None,
-    clip_denoised: bool = True,
-    model_kwargs: dict | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def interpolate_ddim(diffusion: GaussianDiffusion, model: Model, x_a: torch.Tensor, x_b: torch.Tensor,
+                     lambdas: Sequence[float] | torch.Tensor, options: SamplerOptions = DEFAULT_OPTIONS, *,
+                     method: Blend = "slerp", model_kwargs: dict | None = None,
+                     progress: bool = False) -> torch.Tensor:
     """Deterministic interpolation: DDIM-invert x_a and x_b to x_T, blend the latents (slerp by default,
     DDIM Sec. 5.3) and decode with DDIM eta=0. Returns [N x L x C x H x W] in [-1, 1]; with enough
     steps lambda = 0 / 1 reconstruct x_a / x_b."""
     if x_a.shape != x_b.shape:
         raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
-    kwargs = dict(steps=steps, spacing=spacing, clip_denoised=clip_denoised, progress=progress)
+    kwargs = dict(progress=progress)
     both_kwargs = None if not model_kwargs else {
         k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in model_kwargs.items()}
-    latents = ddim_invert(diffusion, model, torch.cat([x_a, x_b]), model_kwargs=both_kwargs, **kwargs)
+    latents = ddim_invert(diffusion, model, torch.cat([x_a, x_b]), options, model_kwargs=both_kwargs, **kwargs)
     lat_a, lat_b = latents.chunk(2)
     mixed = blend(lat_a, lat_b, lambdas, method)
     n, num_lambdas = mixed.shape[:2]
-    images = ddim_sample(diffusion, model, mixed.flatten(0, 1),
+    images = ddim_sample(diffusion, model, mixed.flatten(0, 1), options,
                          model_kwargs=_repeat_kwargs(model_kwargs, num_lambdas), **kwargs)
     return images.view(n, num_lambdas, *x_a.shape[1:])

@@ -9,13 +9,12 @@ import torch
 from torchvision.utils import make_grid
 
 from .gaussian_diffusion import GaussianDiffusion, Model
-from .guidance import Classifier, CondFn, guide
+from .guidance import guide
+from .options import NO_GUIDANCE, Guidance, SamplerOptions
 from .respace import SpacedDiffusion, space_timesteps
+from .samplers import SAMPLERS, RandnLike
 
-SamplerName = Literal["ddpm", "ddim"]
-SAMPLERS = ("ddpm", "ddim")
-# randn_like(x): standard normal noise shaped like x (the sampler's only source of randomness).
-RandnLike = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_OPTIONS = SamplerOptions()
 
 
 def respaced(diffusion: GaussianDiffusion, steps: int | None = None,
@@ -26,6 +25,12 @@ def respaced(diffusion: GaussianDiffusion, steps: int | None = None,
     if spacing is None and (steps is None or steps == num_t):
         return diffusion
     return SpacedDiffusion(diffusion, space_timesteps(num_t, spacing if spacing is not None else steps))
+
+
+def respaced_for(diffusion: GaussianDiffusion, options: SamplerOptions) -> GaussianDiffusion:
+    """`respaced` over the options' steps / spacing."""
+    spacing = list(options.spacing) if isinstance(options.spacing, tuple) else options.spacing
+    return respaced(diffusion, options.steps, spacing)
 
 
 @dataclass
@@ -45,122 +50,99 @@ class Trajectory:
     pred_x0: torch.Tensor
 
 
-def _check_sampler(sampler: str) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def _on_device(diffusion: GaussianDiffusion, device: torch.device) -> GaussianDiffusion:
+def on_device(diffusion: GaussianDiffusion, device: torch.device) -> GaussianDiffusion:
     """The diffusion with its buffers on `device`; a copy when it lives elsewhere, so sampling never
     moves the caller's module."""
     return diffusion if diffusion.betas.device == device else copy.deepcopy(diffusion).to(device)
 
 
-def _randn_like(generator: torch.Generator | None) -> RandnLike:
+def generator_randn_like(generator: torch.Generator | None) -> RandnLike:
     return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _reverse(diff: GaussianDiffusion, model: Model, x: torch.Tensor, *, first: int, sampler: str, eta: float,
-             clip_denoised: bool, randn_like: RandnLike, model_kwargs: dict | None, progress: bool,
-             on_step: Callable[[int, dict], None] | None = None, cond_fn: CondFn | None = None) -> torch.Tensor:
-    """Run the reverse process of `diff` from x at its index `first` down to index 0; returns the state
-    after the last step (unclamped). on_step(index, step_output) sees every step when given."""
-    indices = range(first, -1, -1)
+def _reverse(diff: GaussianDiffusion, model: Model, x: torch.Tensor, options: SamplerOptions, guidance: Guidance,
+             *, randn_like: RandnLike, model_kwargs: dict | None, progress: bool,
+             on_step: Callable[[int, dict], None] | None = None) -> torch.Tensor:
+    """Run the reverse process of `diff` from x at its last index down to index 0 with the options'
+    sampler; returns the state after the last step (unclamped). on_step(index, step_output) sees every
+    step when given."""
+    model, model_kwargs, cond_fn = guide(model, guidance.y, guidance.scale, guidance.classifier,
+                                         guidance.classifier_scale, model_kwargs)
+    step = SAMPLERS[options.sampler].step
+    indices = range(diff.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
-        indices = tqdm(indices, desc=f"{sampler} sampling", leave=False)
+        indices = tqdm(indices, desc=f"{options.sampler} sampling", leave=False)
+    state: dict = {}
     for i in indices:
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        if sampler == "ddpm":
-            # DDPM Algorithm 2: x_{t-1} = mu(x_t, t) + sigma_t z (no noise at the last step)
-            out = diff.p_sample(model, x, t, randn_like(x), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                cond_fn=cond_fn)
-        else:
-            # DDIM eq. 12; noise is drawn only when eta > 0 so eta=0 consumes no randomness
-            z = randn_like(x) if eta > 0 else None
-            out = diff.ddim_step(model, x, t, z, eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                 cond_fn=cond_fn)
+        out = step(diff, model, x, t, options=options, randn_like=randn_like, model_kwargs=model_kwargs,
+                   cond_fn=cond_fn, state=state)
         x = out["sample"]
         if on_step is not None:
             on_step(i, out)
     return x
 
 
-def _start(diffusion, shape, steps, spacing, generator, device, noise):
+def _start(diffusion, shape, options, generator, device, noise):
     device = torch.device(device) if device is not None else diffusion.betas.device
-    diff = _on_device(respaced(diffusion, steps, spacing), device)
+    diff = on_device(respaced_for(diffusion, options), device)
     x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
-    return diff, device, x
+    return diff, x
 
 
 @torch.no_grad()
-def sample(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    shape: tuple[int, ...],
-    *,
-    sampler: SamplerName = "ddpm",
-    steps: int | None = None,
-    spacing: str | list[int] | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    noise: torch.Tensor | None = None,
-    model_kwargs: dict | None = None,
-    progress: bool = False,
-    y: torch.Tensor | None = None,
-    guidance_scale: float = 0.0,
-    classifier: Classifier | None = None,
-    classifier_scale: float = 1.0,
-) -> torch.Tensor:
-    """Draw images [N x C x H x W] in [-1, 1].
+def sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...],
+           options: SamplerOptions = DEFAULT_OPTIONS, guidance: Guidance = NO_GUIDANCE, *,
+           generator: torch.Generator | None = None, device: torch.device | str | None = None,
+           noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Draw images [N x C x H x W] in [-1, 1] with `options` (sampler, steps / spacing over the T training
+    steps, eta, clipping) and `guidance` (labels, classifier-free and classifier guidance).
 
-    sampler: "ddpm" (ancestral, DDPM Algorithm 2, with the diffusion's variance) or "ddim" (eta=0
-        deterministic; eta=1 has the DDPM posterior variance).
-    steps / spacing: sample over a subsequence of the T training steps (see `space_timesteps`).
     All randomness comes from `generator` (and `noise` = x_T if given), so a seed fixes the samples.
-    y: class labels [N] for a class-conditional model (None: unconditional samples);
-    guidance_scale: classifier-free guidance weight w (0: none); classifier(x_t, t) -> logits with
-    classifier_scale s: classifier guidance (see src.diffusion.guidance).
     """
-    _check_sampler(sampler)
-    model, model_kwargs, cond_fn = guide(model, y, guidance_scale, classifier, classifier_scale, model_kwargs)
-    diff, device, x = _start(diffusion, shape, steps, spacing, generator, device, noise)
-    x = _reverse(diff, model, x, first=diff.num_timesteps - 1, sampler=sampler, eta=eta,
-                 clip_denoised=clip_denoised, randn_like=_randn_like(generator),
-                 model_kwargs=model_kwargs, progress=progress, cond_fn=cond_fn)
+    diff, x = _start(diffusion, shape, options, generator, device, noise)
+    x = _reverse(diff, model, x, options, guidance, randn_like=generator_randn_like(generator),
+                 model_kwargs=model_kwargs, progress=progress)
     return x.clamp(-1.0, 1.0)
 
 
 def ddpm_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
     """Ancestral sampling over all T steps (DDPM Algorithm 2); kwargs as in `sample`."""
-    return sample(diffusion, model, shape, sampler="ddpm", **kwargs)
+    return sample(diffusion, model, shape, SamplerOptions("ddpm"), **kwargs)
+
+
+def _recorded_indices(num_steps: int, timestep_of: list[int], record_every: int | None,
+                      record_timesteps: Sequence[int] | None) -> set[int]:
+    """The indices (into the kept steps) whose state a trajectory keeps; the last step (index 0) always."""
+    if record_every is not None and record_timesteps is not None:
+        raise ValueError("give record_every or record_timesteps, not both")
+    if record_timesteps is not None:
+        where = {t: i for i, t in enumerate(timestep_of)}
+        missing = [t for t in record_timesteps if t not in where]
+        if missing:
+            raise ValueError(f"record_timesteps {missing} are not among the sampled timesteps "
+                             f"({num_steps} steps from {timestep_of[0]} to {timestep_of[-1]})")
+        return {where[t] for t in record_timesteps} | {0}
+    # steps counted n = 1..K in the order they run; the n-th runs at index K - n
+    if record_every is None:
+        count = min(10, num_steps)
+        numbers = {1 + round(j * (num_steps - 1) / max(count - 1, 1)) for j in range(count)}
+    elif record_every >= 1:
+        numbers = set(range(1, num_steps + 1, record_every))
+    else:
+        raise ValueError(f"record_every must be >= 1, got {record_every}")
+    return {num_steps - n for n in numbers} | {0}
 
 
 @torch.no_grad()
-def sample_trajectory(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    shape: tuple[int, ...],
-    *,
-    record_every: int | None = None,
-    record_timesteps: Sequence[int] | None = None,
-    sampler: SamplerName = "ddpm",
-    steps: int | None = None,
-    spacing: str | list[int] | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    noise: torch.Tensor | None = None,
-    model_kwargs: dict | None = None,
-    progress: bool = False,
-    y: torch.Tensor | None = None,
-    guidance_scale: float = 0.0,
-    classifier: Classifier | None = None,
-    classifier_scale: float = 1.0,
-) -> Trajectory:
+def sample_trajectory(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...],
+                      options: SamplerOptions = DEFAULT_OPTIONS, guidance: Guidance = NO_GUIDANCE, *,
+                      record_every: int | None = None, record_timesteps: Sequence[int] | None = None,
+                      generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                      noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
+                      progress: bool = False) -> Trajectory:
     """`sample`, keeping x_t and the predicted x_0 at chosen steps (progressive generation, DDPM Fig. 6).
 
     record_every: record the first step and every k-th after it (steps counted 1..K in the order they
@@ -170,31 +152,10 @@ def sample_trajectory(
     step is always recorded, so `trajectory.xt[:, -1]` is `trajectory.sample`. Same seed, same images
     as `sample`. Other arguments as in `sample`.
     """
-    _check_sampler(sampler)
-    if record_every is not None and record_timesteps is not None:
-        raise ValueError("give record_every or record_timesteps, not both")
-    model, model_kwargs, cond_fn = guide(model, y, guidance_scale, classifier, classifier_scale, model_kwargs)
-    diff, device, x = _start(diffusion, shape, steps, spacing, generator, device, noise)
+    diff, x = _start(diffusion, shape, options, generator, device, noise)
     num_steps = diff.num_timesteps
     timestep_of = (diff.timestep_map.tolist() if isinstance(diff, SpacedDiffusion) else list(range(num_steps)))
-    if record_timesteps is not None:
-        where = {t: i for i, t in enumerate(timestep_of)}
-        missing = [t for t in record_timesteps if t not in where]
-        if missing:
-            raise ValueError(f"record_timesteps {missing} are not among the sampled timesteps "
-                             f"({num_steps} steps from {timestep_of[0]} to {timestep_of[-1]})")
-        record = {where[t] for t in record_timesteps} | {0}
-    else:
-        # steps counted n = 1..K in the order they run; the n-th runs at index K - n
-        if record_every is None:
-            count = min(10, num_steps)
-            numbers = {1 + round(j * (num_steps - 1) / max(count - 1, 1)) for j in range(count)}
-        elif record_every >= 1:
-            numbers = set(range(1, num_steps + 1, record_every))
-        else:
-            raise ValueError(f"record_every must be >= 1, got {record_every}")
-        record = {num_steps - n for n in numbers} | {0}
-
+    record = _recorded_indices(num_steps, timestep_of, record_every, record_timesteps)
     states, preds, timesteps = [], [], []
 
     def on_step(i: int, out: dict) -> None:
@@ -203,9 +164,8 @@ def sample_trajectory(
             preds.append(out["pred_x0"])
             timesteps.append(timestep_of[i])
 
-    x = _reverse(diff, model, x, first=num_steps - 1, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
-                 randn_like=_randn_like(generator), model_kwargs=model_kwargs, progress=progress,
-                 on_step=on_step, cond_fn=cond_fn)
+    x = _reverse(diff, model, x, options, guidance, randn_like=generator_randn_like(generator),
+                 model_kwargs=model_kwargs, progress=progress, on_step=on_step)
     return Trajectory(sample=x.clamp(-1.0, 1.0), timesteps=timesteps,
                       xt=torch.stack(states, dim=1), pred_x0=torch.stack(preds, dim=1))
 
@@ -231,41 +191,29 @@ def kept_timesteps_until(num_timesteps: int, t: int, steps: int | None = None,
     return kept
 
 
+def check_options(options: SamplerOptions, num_timesteps: int, until: int | None = None) -> list[int] | None:
+    """The timesteps a run from timestep `until` (default T - 1, i.e. from noise) visits with `options`;
+    a spacing or step count that does not fit is a ValueError naming it."""
+    spacing = list(options.spacing) if isinstance(options.spacing, tuple) else options.spacing
+    return kept_timesteps_until(num_timesteps, num_timesteps - 1 if until is None else until, options.steps, spacing)
+
+
 @torch.no_grad()
-def denoise_from(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    xt: torch.Tensor,
-    t: int,
-    *,
-    sampler: SamplerName = "ddpm",
-    steps: int | None = None,
-    spacing: str | list[int] | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
-    randn_like: RandnLike | None = None,
-    model_kwargs: dict | None = None,
-    progress: bool = False,
-    y: torch.Tensor | None = None,
-    guidance_scale: float = 0.0,
-    classifier: Classifier | None = None,
-    classifier_scale: float = 1.0,
-) -> torch.Tensor:
+def denoise_from(diffusion: GaussianDiffusion, model: Model, xt: torch.Tensor, t: int,
+                 options: SamplerOptions = DEFAULT_OPTIONS, guidance: Guidance = NO_GUIDANCE, *,
+                 generator: torch.Generator | None = None, randn_like: RandnLike | None = None,
+                 model_kwargs: dict | None = None, progress: bool = False) -> torch.Tensor:
     """Run the reverse process from xt [N x C x H x W] at the original timestep t (0-based) down to
     images in [-1, 1] (DDPM Sec. 4.4's decoding of an encoded x_t).
 
-    steps / spacing pick the visited timesteps among 0..t (t itself always first); without them every
-    step is taken. `randn_like(x)` replaces the generator's step noise when given (e.g. noise shared
-    across a batch). With t = T - 1 this is `sample` from noise=xt. Labels and guidance as in `sample`.
+    The options' steps / spacing pick the visited timesteps among 0..t (t itself always first); without
+    them every step is taken. `randn_like(x)` replaces the generator's step noise when given (e.g. noise
+    shared across a batch). With t = T - 1 this is `sample` from noise=xt.
     """
-    _check_sampler(sampler)
-    model, model_kwargs, cond_fn = guide(model, y, guidance_scale, classifier, classifier_scale, model_kwargs)
-    kept = kept_timesteps_until(diffusion.num_timesteps, t, steps, spacing)
-    diff = _on_device(diffusion if kept is None else SpacedDiffusion(diffusion, kept), xt.device)
-    x = _reverse(diff, model, xt, first=diff.num_timesteps - 1, sampler=sampler, eta=eta,
-                 clip_denoised=clip_denoised, randn_like=randn_like or _randn_like(generator),
-                 model_kwargs=model_kwargs, progress=progress, cond_fn=cond_fn)
+    kept = check_options(options, diffusion.num_timesteps, until=t)
+    diff = on_device(diffusion if kept is None else SpacedDiffusion(diffusion, kept), xt.device)
+    x = _reverse(diff, model, xt, options, guidance, randn_like=randn_like or generator_randn_like(generator),
+                 model_kwargs=model_kwargs, progress=progress)
     return x.clamp(-1.0, 1.0)
 
 

@@ -1,5 +1,6 @@
 """Evaluating trained models: checkpoints, samples to files, FID/IS, NLL bits/dim reports."""
-from .checkpoint import load_module, module_from_checkpoint, read_checkpoint
+from src.checkpoints import load_module, module_from_checkpoint, read_checkpoint
+
 from .metrics import (FeatureStats, InceptionFeatures, MissingWeightsError, ReferenceImages, ReferenceStats,
                       frechet_distance, inception_score, reference_statistics, resolve_weights)
 from .provenance import git_info

@@ -5,46 +5,25 @@ from __future__ import annotations
 import os
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from src.checkpoints import module_from_checkpoint, read_checkpoint, run_config
 from src.diffusion import GaussianDiffusion
-from src.errors import CheckpointError, ConfigError
-
-from .checkpoint import read_checkpoint, run_config
-
-# The classifier's output layer (src.models.NoisyClassifier.out) in a ClassifierModule's state_dict.
-CLASSIFIER_HEAD = "net.out.weight"
-
-
-def num_classes_of(net: nn.Module) -> int | None:
-    """The diffusion net's number of classes (None: unconditional)."""
-    return getattr(net, "num_classes", None)
+from src.errors import ConfigError
 
 
 def load_classifier(ckpt_path: str | os.PathLike, diffusion: GaussianDiffusion, image_shape: tuple[int, int, int],
                     device: torch.device) -> nn.Module:
     """The EMA classifier of a task=classifier checkpoint, checked against the diffusion model it guides
     (same schedule, same image shape), in eval mode on `device`."""
-    from src.classifier_training import build_classifier_module
-
-    ckpt = read_checkpoint(ckpt_path, map_location="cpu")
+    ckpt = read_checkpoint(ckpt_path)
+    module = module_from_checkpoint(ckpt, "classifier", source=f"classifier.ckpt_path={ckpt_path}")
     cfg = run_config(ckpt)
-    if cfg.get("task") != "classifier" or CLASSIFIER_HEAD not in ckpt["state_dict"]:
-        raise CheckpointError(f"classifier.ckpt_path={ckpt_path} is not a classifier checkpoint (task="
-                              f"{cfg.get('task', 'diffusion')}); train one with python train.py task=classifier")
-    datamodule = instantiate(cfg.data)  # construction does no I/O; the classes come from the weights
-    module = build_classifier_module(cfg, datamodule, num_classes=ckpt["state_dict"][CLASSIFIER_HEAD].shape[0])
-    try:
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"the weights in {ckpt_path} do not fit the classifier rebuilt from its config "
-                              f"({str(err).splitlines()[0]})") from None
+    del ckpt
     net = module.ema.model
-    shape = (net.in_channels, net.image_size, net.image_size)
-    if shape != tuple(image_shape):
-        raise ConfigError(f"the classifier takes images of shape {shape} but the diffusion model makes "
+    if net.image_shape != tuple(image_shape):
+        raise ConfigError(f"the classifier takes images of shape {net.image_shape} but the diffusion model makes "
                           f"{tuple(image_shape)}; train the classifier on the diffusion model's data")
     theirs, ours = module.diffusion.alphas_cumprod, diffusion.alphas_cumprod.cpu()
     if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=0):

@@ -11,15 +11,14 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.config_diff import UNSET, differences
 from src.data import DatasetNotFoundError
+from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions
 from src.errors import ConfigError
 
-from .checkpoint import module_from_checkpoint, read_checkpoint, run_config
-from .compiled import compile_for_sampling, compile_mode
+from .context import LoadedCheckpoint, load_checkpoint
 from .guidance import (balanced_labels, check_classifier_classes, check_guidance, guidance_scales, load_classifier,
                        per_class_rows)
 from .metrics import (InceptionFeatures, MissingWeightsError, ReferenceImages, accumulate, dataset_name, fid_and_is,
@@ -38,17 +37,6 @@ def _positive_int(cfg: DictConfig, key: str, optional: bool = False) -> int | No
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{key} must be a positive integer{' or null' if optional else ''}, got {value!r}")
     return value
-
-
-def sampler_kwargs(trained: dict, cfg: DictConfig) -> dict:
-    """The run's sampler config, then the `sampler=` group chosen here, then `steps=` / `eta=` on top."""
-    kwargs = dict(trained.get("sampler") or {})
-    if cfg.get("sampler") is not None:
-        kwargs.update(OmegaConf.to_container(cfg.sampler, resolve=True))
-    for key in ("steps", "eta"):
-        if cfg.get(key) is not None:
-            kwargs[key] = cfg[key]
-    return kwargs
 
 
 # Train-config groups that may appear on evaluate.py's command line (+model.base_channels=64, ...):
@@ -71,12 +59,6 @@ def command_line_differences(trained: DictConfig, cfg: DictConfig) -> dict:
                     "; ".join(f"{k}: checkpoint {a!r}, command line {b!r}" for k, a, b in applied))
     fmt = lambda rows: {k: {"checkpoint": a, "command_line": b} for k, a, b in rows}  # noqa: E731
     return {"ignored": fmt(ignored), "data_overrides": fmt(applied)}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Report:
@@ -104,36 +86,35 @@ class Report:
         self.path.write_text(json.dumps(self.content, indent=2) + "\n")
 
 
-def compute_fid_is(cfg: DictConfig, trained: DictConfig, images: torch.Tensor, device: torch.device) -> dict:
+def compute_fid_is(cfg: DictConfig, loaded: LoadedCheckpoint, images: torch.Tensor) -> dict:
     """FID/IS of `images` (uint8) against the run's training data; raises MissingWeightsError or
     DatasetNotFoundError when they cannot be computed."""
     weights = resolve_weights(cfg.get("feature_extractor_weights_path"))
-    extractor = InceptionFeatures(weights).to(device)
-    data_cfg = OmegaConf.merge(trained.data, cfg.get("data") or {})
-    datamodule = instantiate(data_cfg)
-    datamodule.setup("fit")
+    extractor = InceptionFeatures(weights).to(loaded.device)
+    datamodule = loaded.datamodule("fit")
     split = cfg.reference_split
     dataset = {"train": datamodule.train_dataset, "val": datamodule.val_dataset}[split]
     real = ReferenceImages(dataset, cfg.get("num_reference_images"))
-    name = dataset_name(datamodule)
     batch_size = cfg.batch_size
-    reference = reference_statistics(extractor, real, name, split, cfg.cache_dir, batch_size=batch_size)
+    reference = reference_statistics(extractor, real, dataset_name(datamodule), split, cfg.cache_dir,
+                                     batch_size=batch_size)
     stats, logits = accumulate(extractor, images.split(batch_size), keep_logits=True)
     result = fid_and_is(stats, logits, reference, cfg.isc_splits)
     return {"fid": result["fid"], "is": result["is"], "is_std": result["is_std"],
             "fid_reference": reference.meta, "fid_weights": str(weights)}
 
 
-def sample_and_score(cfg: DictConfig, trained: DictConfig, module, sampling: dict, device: torch.device, out_dir: Path,
-                     num_samples: int, batch_size: int, update, labels: torch.Tensor | None = None,
-                     **guidance) -> None:
-    """Sample num_samples images (EMA weights) -> npz + PNG grid in out_dir, then FID / IS; `update(**entries)`
+def sample_and_score(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path,
+                     update, labels: torch.Tensor | None = None, guidance: Guidance = NO_GUIDANCE) -> None:
+    """Sample cfg.num_samples images -> npz + PNG grid in out_dir, then FID / IS; `update(**entries)`
     records each stage as it completes. With labels, the grid has one row per class."""
-    log.info("sampling %d images (%s) on %s", num_samples, sampling, device)
+    num_samples = cfg.num_samples
+    log.info("sampling %d images (%s) on %s", num_samples, options.as_dict(), loaded.device)
     start = time.perf_counter()
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    images = torch.cat([b.cpu() for b in sample_uint8_batches(module, num_samples, batch_size, generator=generator,
-                                                              progress=True, labels=labels, **sampling, **guidance)])
+    generator = torch.Generator(device=loaded.device).manual_seed(int(cfg.seed))
+    images = torch.cat([b.cpu() for b in sample_uint8_batches(loaded.module, num_samples, cfg.batch_size, options,
+                                                              guidance, generator=generator, progress=True,
+                                                              labels=labels)])
     seconds = time.perf_counter() - start
     npz = save_npz(images, out_dir, labels)
     if labels is None:
@@ -143,103 +124,102 @@ def sample_and_score(cfg: DictConfig, trained: DictConfig, module, sampling: dic
         per_row = max(1, cfg.grid_size // num_classes)
         grid = save_grid(per_class_rows(images, labels, num_classes, per_row), out_dir / "samples_grid.png",
                          nrow=per_row)
-    update(samples={"num_samples": num_samples, "sampler": sampling, "seed": int(cfg.seed), "npz": str(npz),
+    update(samples={"num_samples": num_samples, "sampler": options.as_dict(), "seed": int(cfg.seed), "npz": str(npz),
                     "grid": str(grid), "seconds": round(seconds, 2),
                     "images_per_sec": round(num_samples / max(seconds, 1e-9), 2)})
-
-    if cfg.fid:
-        start = time.perf_counter()
-        try:
-            metrics = compute_fid_is(cfg, trained, images, device)
-        except (MissingWeightsError, DatasetNotFoundError) as err:
-            log.warning("FID/IS not computed: %s", err)
-            update(fid=None, **{"is": None, "is_std": None}, fid_unavailable=str(err))
-        else:
-            metrics["fid_seconds"] = round(time.perf_counter() - start, 2)
-            update(**metrics)
-    else:
+    if not cfg.fid:
         update(fid=None, **{"is": None, "is_std": None}, fid_unavailable="not requested (fid=false)")
+        return
+    start = time.perf_counter()
+    try:
+        metrics = compute_fid_is(cfg, loaded, images)
+    except (MissingWeightsError, DatasetNotFoundError) as err:
+        log.warning("FID/IS not computed: %s", err)
+        update(fid=None, **{"is": None, "is_std": None}, fid_unavailable=str(err))
+    else:
+        metrics["fid_seconds"] = round(time.perf_counter() - start, 2)
+        update(**metrics)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The evaluate config's own values, checked before anything is loaded."""
+    for key in ("num_samples", "batch_size", "grid_size"):
+        _positive_int(cfg, key)
+    for key in ("nll_batches", "nll_num_images", "nll_batch_size"):
+        _positive_int(cfg, key, optional=True)
+    if cfg.reference_split not in ("train", "val"):
+        raise ConfigError(f"reference_split must be train or val, got {cfg.reference_split!r}")
+    if cfg.fid and cfg.num_samples < cfg.isc_splits:
+        raise ConfigError(f"num_samples={cfg.num_samples} is below isc_splits={cfg.isc_splits}; the Inception Score "
+                          f"needs at least one sample per split")
 
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate cfg.ckpt_path; returns the metrics.json content."""
-    num_samples = _positive_int(cfg, "num_samples")
-    batch_size = _positive_int(cfg, "batch_size")
-    nll_batches = _positive_int(cfg, "nll_batches", optional=True)
-    nll_num_images = _positive_int(cfg, "nll_num_images", optional=True)
-    if cfg.reference_split not in ("train", "val"):
-        raise ConfigError(f"reference_split must be train or val, got {cfg.reference_split!r}")
-    if cfg.fid and num_samples < cfg.isc_splits:
-        raise ConfigError(f"num_samples={num_samples} is below isc_splits={cfg.isc_splits}; the Inception Score "
-                              f"needs at least one sample per split")
-
-    compile_mode(cfg.compile)
+    check_settings(cfg)
+    loaded, options = load_checkpoint(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    device = pick_device(cfg.device)
-    ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
-    ckpt = read_checkpoint(ckpt_path, map_location="cpu")
-    trained = run_config(ckpt)
-    module = module_from_checkpoint(ckpt).to(device)
-    sampling = sampler_kwargs(OmegaConf.to_container(trained, resolve=True), cfg)
-    net = module.ema.model
-    compile_for_sampling(net, cfg.compile)
+    diffusion = loaded.diffusion
     report = Report(out_dir / "metrics.json", {
-        "checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step"), **git_info(),
-        "config_vs_command_line": command_line_differences(trained, cfg),
-        "data": {"target": trained.data._target_, "image_size": net.image_size, "channels": net.in_channels},
-        "diffusion": {"num_timesteps": module.diffusion.num_timesteps, "var_type": module.diffusion.var_type,
-                      "mean_type": module.diffusion.mean_type, "schedule": OmegaConf.to_container(trained.schedule)},
-        "weights": "ema",
+        "checkpoint": str(loaded.path), "global_step": loaded.global_step, **git_info(),
+        "config_vs_command_line": command_line_differences(loaded.trained, cfg),
+        "data": {"target": loaded.trained.data._target_, "image_size": loaded.image_shape[1],
+                 "channels": loaded.image_shape[0]},
+        "diffusion": {"num_timesteps": diffusion.num_timesteps, "var_type": diffusion.var_type,
+                      "mean_type": diffusion.mean_type, "schedule": OmegaConf.to_container(loaded.trained.schedule)},
+        "weights": "ema" if loaded.use_ema else "raw",
     })
-    del ckpt
-
-    # 1-2. samples with the EMA weights (npz + PNG grid) and their FID / IS; class-conditional checkpoints and
-    # classifier guidance: one sample set per guidance scale, every class equally often
-    num_classes = getattr(net, "num_classes", None)
+    # 1-2. samples (npz + PNG grid) and their FID / IS; class-conditional checkpoints and classifier guidance:
+    # one sample set per guidance scale, every class equally often
+    num_classes = loaded.num_classes
     scales = guidance_scales(cfg.get("guidance_scales"), num_classes)
     classifier_path = cfg.get("classifier", {}).get("ckpt_path")
     check_guidance(num_classes, scales, classifier_path is not None)
     if num_classes is None and classifier_path is None:
-        sample_and_score(cfg, trained, module, sampling, device, out_dir, num_samples, batch_size, report.update)
+        sample_and_score(cfg, loaded, options, out_dir, report.update)
     else:
-        guidance = {}
-        if classifier_path is not None:
-            shape = (net.in_channels, net.image_size, net.image_size)
-            guidance["classifier"] = load_classifier(classifier_path, module.diffusion, shape, device)
-            guidance["classifier_scale"] = float(cfg.classifier.scale)
-            num_classes = check_classifier_classes(guidance["classifier"], num_classes, None)
-        labels = balanced_labels(num_samples, num_classes)
-        runs = []
-        report.update(guidance={"num_classes": num_classes, "labels": "every class equally often",
-                                "classifier": None if classifier_path is None else
-                                {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
-                                "runs": runs})
-        for w in scales:
-            runs.append({"guidance_scale": w})
-            sample_and_score(cfg, trained, module, sampling, device, out_dir / f"guidance_w{w:g}", num_samples,
-                             batch_size, report.updater(runs[-1]), labels=labels, guidance_scale=w, **guidance)
-
+        guided_runs(cfg, loaded, options, out_dir, report, scales, classifier_path)
     # 3. NLL bound on the validation split, full T
     if cfg.nll:
-        data_cfg = OmegaConf.merge(trained.data, cfg.get("data") or {})
-        if cfg.get("nll_batch_size") is not None:
-            data_cfg.batch_size = cfg.nll_batch_size
-        datamodule = instantiate(data_cfg)
-        datamodule.setup("validate")
-        start = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-        try:
-            terms = nll_terms(module, datamodule.val_dataloader(), max_batches=nll_batches, max_images=nll_num_images,
-                              clip_denoised=cfg.nll_clip_denoised, generator=generator)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        summary = {"split": "val", "clip_denoised": bool(cfg.nll_clip_denoised), **summarize(terms),
-                   "terms": str(save_terms(terms, out_dir / "nll_terms.npz")),
-                   "seconds": round(time.perf_counter() - start, 2)}
-        report.update(nll=summary)
-
+        report.update(nll=nll_report(cfg, loaded, out_dir))
     print_table(report.content, report.path)
     return report.content
+
+
+def guided_runs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, report: Report,
+                scales: list[float], classifier_path) -> None:
+    """One sample set (and FID / IS) per guidance scale, every class equally often, under guidance.runs."""
+    classifier, num_classes = None, loaded.num_classes
+    if classifier_path is not None:
+        classifier = load_classifier(classifier_path, loaded.diffusion, loaded.image_shape, loaded.device)
+        num_classes = check_classifier_classes(classifier, num_classes, None)
+    labels = balanced_labels(cfg.num_samples, num_classes)
+    runs = []
+    report.update(guidance={"num_classes": num_classes, "labels": "every class equally often",
+                            "classifier": None if classifier_path is None else
+                            {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
+                            "runs": runs})
+    for w in scales:
+        runs.append({"guidance_scale": w})
+        guidance = Guidance(scale=w, classifier=classifier, classifier_scale=float(cfg.classifier.scale))
+        sample_and_score(cfg, loaded, options, out_dir / f"guidance_w{w:g}", report.updater(runs[-1]),
+                         labels=labels, guidance=guidance)
+
+
+def nll_report(cfg: DictConfig, loaded: LoadedCheckpoint, out_dir: Path) -> dict:
+    """The full-T bound in bits/dim on the validation split, with its parts (nll_terms.npz)."""
+    changes = {} if cfg.get("nll_batch_size") is None else {"batch_size": cfg.nll_batch_size}
+    datamodule = loaded.datamodule("validate", **changes)
+    start = time.perf_counter()
+    generator = torch.Generator(device=loaded.device).manual_seed(int(cfg.seed))
+    try:
+        terms = nll_terms(loaded.module, datamodule.val_dataloader(), max_batches=cfg.get("nll_batches"),
+                          max_images=cfg.get("nll_num_images"), clip_denoised=cfg.nll_clip_denoised,
+                          generator=generator, use_ema=loaded.use_ema)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return {"split": "val", "clip_denoised": bool(cfg.nll_clip_denoised), **summarize(terms),
+            "terms": str(save_terms(terms, out_dir / "nll_terms.npz")), "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _sample_rows(entry: dict, num_timesteps: int) -> list[tuple[str, str]]:
@@ -247,7 +227,7 @@ def _sample_rows(entry: dict, num_timesteps: int) -> list[tuple[str, str]]:
     sampler = s["sampler"]
     steps = sampler.get("steps") or num_timesteps
     rows = [("samples", f"{s['num_samples']} ({sampler.get('sampler')}, {steps} steps, eta {sampler.get('eta')}, "
-                        f"EMA, seed {s['seed']}; {s['images_per_sec']} images/s) -> {s['npz']}")]
+                        f"seed {s['seed']}; {s['images_per_sec']} images/s) -> {s['npz']}")]
     if entry.get("fid") is not None:
         ref = entry["fid_reference"]
         rows.append(("FID", f"{entry['fid']:.3f} ({s['num_samples']} samples vs {ref['dataset']} {ref['split']}, "

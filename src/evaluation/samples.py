@@ -10,15 +10,16 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from src.data.transforms import signed_to_uint8
+from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions
 
 log = logging.getLogger(__name__)
 
 
-def sample_uint8_batches(module, num_samples: int, batch_size: int, generator: torch.Generator | None = None,
-                         progress: bool = False, labels: torch.Tensor | None = None,
-                         **sampler_kwargs) -> Iterator[torch.Tensor]:
+def sample_uint8_batches(module, num_samples: int, batch_size: int, options: SamplerOptions,
+                         guidance: Guidance = NO_GUIDANCE, generator: torch.Generator | None = None,
+                         progress: bool = False, labels: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield uint8 images [B, C, H, W] from `module.sample` (EMA weights), num_samples in all; with labels
-    [num_samples], image i is drawn for class labels[i].
+    [num_samples], image i is drawn for class labels[i] (with `guidance`'s scales).
 
     One generator runs through all batches, so a seed fixes the whole sample set.
     """
@@ -30,8 +31,8 @@ def sample_uint8_batches(module, num_samples: int, batch_size: int, generator: t
     while done < num_samples:
         n = min(batch_size, num_samples - done)
         if labels is not None:
-            sampler_kwargs["y"] = labels[done:done + n].to(module.device)
-        images = module.sample(n, generator=generator, use_ema=True, **sampler_kwargs)
+            guidance = guidance.for_labels(labels[done:done + n].to(module.device))
+        images = module.sample(n, options, guidance, generator=generator, use_ema=True)
         done += n
         if progress:
             log.info("sampled %d / %d", done, num_samples)

@@ -2,5 +2,6 @@ from .checkpoint_io import AtomicCheckpointIO
 from .classifier_module import ClassifierModule
 from .diffusion_module import DiffusionModule
 from .ema import EMA
+from .ema_trained import EMATrainedModule
 
-__all__ = ["AtomicCheckpointIO", "ClassifierModule", "DiffusionModule", "EMA"]
+__all__ = ["AtomicCheckpointIO", "ClassifierModule", "DiffusionModule", "EMA", "EMATrainedModule"]

@@ -1,18 +1,16 @@
 """The LightningModule of task=classifier: a classifier of noisy images x_t for classifier guidance."""
 from typing import Callable
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from src.diffusion import GaussianDiffusion
 
-from .ema import EMA
-from .optim import with_linear_warmup
+from .ema_trained import EMATrainedModule
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(EMATrainedModule):
     """Trains `net(x_t, t) -> logits` on images noised by `diffusion`'s forward process at uniformly drawn
     t (Dhariwal & Nichol 2021), and keeps an EMA of its weights for validation and guidance.
 
@@ -27,12 +25,10 @@ class ClassifierModule(L.LightningModule):
     """
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable[..., torch.optim.Optimizer],
-                 lr_warmup_steps: int = 0, ema_decay: float = 0.9999, run_config: dict | None = None):
-        super().__init__()
+                 lr_warmup_steps: int, ema_decay: float, run_config: dict | None = None):
+        super().__init__(net, ema_decay)
         self.save_hyperparameters(ignore=["net", "diffusion"])
-        self.net = net
         self.diffusion = diffusion
-        self.ema = EMA(net, decay=ema_decay)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(xt, t)
@@ -59,10 +55,3 @@ class ClassifierModule(L.LightningModule):
         # and on the clean images (t = 0), the easiest case
         _, clean = self._losses(self.ema.model, x0, y, torch.zeros_like(t), torch.zeros_like(x0))
         self.log_dict({"val/loss": loss, "val/acc": accuracy, "val/acc_t0": clean}, prog_bar=True, sync_dist=True)
-
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.net)
-
-    def configure_optimizers(self):
-        return with_linear_warmup(self.hparams.optimizer(params=self.net.parameters()), self.hparams.lr_warmup_steps)

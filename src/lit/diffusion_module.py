@@ -1,18 +1,17 @@
-"""The LightningModule: network + diffusion math + EMA + optimisation."""
+"""The LightningModule of task=diffusion: the denoiser + diffusion math (EMA + optimisation: EMATrainedModule)."""
 import logging
 import random
 from typing import Any, Callable
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
-from src.diffusion import GaussianDiffusion, LossSecondMomentResampler, UniformSampler, drop_labels, sample
+from src.diffusion import (NO_GUIDANCE, GaussianDiffusion, Guidance, LossSecondMomentResampler, SamplerOptions,
+                           UniformSampler, drop_labels, sample)
 from src.errors import NonFiniteLossError
 
-from .ema import EMA
-from .optim import with_linear_warmup
+from .ema_trained import EMATrainedModule
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ RNG_STATES_KEY = "rng_states"
 RNG_STATES_PER_RANK_KEY = "rng_states_per_rank"
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(EMATrainedModule):
     """Trains `net` as the denoiser of `diffusion` and keeps an EMA of its weights for sampling.
 
     Args:
@@ -34,7 +33,8 @@ class DiffusionModule(L.LightningModule):
         ema_decay: EMA decay of the weights used for validation and sampling.
         label_dropout: for a class-conditional net (one with `num_classes`), the probability of training
             on the null label instead of the image's, so the net also learns the unconditional model that
-            classifier-free guidance needs (Ho & Salimans 2022). Unused for unconditional nets.
+            classifier-free guidance needs (Ho & Salimans 2022). Unused for unconditional nets. Set by
+            conf/task/diffusion.yaml; 0 for run configs written before it existed (they trained without).
         run_config: the resolved run config, saved in the checkpoint so a run can be rebuilt from it.
     """
 
@@ -44,22 +44,20 @@ class DiffusionModule(L.LightningModule):
         diffusion: GaussianDiffusion,
         timestep_sampler: UniformSampler,
         optimizer: Callable[..., torch.optim.Optimizer],
-        lr_warmup_steps: int = 0,
-        ema_decay: float = 0.9999,
+        lr_warmup_steps: int,
+        ema_decay: float,
         label_dropout: float = 0.0,
         run_config: dict | None = None,
     ):
-        super().__init__()
+        super().__init__(net, ema_decay)
         self.save_hyperparameters(ignore=["net", "diffusion", "timestep_sampler"])
         if timestep_sampler.num_timesteps != diffusion.num_timesteps:
             raise ValueError(f"timestep sampler has T={timestep_sampler.num_timesteps} but the diffusion has "
                              f"T={diffusion.num_timesteps}")
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
-        self.net = net
         self.diffusion = diffusion
         self.timestep_sampler = timestep_sampler
-        self.ema = EMA(net, decay=ema_decay)
         self._rng_before_validation: dict | None = None
         self._rank_stream_restored = False
 
@@ -117,13 +115,6 @@ class DiffusionModule(L.LightningModule):
         # A resume with the same number of ranks has already put every rank back on its own stream.
         if self.trainer.world_size > 1 and self.global_rank > 0 and not self._rank_stream_restored:
             _seed_rank_stream(self.global_rank)
-
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.net)
-
-    def configure_optimizers(self):
-        return with_linear_warmup(self.hparams.optimizer(params=self.net.parameters()), self.hparams.lr_warmup_steps)
 
     # --- validation (EMA weights) -------------------------------------------------------------
     # Validation runs outside the training's random stream: the validation DataLoader seeds its
@@ -190,14 +181,13 @@ class DiffusionModule(L.LightningModule):
 
     # --- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, num_samples: int, generator: torch.Generator | None = None, use_ema: bool = True,
-               **sampler_kwargs) -> torch.Tensor:
-        """Images [N x C x H x W] in [-1, 1] from the EMA (default) or live weights; sampler_kwargs as in
-        src.diffusion.sample (sampler, steps, spacing, eta, clip_denoised, progress; y [N] labels on this
-        module's device, guidance_scale, classifier, classifier_scale)."""
+    def sample(self, num_samples: int, options: SamplerOptions = SamplerOptions(), guidance: Guidance = NO_GUIDANCE,
+               *, generator: torch.Generator | None = None, use_ema: bool = True, progress: bool = False) -> torch.Tensor:
+        """Images [N x C x H x W] in [-1, 1] from the EMA (default) or live weights, drawn with `options` and
+        `guidance` (labels [N] on this module's device) as in src.diffusion.sample."""
         net = self.ema.model if use_ema else self.net
-        shape = (num_samples, net.in_channels, net.image_size, net.image_size)
-        return sample(self.diffusion, net, shape, generator=generator, device=self.device, **sampler_kwargs)
+        return sample(self.diffusion, net, (num_samples, *net.image_shape), options, guidance, generator=generator,
+                      device=self.device, progress=progress)
 
 
 def _collect_rng_states(device: torch.device) -> dict[str, Any]:

@@ -48,6 +48,11 @@ class NoisyClassifier(nn.Module):
         self.norm_out = group_norm(ch)
         self.out = zero_module(nn.Linear(ch, num_classes))
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the classifier takes."""
+        return (self.in_channels, self.image_size, self.image_size)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, S, S] float, t [B] timesteps (0..T-1) -> logits [B, num_classes]."""
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):

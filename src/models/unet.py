@@ -137,6 +137,11 @@ class UNet(nn.Module):
                     f"num_heads={num_heads} does not divide the {c} channels of the attention at "
                     f"resolution {r}; use a num_heads that divides {c}")
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network takes and makes."""
+        return (self.in_channels, self.image_size, self.image_size)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C_in, S, S] float, t [B] timesteps (long or float, 0..T-1), y [B] long labels or None
         (None = unconditional; a label equal to num_classes also means unconditional)

@@ -1,0 +1,128 @@
+"""What evaluate.py and sample.py share: the sampler options of a command (one merge of the run's sampler
+config and the command line, checked before the model is built), and the loaded checkpoint (network with
+the chosen weights, device, image shape, the merged data config and its data module, each built once)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from torch import nn
+
+from src.checkpoints import module_from_checkpoint, read_checkpoint, run_config
+from src.diffusion import GaussianDiffusion, SamplerOptions, check_options
+from src.errors import ConfigError
+from src.lit import DiffusionModule
+
+from .compiled import compile_for_sampling, compile_mode
+
+log = logging.getLogger(__name__)
+
+# Command-line keys that override single sampler options of the `sampler` group.
+SAMPLER_OVERRIDES = ("steps", "eta", "spacing")
+
+
+def pick_device(name: str) -> torch.device:
+    """`device=auto` is the GPU when there is one; an unavailable CUDA device is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use device=auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA GPU is available here; use device=cpu or device=auto")
+    return device
+
+
+def sampler_options(trained: DictConfig, cfg: DictConfig) -> SamplerOptions:
+    """The run's sampler config, then the `sampler=` group chosen on the command line, then steps / eta /
+    spacing on top; a bad value is a one-line ConfigError."""
+    values = OmegaConf.to_container(trained.get("sampler") or {}, resolve=True)
+    if cfg.get("sampler") is not None:
+        values.update(OmegaConf.to_container(cfg.sampler, resolve=True))
+    for key in SAMPLER_OVERRIDES:
+        value = cfg.get(key)
+        if value is not None:
+            values[key] = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+    try:
+        return SamplerOptions.from_mapping(values)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A diffusion checkpoint loaded for sampling: `net` is the EMA network (or the raw one) on `device`."""
+
+    path: Path
+    global_step: int | None
+    trained: DictConfig  # the run config stored in the checkpoint
+    module: DiffusionModule
+    use_ema: bool
+    device: torch.device
+    data_overrides: DictConfig
+    _datamodules: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.module.ema.model if self.use_ema else self.module.net
+
+    @property
+    def diffusion(self) -> GaussianDiffusion:
+        return self.module.diffusion
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.net.image_shape
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.net, "num_classes", None)
+
+    @property
+    def data_config(self) -> DictConfig:
+        """The checkpoint's data config with the command line's `data` overrides on top."""
+        return OmegaConf.merge(self.trained.data, self.data_overrides)
+
+    def datamodule(self, stage: str, **changes):
+        """The data module of data_config (+ changes), set up for `stage`; built once per stage and changes."""
+        key = (stage, tuple(sorted(changes.items())))
+        if key not in self._datamodules:
+            data_cfg = self.data_config
+            for name, value in changes.items():
+                data_cfg[name] = value
+            datamodule = instantiate(data_cfg)
+            datamodule.setup(stage)
+            self._datamodules[key] = datamodule
+        return self._datamodules[key]
+
+
+def load_checkpoint(cfg: DictConfig, until: int | None = None) -> tuple[LoadedCheckpoint, SamplerOptions]:
+    """Read cfg.ckpt_path, check the sampler options against its schedule (a reverse run from timestep
+    `until`, default from noise), then build the module on cfg.device with the weights of cfg.use_ema
+    (default EMA) and compile its network when cfg.compile asks."""
+    try:
+        ckpt_path = Path(str(cfg.ckpt_path)).expanduser()
+    except MissingMandatoryValue:
+        raise ConfigError("ckpt_path is required: give ckpt_path=PATH/TO/last.ckpt") from None
+    compile_mode(cfg.get("compile"))
+    device = pick_device(cfg.device)
+    ckpt = read_checkpoint(ckpt_path)
+    trained = run_config(ckpt)
+    options = sampler_options(trained, cfg)
+    try:
+        check_options(options, int(trained.schedule.num_timesteps), until)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    module = module_from_checkpoint(ckpt, "diffusion", source=str(ckpt_path)).to(device)
+    loaded = LoadedCheckpoint(path=ckpt_path.resolve(), global_step=ckpt.get("global_step"), trained=trained,
+                              module=module, use_ema=bool(cfg.get("use_ema", True)), device=device,
+                              data_overrides=cfg.get("data") or OmegaConf.create({}))
+    del ckpt
+    compile_for_sampling(loaded.net, cfg.get("compile"))
+    return loaded, options

@@ -1,0 +1,188 @@
+"""sample.py's work: one function per mode (grid, trajectory, interpolate, invert), dispatched by MODES.
+
+Every mode gets the loaded checkpoint, the sampler options merged once from the run's sampler config and the
+command line, and the command's config; it returns the PNG files it wrote, by name.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
+
+from src.diffusion import (Guidance, SamplerOptions, ddim_invert, ddim_sample, image_grid, interpolate,
+                           interpolate_ddim, sample, sample_trajectory, trajectory_grid)
+from src.diffusion.editing import BLENDS
+from src.errors import ConfigError
+
+from .context import LoadedCheckpoint, load_checkpoint
+from .guidance import check_classifier_classes, check_guidance, grid_labels, guidance_scales, load_classifier
+
+log = logging.getLogger(__name__)
+ENCODERS = ("q_sample", "ddim")
+
+
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _count(cfg: DictConfig) -> int:
+    return _positive(cfg.num_samples if cfg.get("num_samples") is not None else cfg[cfg.mode].num_samples,
+                     "num_samples")
+
+
+def save(grid: torch.Tensor, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    log.info("wrote %s", path)
+    return path
+
+
+def validation_images(loaded: LoadedCheckpoint, mode: str, n: int) -> torch.Tensor:
+    """The first n images [n, C, H, W] in [-1, 1] of the checkpoint's validation split."""
+    dataset = loaded.datamodule("validate").val_dataset
+    if dataset is None or len(dataset) < n:
+        size = 0 if dataset is None else len(dataset)
+        raise ConfigError(f"mode={mode} needs {n} validation images, the data has {size}; lower num_samples")
+    return torch.stack([dataset[i][0] for i in range(n)]).to(loaded.device)
+
+
+def _generator(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Generator:
+    return torch.Generator(device=loaded.device).manual_seed(int(cfg.seed))
+
+
+def _batches(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, n: int,
+             guidance: Guidance | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """n images from one generator, in batches of cfg.batch_size (with labels: image i of class labels[i])."""
+    generator, out = _generator(cfg, loaded), []
+    for first in range(0, n, cfg.batch_size):
+        size = min(cfg.batch_size, n - first)
+        batch_guidance = Guidance() if labels is None else guidance.for_labels(labels[first:first + size].to(loaded.device))
+        out.append(sample(loaded.diffusion, loaded.net, (size, *loaded.image_shape), options, batch_guidance,
+                          generator=generator, device=loaded.device, progress=cfg.progress).cpu())
+    return torch.cat(out)
+
+
+def grid(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:
+    """A grid of samples; with labels (a class-conditional checkpoint or a classifier) one row per class and
+    one grid per guidance scale, each from the same seed so the grids differ only by the guidance."""
+    num_classes, classifier = _labels_and_classifier(cfg, loaded)
+    if num_classes is None:
+        images = _batches(cfg, loaded, options, _count(cfg))
+        return {"samples": save(image_grid(images, nrow=cfg.grid.nrow), Path(cfg.paths.output_dir) / "samples.png")}
+    per_class = _positive(cfg.num_samples if cfg.get("num_samples") is not None else cfg.grid.per_class,
+                          "grid.per_class")
+    labels = grid_labels(num_classes, per_class, cfg.get("class_label"))
+    scales = guidance_scales(cfg.guidance_scale, loaded.num_classes)
+    written = {}
+    for w in scales:
+        guidance = Guidance(scale=w, classifier=classifier, classifier_scale=cfg.classifier.scale)
+        images = _batches(cfg, loaded, options, len(labels), guidance, labels)
+        name = "samples.png" if len(scales) == 1 else f"samples_w{w:g}.png"
+        written[name] = save(image_grid(images, nrow=per_class), Path(cfg.paths.output_dir) / name)
+    return written
+
+
+def _labels_and_classifier(cfg: DictConfig, loaded: LoadedCheckpoint):
+    """(number of classes to draw rows of, or None for a plain grid; the classifier of classifier guidance or
+    None), after checking the guidance settings against the checkpoint."""
+    num_classes = loaded.num_classes
+    scales = guidance_scales(cfg.guidance_scale, num_classes)
+    with_classifier = cfg.classifier.ckpt_path is not None
+    check_guidance(num_classes, scales, with_classifier, cfg.get("class_label"))
+    if not with_classifier:
+        return num_classes, None
+    classifier = load_classifier(cfg.classifier.ckpt_path, loaded.diffusion, loaded.image_shape, loaded.device)
+    return check_classifier_classes(classifier, num_classes, cfg.get("class_label")), classifier
+
+
+def trajectory(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:
+    """x_t and the predicted x_0 along the reverse process (DDPM Fig. 6), one row per sample."""
+    spec, out_dir = cfg.trajectory, Path(cfg.paths.output_dir)
+    record = spec.record_timesteps
+    traj = sample_trajectory(loaded.diffusion, loaded.net, (_count(cfg), *loaded.image_shape), options,
+                             record_every=spec.record_every,
+                             record_timesteps=OmegaConf.to_container(record) if OmegaConf.is_list(record) else record,
+                             generator=_generator(cfg, loaded), device=loaded.device, progress=cfg.progress)
+    log.info("recorded timesteps (columns): %s", traj.timesteps)
+    return {"pred_x0": save(trajectory_grid(traj, "pred_x0"), out_dir / "trajectory_pred_x0.png"),
+            "xt": save(trajectory_grid(traj, "xt"), out_dir / "trajectory_xt.png")}
+
+
+def interpolate_pairs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:
+    """Between pairs of validation images: rows = pairs, x_a | the decoded blends for each lambda | x_b."""
+    spec, n = cfg.interpolate, _count(cfg)
+    images = validation_images(loaded, cfg.mode, 2 * n)
+    x_a, x_b = images[:n], images[n:]
+    lambdas = torch.linspace(0.0, 1.0, spec.num_lambdas).tolist()
+    if spec.encoder == "q_sample":
+        mixed = interpolate(loaded.diffusion, loaded.net, x_a, x_b, lambdas, spec.t, options, method=spec.method,
+                            generator=_generator(cfg, loaded), progress=cfg.progress)
+        name = f"interpolate_t{spec.t}_{spec.method}.png"
+    else:  # ddim
+        mixed = interpolate_ddim(loaded.diffusion, loaded.net, x_a, x_b, lambdas, options, method=spec.method,
+                                 progress=cfg.progress)
+        name = f"interpolate_ddim_{spec.method}.png"
+    rows = torch.cat([x_a.unsqueeze(1), mixed, x_b.unsqueeze(1)], dim=1)
+    return {"interpolate": save(image_grid(rows), Path(cfg.paths.output_dir) / name)}
+
+
+def invert(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:
+    """DDIM inversion of validation images to x_T and their reconstruction: x_0 | x_T / 3 | reconstruction."""
+    if options.sampler != "ddim":
+        log.info("mode=invert always uses DDIM with eta=0 (the sampler's steps / spacing are kept)")
+    x0 = validation_images(loaded, cfg.mode, _count(cfg))
+    latent = ddim_invert(loaded.diffusion, loaded.net, x0, options, progress=cfg.progress)
+    recon = ddim_sample(loaded.diffusion, loaded.net, latent, options, progress=cfg.progress)
+    mse = (recon - x0).pow(2).mean().item()
+    log.info("latent mean %.3f std %.3f; reconstruction MSE %.2e (PSNR %.1f dB on [-1, 1])",
+             latent.mean().item(), latent.std().item(), mse, 10 * math.log10(4.0 / max(mse, 1e-12)))
+    rows = torch.stack([x0, latent / 3.0, recon], dim=1)
+    return {"invert": save(image_grid(rows), Path(cfg.paths.output_dir) / "invert.png")}
+
+
+MODES: dict[str, Callable[[DictConfig, LoadedCheckpoint, SamplerOptions], dict[str, Path]]] = {
+    "grid": grid, "trajectory": trajectory, "interpolate": interpolate_pairs, "invert": invert,
+}
+
+
+def check_settings(cfg: DictConfig) -> int | None:
+    """The sample config's own values, checked before anything is loaded; returns the timestep the reverse
+    runs start from when it is not the last one (mode=interpolate with the q_sample encoder)."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+    _count(cfg)
+    _positive(cfg.batch_size, "batch_size")
+    labelled = cfg.classifier.ckpt_path is not None or cfg.get("class_label") is not None
+    if cfg.mode != "grid" and (labelled or any(guidance_scales(cfg.guidance_scale, None))):
+        raise ConfigError(f"class_label, guidance_scale and classifier apply to mode=grid, not mode={cfg.mode}")
+    if cfg.mode != "interpolate":
+        return None
+    spec = cfg.interpolate
+    if spec.encoder not in ENCODERS:
+        raise ConfigError(f"unknown interpolate.encoder {spec.encoder!r}; choose one of {', '.join(ENCODERS)}")
+    if spec.method not in BLENDS:
+        raise ConfigError(f"unknown interpolate.method {spec.method!r}; choose one of {', '.join(BLENDS)}")
+    _positive(spec.num_lambdas, "interpolate.num_lambdas")
+    if spec.num_lambdas < 2:
+        raise ConfigError(f"interpolate.num_lambdas must be an integer >= 2, got {spec.num_lambdas!r}")
+    return spec.t if spec.encoder == "q_sample" else None
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """Sample from cfg.ckpt_path in cfg.mode; returns the written files by name."""
+    until = check_settings(cfg)
+    loaded, options = load_checkpoint(cfg, until=until)
+    log.info("mode=%s, sampler %s, %s weights, on %s", cfg.mode, options.as_dict(),
+             "EMA" if loaded.use_ema else "raw", loaded.device)
+    start = time.perf_counter()
+    written = MODES[cfg.mode](cfg, loaded, options)
+    log.info("done in %.1f s; outputs in %s", time.perf_counter() - start, Path(cfg.paths.output_dir).resolve())
+    return written

@@ -165,7 +165,7 @@ def read_png(path: Path) -> np.ndarray:
 def test_sample_command_draws_one_row_per_class_per_guidance_scale(checkpoints, compose_sample, tmp_path):
     import sample as sample_command
 
-    common = [f"ckpt_path={checkpoints['diffusion']}", "device=cpu", "sampler=ddim", "steps=2"]
+    common = [f"ckpt_path={checkpoints['diffusion']}", "device=cpu", "sampler=ddim", "steps=2", "min_image_size=null"]
     written = sample_command.run(compose_sample(*common, "guidance_scale=[0,3]", "grid.per_class=2",
                                                 output_dir=tmp_path / "cfg"))
     assert set(written) == {"samples_w0.png", "samples_w3.png"}
@@ -192,7 +192,7 @@ def test_evaluate_sweeps_the_guidance_scale(checkpoints, compose_evaluate, tmp_p
 
     out = tmp_path / "eval"
     cfg = compose_evaluate(f"ckpt_path={checkpoints['diffusion']}", "num_samples=12", "batch_size=12",
-                           "fid=false", "sampler=ddim", "steps=2", "grid_size=20", output_dir=out)
+                           "fid=false", "sampler=ddim", "steps=2", "grid_size=20", "min_image_size=null", output_dir=out)
     metrics = run(cfg)
     runs = metrics["guidance"]["runs"]
     assert [r["guidance_scale"] for r in runs] == [0.0, 1.0, 3.0] and metrics["guidance"]["num_classes"] == 10

@@ -453,7 +453,7 @@ def test_sample_command_writes_each_mode(compose_train, compose_sample, tmp_path
     import sample as sample_command
 
     ckpt = write_checkpoint(compose_train, tmp_path / "last.ckpt")
-    common = [f"ckpt_path={ckpt}", "device=cpu", "seed=1"]
+    common = [f"ckpt_path={ckpt}", "device=cpu", "seed=1", "min_image_size=null"]  # PNGs at the images' own size
     cases = {
         "grid": (["mode=grid", "num_samples=4", "sampler=ddim", "steps=3"], {"samples": (3, 2 + 2 * 18, 2 + 2 * 18)}),
         "trajectory": (["mode=trajectory", "num_samples=2", "steps=4", "trajectory.record_every=2"],
@@ -516,3 +516,19 @@ def test_sample_command_missing_checkpoint_is_one_line(tmp_path, monkeypatch, ca
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_small_images_are_enlarged_pixel_by_pixel_in_the_grids(compose_train, compose_sample, tmp_path):
+    import sample as sample_command
+
+    ckpt = write_checkpoint(compose_train, tmp_path / "last.ckpt")
+    common = [f"ckpt_path={ckpt}", "device=cpu", "seed=1", "mode=grid", "num_samples=4", "sampler=ddim", "steps=2"]
+    raw = read_png(sample_command.run(compose_sample(*common, "min_image_size=null",
+                                                     output_dir=tmp_path / "raw"))["samples"])
+    shown = read_png(sample_command.run(compose_sample(*common, output_dir=tmp_path / "shown"))["samples"])
+    # 16 px images, at least 64 px shown: every pixel of the raw grid becomes a 4 x 4 block
+    assert shown.shape == (4 * raw.shape[0], 4 * raw.shape[1], 3)
+    np.testing.assert_array_equal(shown, raw.repeat(4, axis=0).repeat(4, axis=1))
+    odd = read_png(sample_command.run(compose_sample(*common, "min_image_size=40",
+                                                     output_dir=tmp_path / "odd"))["samples"])
+    assert odd.shape[0] == 3 * raw.shape[0]  # ceil(40 / 16): whole blocks only

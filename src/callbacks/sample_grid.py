@@ -4,22 +4,26 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from src.diffusion import SamplerOptions
+from src.evaluation.grids import display_scale, save_grid_png
 
 
 class SampleGridCallback(L.Callback):
     """Every `every_n_steps` optimizer steps and at the end of training, sample `num_samples` images
     with the EMA weights from the same seed (so successive grids show the same noise maturing), write
-    `<dirpath>/step_<N>.png` and hand the grid to every logger that takes images.
+    `<dirpath>/step_<N>.png` and hand the grid to every logger that takes images. Images smaller than
+    `min_image_size` pixels are enlarged by an integer factor (nearest neighbour) in that PNG and in the
+    logged image, so a grid of 16x16 digits can be judged by eye; `<dirpath>/raw/step_<N>.png` keeps the
+    grid at the images' own size (min_image_size null: only the raw-size grid, under the first name).
 
     `sampler` holds the sampler options (src.diffusion.SamplerOptions: sampler, steps, spacing, eta, ...).
     Runs on rank zero only; `every_n_steps <= 0` keeps only the final grid.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int, num_samples: int, seed: int, sampler: dict | None,
-                 nrow: int | None = None, on_train_end: bool = True):
+                 min_image_size: int | None, nrow: int | None = None, on_train_end: bool = True):
         super().__init__()
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -27,6 +31,7 @@ class SampleGridCallback(L.Callback):
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.nrow = nrow or max(1, int(num_samples ** 0.5))
         self.at_train_end = on_train_end
+        self.min_image_size = min_image_size
         self.options = SamplerOptions.from_mapping(sampler)
         self.last_path: Path | None = None
 
@@ -48,8 +53,8 @@ class SampleGridCallback(L.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         images = pl_module.sample(self.num_samples, self.options, generator=generator)
         grid = make_grid((images + 1) / 2, nrow=self.nrow, padding=2, pad_value=1.0)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        raw = self.dirpath / "raw" / path.name if display_scale(images.shape[-1], self.min_image_size) > 1 else None
+        grid = save_grid_png(grid, path, images.shape[-1], self.min_image_size, raw_path=raw)
         self.last_path = path
         for logger in trainer.loggers:
             log_image = getattr(logger, "log_image", None)  # W&B

@@ -49,6 +49,10 @@ def sampler_options(trained: DictConfig, cfg: DictConfig) -> SamplerOptions:
         value = cfg.get(key)
         if value is not None:
             values[key] = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+    if isinstance(values.get("spacing"), list):
+        # spacing=[10,15,20] (Hydra's quoting of improved-diffusion's "10,15,20") means what that string means
+        # there: section counts, never the literal timesteps {10, 15, 20} (a run from noise at t=20).
+        values["spacing"] = ",".join(str(v) for v in values["spacing"])
     try:
         return SamplerOptions.from_mapping(values)
     except ValueError as err:

@@ -118,13 +118,15 @@ def sample_and_score(cfg: DictConfig, loaded: LoadedCheckpoint, options: Sampler
     seconds = time.perf_counter() - start
     npz = save_npz(images, out_dir, labels)
     if labels is None:
-        grid = save_grid(images[: cfg.grid_size], out_dir / "samples_grid.png")
+        grid = save_grid(images[: cfg.grid_size], out_dir / "samples_grid.png", min_image_size=cfg.min_image_size)
     else:
         num_classes = int(labels.max()) + 1
         per_row = max(1, cfg.grid_size // num_classes)
         grid = save_grid(per_class_rows(images, labels, num_classes, per_row), out_dir / "samples_grid.png",
-                         nrow=per_row)
-    update(samples={"num_samples": num_samples, "sampler": options.as_dict(), "seed": int(cfg.seed), "npz": str(npz),
+                         nrow=per_row, min_image_size=cfg.min_image_size)
+    timesteps = options.timesteps(loaded.diffusion.num_timesteps)
+    update(samples={"num_samples": num_samples, "sampler": options.as_dict(), "timesteps": timesteps,
+                    "seed": int(cfg.seed), "npz": str(npz),
                     "grid": str(grid), "seconds": round(seconds, 2),
                     "images_per_sec": round(num_samples / max(seconds, 1e-9), 2)})
     if not cfg.fid:
@@ -222,10 +224,10 @@ def nll_report(cfg: DictConfig, loaded: LoadedCheckpoint, out_dir: Path) -> dict
             "terms": str(save_terms(terms, out_dir / "nll_terms.npz")), "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _sample_rows(entry: dict, num_timesteps: int) -> list[tuple[str, str]]:
+def _sample_rows(entry: dict) -> list[tuple[str, str]]:
     s = entry["samples"]
     sampler = s["sampler"]
-    steps = sampler.get("steps") or num_timesteps
+    steps = len(s["timesteps"])
     rows = [("samples", f"{s['num_samples']} ({sampler.get('sampler')}, {steps} steps, eta {sampler.get('eta')}, "
                         f"seed {s['seed']}; {s['images_per_sec']} images/s) -> {s['npz']}")]
     if entry.get("fid") is not None:
@@ -247,9 +249,9 @@ def print_table(content: dict, path: Path) -> None:
             f"; classifier {classifier['ckpt_path']} at scale {classifier['scale']}" if classifier else "")))
         for run_entry in g["runs"]:
             rows.extend((f"w={run_entry['guidance_scale']:g} {key}", value)
-                        for key, value in _sample_rows(run_entry, content["diffusion"]["num_timesteps"]))
+                        for key, value in _sample_rows(run_entry))
     else:
-        rows.extend(_sample_rows(content, content["diffusion"]["num_timesteps"]))
+        rows.extend(_sample_rows(content))
     if "nll" in content:
         n = content["nll"]
         rows.append(("NLL (val)", f"{n['bpd']:.4f} bits/dim over {n['num_images']} images, T={n['num_timesteps']}: "

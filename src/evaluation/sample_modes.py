@@ -13,14 +13,13 @@ from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
-
 from src.diffusion import (Guidance, SamplerOptions, ddim_invert, ddim_sample, image_grid, interpolate,
                            interpolate_ddim, sample, sample_trajectory, trajectory_grid)
 from src.diffusion.editing import BLENDS
 from src.errors import ConfigError
 
 from .context import LoadedCheckpoint, load_checkpoint
+from .grids import save_grid_png
 from .guidance import check_classifier_classes, check_guidance, grid_labels, guidance_scales, load_classifier
 
 log = logging.getLogger(__name__)
@@ -38,9 +37,10 @@ def _count(cfg: DictConfig) -> int:
                      "num_samples")
 
 
-def save(grid: torch.Tensor, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+def save(cfg: DictConfig, loaded: LoadedCheckpoint, grid: torch.Tensor, name: str) -> Path:
+    """The grid as <output_dir>/<name>, its images enlarged to at least cfg.min_image_size pixels."""
+    path = Path(cfg.paths.output_dir) / name
+    save_grid_png(grid, path, loaded.image_shape[-1], cfg.min_image_size)
     log.info("wrote %s", path)
     return path
 
@@ -76,7 +76,7 @@ def grid(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> 
     num_classes, classifier = _labels_and_classifier(cfg, loaded)
     if num_classes is None:
         images = _batches(cfg, loaded, options, _count(cfg))
-        return {"samples": save(image_grid(images, nrow=cfg.grid.nrow), Path(cfg.paths.output_dir) / "samples.png")}
+        return {"samples": save(cfg, loaded, image_grid(images, nrow=cfg.grid.nrow), "samples.png")}
     per_class = _positive(cfg.num_samples if cfg.get("num_samples") is not None else cfg.grid.per_class,
                           "grid.per_class")
     labels = grid_labels(num_classes, per_class, cfg.get("class_label"))
@@ -86,7 +86,7 @@ def grid(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> 
         guidance = Guidance(scale=w, classifier=classifier, classifier_scale=cfg.classifier.scale)
         images = _batches(cfg, loaded, options, len(labels), guidance, labels)
         name = "samples.png" if len(scales) == 1 else f"samples_w{w:g}.png"
-        written[name] = save(image_grid(images, nrow=per_class), Path(cfg.paths.output_dir) / name)
+        written[name] = save(cfg, loaded, image_grid(images, nrow=per_class), name)
     return written
 
 
@@ -105,15 +105,15 @@ def _labels_and_classifier(cfg: DictConfig, loaded: LoadedCheckpoint):
 
 def trajectory(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:
     """x_t and the predicted x_0 along the reverse process (DDPM Fig. 6), one row per sample."""
-    spec, out_dir = cfg.trajectory, Path(cfg.paths.output_dir)
+    spec = cfg.trajectory
     record = spec.record_timesteps
     traj = sample_trajectory(loaded.diffusion, loaded.net, (_count(cfg), *loaded.image_shape), options,
                              record_every=spec.record_every,
                              record_timesteps=OmegaConf.to_container(record) if OmegaConf.is_list(record) else record,
                              generator=_generator(cfg, loaded), device=loaded.device, progress=cfg.progress)
     log.info("recorded timesteps (columns): %s", traj.timesteps)
-    return {"pred_x0": save(trajectory_grid(traj, "pred_x0"), out_dir / "trajectory_pred_x0.png"),
-            "xt": save(trajectory_grid(traj, "xt"), out_dir / "trajectory_xt.png")}
+    return {"pred_x0": save(cfg, loaded, trajectory_grid(traj, "pred_x0"), "trajectory_pred_x0.png"),
+            "xt": save(cfg, loaded, trajectory_grid(traj, "xt"), "trajectory_xt.png")}
 
 
 def interpolate_pairs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:
@@ -131,7 +131,7 @@ def interpolate_pairs(cfg: DictConfig, loaded: LoadedCheckpoint, options: Sample
                                  progress=cfg.progress)
         name = f"interpolate_ddim_{spec.method}.png"
     rows = torch.cat([x_a.unsqueeze(1), mixed, x_b.unsqueeze(1)], dim=1)
-    return {"interpolate": save(image_grid(rows), Path(cfg.paths.output_dir) / name)}
+    return {"interpolate": save(cfg, loaded, image_grid(rows), name)}
 
 
 def invert(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:
@@ -145,7 +145,7 @@ def invert(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -
     log.info("latent mean %.3f std %.3f; reconstruction MSE %.2e (PSNR %.1f dB on [-1, 1])",
              latent.mean().item(), latent.std().item(), mse, 10 * math.log10(4.0 / max(mse, 1e-12)))
     rows = torch.stack([x0, latent / 3.0, recon], dim=1)
-    return {"invert": save(image_grid(rows), Path(cfg.paths.output_dir) / "invert.png")}
+    return {"invert": save(cfg, loaded, image_grid(rows), "invert.png")}
 
 
 MODES: dict[str, Callable[[DictConfig, LoadedCheckpoint, SamplerOptions], dict[str, Path]]] = {
@@ -180,7 +180,9 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     """Sample from cfg.ckpt_path in cfg.mode; returns the written files by name."""
     until = check_settings(cfg)
     loaded, options = load_checkpoint(cfg, until=until)
-    log.info("mode=%s, sampler %s, %s weights, on %s", cfg.mode, options.as_dict(),
+    kept = options.timesteps(loaded.diffusion.num_timesteps)
+    log.info("mode=%s, sampler %s (%d timesteps from noise: %s), %s weights, on %s", cfg.mode, options.as_dict(),
+             len(kept), kept if len(kept) <= 12 else f"{kept[:3]} ... {kept[-3:]}",
              "EMA" if loaded.use_ema else "raw", loaded.device)
     start = time.perf_counter()
     written = MODES[cfg.mode](cfg, loaded, options)

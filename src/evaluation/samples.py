@@ -7,10 +7,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from src.data.transforms import signed_to_uint8
 from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions
+
+from .grids import save_grid_png
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,11 @@ def save_npz(images: torch.Tensor, dirpath: str | Path, labels: torch.Tensor | N
     return path
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """uint8 [N, C, H, W] -> a PNG grid (nrow defaults to about sqrt(N))."""
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+              min_image_size: int | None = None) -> Path:
+    """uint8 [N, C, H, W] -> a PNG grid (nrow defaults to about sqrt(N)), images enlarged to at least
+    min_image_size pixels (see src.evaluation.grids)."""
     n = images.shape[0]
     grid = make_grid(images.float() / 255.0, nrow=nrow or max(1, int(n ** 0.5)), padding=2, pad_value=1.0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return path
+    save_grid_png(grid, path, images.shape[-1], min_image_size)
+    return Path(path)

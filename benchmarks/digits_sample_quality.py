@@ -21,17 +21,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from sklearn.neural_network import MLPClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.data import DigitsDataModule  # noqa: E402
 from src.evaluation.metrics import frechet_distance  # noqa: E402
 
 
 def digits_split(image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train images, train labels, val images) of the default digits split, flattened to [0, 1]."""
-    datamodule = DigitsDataModule(image_size=image_size)
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "digits.yaml")
+    datamodule = instantiate(config, image_size=image_size)  # the training split, as train.py makes it
     datamodule.setup("fit")
     flat = lambda ds: ds.images.reshape(len(ds), -1).numpy().astype(np.float64) / 255.0  # noqa: E731
     return flat(datamodule.train_dataset), datamodule.train_dataset.labels.numpy(), flat(datamodule.val_dataset)

@@ -8,6 +8,7 @@ from typing import Callable, TypeVar
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from src.data import DatasetNotFoundError
 from src.errors import NonFiniteLossError, RunError
@@ -22,9 +23,11 @@ def run_command(run: Callable[[DictConfig], T], cfg: DictConfig, resume_hint: st
     finished; `resume_hint` says how to continue it."""
     try:
         return run(cfg)
-    except (RunError, DatasetNotFoundError) as err:
+    except (RunError, DatasetNotFoundError, MissingMandatoryValue) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if isinstance(err, MissingMandatoryValue):  # a `???` in the config that the command line did not set
+            err = f"{err.full_key} is required and has no value; set it on the command line ({err.full_key}=...)"
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     except SIGTERMException:

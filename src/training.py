@@ -41,6 +41,10 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
     ckpt_path, resume = cfg.get("ckpt_path"), bool(cfg.get("resume", False))
     last = last_checkpoint_path(cfg)
     if ckpt_path is None and not resume:
+        if last.is_file() and not cfg.get("overwrite", False):
+            # A fresh run here would replace the trained checkpoint with step-0 weights at its first save.
+            raise CheckpointError(f"{last} already holds a trained run; resume it with ckpt_path=last, choose "
+                                  f"another folder (hydra.run.dir=...), or replace it with overwrite=true")
         return None
     if ckpt_path is None or str(ckpt_path) == "last":
         if last.is_file():
@@ -53,6 +57,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
             f"hydra.run.dir=<run folder> ckpt_path=last (or ckpt_path=<file.ckpt>), or use resume=true to start "
             f"at step 0 when there is nothing to resume")
     path = Path(str(ckpt_path)).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"ckpt_path={ckpt_path} is a folder; give a .ckpt file such as "
+                              f"{path}/checkpoints/last.ckpt, or ckpt_path=last with hydra.run.dir={path}")
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file; give the path of a .ckpt file "
                               f"(e.g. <run folder>/checkpoints/last.ckpt) or ckpt_path=last with hydra.run.dir=<run folder>")

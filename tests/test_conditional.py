@@ -73,7 +73,8 @@ class LabelSpy(nn.Module):
 def test_training_step_drops_labels_at_the_configured_rate(p):
     spy = LabelSpy(num_classes=10)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 50))
-    module = DiffusionModule(spy, diffusion, UniformSampler(50), torch.optim.Adam, label_dropout=p)
+    module = DiffusionModule(spy, diffusion, UniformSampler(50), torch.optim.Adam, lr_warmup_steps=0, ema_decay=0.9999,
+                             label_dropout=p)
     n = 20_000
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
@@ -92,7 +93,8 @@ def test_training_step_drops_labels_at_the_configured_rate(p):
 def test_unconditional_net_gets_no_labels():
     calls = []
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 50))
-    module = DiffusionModule(lambda_net(calls), diffusion, UniformSampler(50), torch.optim.Adam, label_dropout=0.5)
+    module = DiffusionModule(lambda_net(calls), diffusion, UniformSampler(50), torch.optim.Adam, lr_warmup_steps=0,
+                             ema_decay=0.9999, label_dropout=0.5)
     with pytest.warns(UserWarning, match="self.log"):
         module.training_step((torch.zeros(4, 1, 2, 2), torch.arange(4)), 0)
     assert calls == [{}]

@@ -70,7 +70,7 @@ def tiny_unet() -> UNet:
 def fit(out_dir: Path, devices: int) -> None:
     torch.manual_seed(0)  # same initial weights in both runs
     module = KeyedNoiseModule(net=tiny_unet(), diffusion=GaussianDiffusion(make_beta_schedule("linear", T)),
-                              timestep_sampler=UniformSampler(T), ema_decay=0.9,
+                              timestep_sampler=UniformSampler(T), ema_decay=0.9, lr_warmup_steps=0,
                               optimizer=functools.partial(make_optimizer, lr=LR))
     module.out_dir = out_dir
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
@@ -135,7 +135,7 @@ def fit_for_resume(out_dir: Path, max_steps: int, ckpt_path: Path | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     module = RecordingModule(net=tiny_unet(), diffusion=GaussianDiffusion(make_beta_schedule("linear", T)),
-                             timestep_sampler=UniformSampler(T), ema_decay=0.9,
+                             timestep_sampler=UniformSampler(T), ema_decay=0.9, lr_warmup_steps=0,
                              optimizer=functools.partial(make_optimizer, lr=LR))
     module.out_dir = out_dir
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir, save_last=True, every_n_train_steps=2)

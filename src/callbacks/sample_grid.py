@@ -23,7 +23,7 @@ class SampleGridCallback(L.Callback):
     """
 
     def __init__(self, dirpath: str, every_n_steps: int, num_samples: int, seed: int, sampler: dict | None,
-                 min_image_size: int | None, nrow: int | None = None, on_train_end: bool = True):
+                 min_image_size: int | None, on_train_end: bool, nrow: int | None = None):
         super().__init__()
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")

@@ -51,6 +51,12 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
         raise ConfigError(f"schedule={cfg.schedule.get('name')} with schedule.num_timesteps={len(betas)} gives betas "
                           f"outside (0, 1) (largest {betas.max().item():.4g}); use a larger schedule.num_timesteps "
                           f"(the linear schedule scales its betas by 1000/T) or schedule=cosine")
+    if cfg.objective.get("loss_type") == "hybrid" and cfg.objective.get("var_type") != "learned_range":
+        # L_hybrid's vb term trains only the variance (the mean is stop-gradiented in it): with a fixed variance
+        # it is a constant, and the run would be L_simple while its config says L_hybrid.
+        raise ConfigError(f"objective=hybrid needs objective.var_type=learned_range (with "
+                          f"{cfg.objective.get('var_type')} its vb term has no gradient); use objective=simple for "
+                          f"a fixed variance")
     with config_errors("diffusion (objective)"):
         return instantiate(cfg.diffusion)
 

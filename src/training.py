@@ -113,8 +113,17 @@ def _keep_csv_history(loggers: list, resume_step: int) -> None:
 
 
 # --- training ------------------------------------------------------------------------------------
+def check_max_steps(cfg: DictConfig) -> None:
+    """trainer.max_steps: a positive number of optimizer steps, or -1 to stop by trainer.max_epochs."""
+    steps = cfg.trainer.get("max_steps", -1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps >= 1 or steps == -1):
+        raise ConfigError(f"trainer.max_steps must be a positive integer (or -1 to stop by trainer.max_epochs), "
+                          f"got {steps!r}")
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train from a composed config. Returns (metrics, objects) so tests can inspect both."""
+    check_max_steps(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)
     resume_step = None

@@ -3,11 +3,14 @@ nothing already on disk changes."""
 from pathlib import Path
 
 import pytest
+import torch
 
-from src.errors import CheckpointError
+from src.diffusion import GaussianDiffusion
+from src.errors import CheckpointError, ConfigError
 from src.training import resolve_ckpt_path, train
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_replaces_a_trained_checkpoint(compose_train):
     cfg = compose_train("trainer.max_steps=2")
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -26,3 +29,21 @@ def test_a_fresh_run_never_replaces_a_trained_checkpoint(compose_train):
 def test_ckpt_path_to_a_folder_says_so(compose_train, tmp_path):
     with pytest.raises(CheckpointError, match="is a folder; give a .ckpt file such as"):
         resolve_ckpt_path(compose_train(f"ckpt_path={tmp_path}"))
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-5", "2.5"])
+def test_max_steps_must_be_a_step_count(compose_train, value):
+    with pytest.raises(ConfigError, match=r"trainer.max_steps must be a positive integer \(or -1"):
+        train(compose_train(f"trainer.max_steps={value}"))
+
+
+def test_hybrid_loss_with_a_fixed_variance_is_refused(compose_train):
+    with pytest.raises(ConfigError, match="objective=hybrid needs objective.var_type=learned_range"):
+        train(compose_train("objective=hybrid", "objective.var_type=fixed_large", "trainer.max_steps=1"))
+
+
+def test_eps_prediction_at_zero_snr_is_refused_by_the_library():
+    betas = torch.linspace(1e-4, 1.0, 20, dtype=torch.float64)  # T=20 linear: beta_T = 1, alpha_bar_T = 0
+    with pytest.raises(ValueError, match="alphas_cumprod reaches 0 at t=19 .* mean_type='eps' is undefined at SNR 0"):
+        GaussianDiffusion(betas, mean_type="eps")
+    assert GaussianDiffusion(betas, mean_type="x0").alphas_cumprod[-1] == 0  # defined for an x0 target

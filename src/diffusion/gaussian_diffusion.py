@@ -66,6 +66,12 @@ class GaussianDiffusion(nn.Module):
 
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
+        if mean_type in ("eps", "mu") and not bool((alphas_cumprod > 0).all()):
+            # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero where abar = 0 (SNR 0)
+            first = int((alphas_cumprod == 0).nonzero()[0])
+            raise ValueError(f"alphas_cumprod reaches 0 at t={first} (beta_t = 1): mean_type={mean_type!r} is undefined "
+                             f"at SNR 0; use betas below 1 (e.g. more timesteps for the linear schedule) or "
+                             f"mean_type='x0'")
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)

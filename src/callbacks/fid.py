@@ -204,6 +204,7 @@ class FIDCallback(L.Callback):
     def _log(self, trainer: L.Trainer, step: int, values: dict, num_samples: int) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-        log.info("step %d: FID %.3f, IS %.3f +- %.3f (%d EMA samples, %s; reference: %s)", step, values["eval/fid"],
-                 values["eval/is"], values["eval/is_std"], num_samples, self.options.as_dict(),
+        nfe = self.options.nfe(trainer.lightning_module.diffusion.num_timesteps)
+        log.info("step %d: FID %.3f, IS %.3f +- %.3f (%d EMA samples, %s, %d NFE; reference: %s)", step,
+                 values["eval/fid"], values["eval/is"], values["eval/is_std"], num_samples, self.options.as_dict(), nfe,
                  self.reference.describe())

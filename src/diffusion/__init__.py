@@ -6,8 +6,9 @@ from .likelihoods import discretized_gaussian_log_likelihood, mean_flat, normal_
 from .options import NO_GUIDANCE, Guidance, SamplerOptions
 from .respace import SpacedDiffusion, space_timesteps
 from .samplers import SAMPLERS, Sampler
-from .sampling import (Trajectory, check_options, ddpm_sample, denoise_from, image_grid, respaced, respaced_for,
-                       sample, sample_trajectory, trajectory_grid)
+from .sampling import (Trajectory, check_options, ddpm_sample, denoise_from, image_grid, process_for, respaced,
+                       respaced_for, sample, sample_trajectory, trajectory_grid, visited_timesteps)
+from .solvers import SolverSchedule
 from .schedules import make_beta_schedule
 from .timestep_samplers import LossSecondMomentResampler, UniformSampler
 
@@ -16,6 +17,6 @@ __all__ = [
     "Sampler", "SamplerOptions", "SpacedDiffusion", "Trajectory", "UniformSampler", "check_options",
     "classifier_guidance", "ddim_invert", "ddim_sample", "ddpm_sample", "denoise_from",
     "discretized_gaussian_log_likelihood", "drop_labels", "image_grid", "interpolate", "interpolate_ddim", "lerp",
-    "make_beta_schedule", "mean_flat", "normal_kl", "respaced", "respaced_for", "sample", "sample_trajectory", "slerp",
+    "make_beta_schedule", "mean_flat", "normal_kl", "process_for", "respaced", "respaced_for", "sample", "SolverSchedule", "visited_timesteps", "sample_trajectory", "slerp",
     "space_timesteps", "trajectory_grid",
 ]

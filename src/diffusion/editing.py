@@ -141,7 +141,7 @@ def ddim_sample(diffusion: GaussianDiffusion, model: Model, latent: torch.Tensor
                 progress: bool = False) -> torch.Tensor:
     """Decode DDIM latents [N x C x H x W] (e.g. from `ddim_invert` with the same options) to images in
     [-1, 1] with the deterministic DDIM sampler (the options' steps, spacing and clipping; eta = 0)."""
-    return sample(diffusion, model, tuple(latent.shape), options.replace(sampler="ddim", eta=0.0),
+    return sample(diffusion, model, tuple(latent.shape), options.replace(sampler="ddim", eta=0.0, order=None, s_churn=0.0),
                   device=latent.device, noise=latent, model_kwargs=model_kwargs, progress=progress)
 
 

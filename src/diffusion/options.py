@@ -10,18 +10,25 @@ from typing import Any
 import torch
 
 from .guidance import Classifier
-from .respace import space_timesteps
+from .respace import CONTINUOUS_SPACINGS, NAMED_SPACINGS, SPACINGS, space_timesteps, spacing_count, spacing_kind
 from .samplers import SAMPLERS
 
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    """sampler: a SAMPLERS name ("ddpm" ancestral, "ddim").
-    steps: sample over this many evenly strided training timesteps (None: all T, or `spacing`'s).
-    spacing: a `space_timesteps` spacing ("50", "ddim50", "quad20", "10,20") or the timesteps themselves;
-        it takes precedence over steps.
+    """sampler: a SAMPLERS name ("ddpm" ancestral, "ddim", the solvers "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
+        "unipc", "euler", "heun").
+    steps: sample over this many steps placed by the sampler's default spacing (ddpm / ddim: evenly strided
+        training timesteps; DPM-Solver++ / UniPC: uniform logSNR; Euler / Heun: Karras sigmas); None: all T,
+        or `spacing`'s.
+    spacing: a `space_timesteps` spacing ("50", "ddim50", "quad20", "10,20", "linspace20", "trailing20"), for
+        the solvers also "logsnr20" / "karras20" (between training timesteps), or the timesteps themselves;
+        it takes precedence over steps. A bare name ("karras") takes its count from steps. A spacing the
+        sampler cannot use is an error (respace.SPACINGS lists the kinds, SAMPLERS which sampler takes which).
     eta: DDIM's noise scale (0: deterministic, 1: the DDPM posterior variance); only for samplers that use it.
     clip_denoised: clip each predicted x_0 to [-1, 1].
+    order: the solver order of samplers that take one (unipc: 1-3, default 2); None: the sampler's default.
+    s_churn: EDM's stochastic churn S_churn (Alg. 2; 0: the deterministic Alg. 1); euler and heun only.
     """
 
     sampler: str = "ddpm"
@@ -29,6 +36,8 @@ class SamplerOptions:
     spacing: str | tuple[int, ...] | None = None
     eta: float = 0.0
     clip_denoised: bool = True
+    order: int | None = None
+    s_churn: float = 0.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -55,6 +64,48 @@ class SamplerOptions:
             raise ValueError(f"eta={self.eta} has no effect with sampler={self.sampler}; use eta=0 or sampler={users}")
         if not isinstance(self.clip_denoised, bool):
             raise ValueError(f"clip_denoised must be true or false, got {self.clip_denoised!r}")
+        self._check_solver_options()
+        self._check_spacing()
+
+    def _check_solver_options(self) -> None:
+        entry = SAMPLERS[self.sampler]
+        if self.order is not None and (isinstance(self.order, bool) or not isinstance(self.order, int)):
+            raise ValueError(f"order must be an integer or null, got {self.order!r}")
+        if self.order is not None and not entry.orders:
+            users = ", ".join(name for name, s in SAMPLERS.items() if s.orders)
+            raise ValueError(f"order={self.order} has no effect with sampler={self.sampler} (its order is fixed); "
+                             f"use order=null or sampler={users}")
+        if self.order is not None and self.order not in entry.orders:
+            raise ValueError(f"sampler={self.sampler} takes order {' or '.join(map(str, entry.orders))}, "
+                             f"got {self.order}")
+        if isinstance(self.s_churn, bool) or not isinstance(self.s_churn, (int, float)) or self.s_churn < 0:
+            raise ValueError(f"s_churn must be a number >= 0, got {self.s_churn!r}")
+        object.__setattr__(self, "s_churn", float(self.s_churn))
+        if self.s_churn != 0 and not entry.uses_churn:
+            users = ", ".join(name for name, s in SAMPLERS.items() if s.uses_churn)
+            raise ValueError(f"s_churn={self.s_churn} has no effect with sampler={self.sampler}; use s_churn=0 or "
+                             f"sampler={users}")
+
+    def _check_spacing(self) -> None:
+        entry = SAMPLERS[self.sampler]
+        if self.spacing is None:
+            return
+        kind = spacing_kind(self.spacing)
+        if kind not in entry.spacings:
+            users = ", ".join(name for name, s in SAMPLERS.items() if kind in s.spacings)
+            raise ValueError(f"spacing {self._spacing_text()!r} ({SPACINGS[kind]}) does not apply to "
+                             f"sampler={self.sampler}; use another spacing or sampler={users}")
+        if self._is_bare_name() and self.steps is None:
+            raise ValueError(f"spacing={self.spacing!r} takes its number of steps from steps; set steps (e.g. "
+                             f"steps=10) or give the count, spacing={self.spacing}10")
+        if kind in CONTINUOUS_SPACINGS and not self._is_bare_name():
+            spacing_count(self.spacing)  # a bad count fails here, not at the first batch
+
+    def _is_bare_name(self) -> bool:
+        return isinstance(self.spacing, str) and self.spacing.strip().lower() in NAMED_SPACINGS
+
+    def _spacing_text(self) -> str:
+        return ",".join(map(str, self.spacing)) if isinstance(self.spacing, tuple) else str(self.spacing)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> SamplerOptions:
@@ -69,18 +120,66 @@ class SamplerOptions:
     def replace(self, **changes) -> SamplerOptions:
         return dataclasses.replace(self, **changes)
 
+    def explicit_spacing(self) -> str | list[int] | None:
+        """The spacing as given (a list for listed timesteps), a bare name with its count from steps; None if unset."""
+        if isinstance(self.spacing, tuple):
+            return list(self.spacing)
+        if self._is_bare_name():
+            return f"{self.spacing.strip().lower()}{self.steps}"
+        return self.spacing
+
+    def resolved_spacing(self) -> str | list[int] | None:
+        """The spacing a run places its steps with: the explicit one, else `steps` placed by the sampler's
+        default spacing; None: `steps` evenly strided (all T when steps is None)."""
+        default = SAMPLERS[self.sampler].default_spacing
+        if self.spacing is None and default is not None and self.steps is not None:
+            return f"{default}{self.steps}"
+        return self.explicit_spacing()
+
+    @property
+    def solver_order(self) -> int | None:
+        """The order a solver runs with: `order`, else the sampler's default (None for fixed-order samplers)."""
+        return self.order if self.order is not None else SAMPLERS[self.sampler].default_order
+
+    def is_continuous(self) -> bool:
+        """Whether the steps fall between training timesteps (logSNR or Karras placements)."""
+        spacing = self.resolved_spacing()
+        return spacing is not None and spacing_kind(spacing) in CONTINUOUS_SPACINGS
+
     def timesteps(self, num_timesteps: int) -> list[int]:
-        """The training timesteps a run from noise visits (ascending), checked against T."""
-        if self.spacing is None and (self.steps is None or self.steps == num_timesteps):
+        """The training timesteps a run from noise visits (ascending), checked against T; a placement
+        between training timesteps (logsnr, karras) depends on the schedule: see sampling.visited_timesteps."""
+        spacing = self.resolved_spacing()
+        if spacing is None and (self.steps is None or self.steps == num_timesteps):
             return list(range(num_timesteps))
-        spacing = list(self.spacing) if isinstance(self.spacing, tuple) else self.spacing
+        if self.is_continuous():
+            raise ValueError(f"spacing {spacing!r} places steps between training timesteps; they follow from the "
+                             f"noise schedule: src.diffusion.sampling.visited_timesteps(diffusion, options)")
         return space_timesteps(num_timesteps, spacing if spacing is not None else self.steps)
 
+    def num_steps(self, num_timesteps: int) -> int:
+        """The number of steps (noise levels) a run from noise takes, checked against T."""
+        return spacing_count(self.resolved_spacing()) if self.is_continuous() else len(self.timesteps(num_timesteps))
+
+    def nfe(self, num_timesteps: int) -> int:
+        """Network evaluations of a run from noise (what sample quality per cost is measured against)."""
+        return SAMPLERS[self.sampler].nfe(self.num_steps(num_timesteps))
+
     def as_dict(self) -> dict:
-        """Plain values for logs and metrics.json."""
+        """Plain values for logs and metrics.json: every option that applies to the sampler (order and
+        s_churn only for the samplers that take them), the spacing as placed when the sampler chose it."""
         values = dataclasses.asdict(self)
         if isinstance(self.spacing, tuple):
             values["spacing"] = list(self.spacing)
+        elif self.spacing is None:
+            values["spacing"] = self.resolved_spacing()  # a solver's own placement of steps, e.g. "logsnr20"
+        entry = SAMPLERS[self.sampler]
+        if entry.orders:
+            values["order"] = self.solver_order
+        else:
+            del values["order"]
+        if not entry.uses_churn:
+            del values["s_churn"]
         return values
 
 

@@ -1,13 +1,98 @@
-"""Strided sampling (improved DDPM Sec. 4): a diffusion over a subsequence of the training timesteps.
+"""Step placement: which training timesteps (or noise levels between them) a sampler visits.
 
-For kept steps S = {s_1 < ... < s_K} the respaced process uses beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}},
-so its alphas_cumprod equal the original ones at the kept steps; the network is still called with the
-original timestep s_k.
+Strided sampling (improved DDPM Sec. 4): for kept steps S = {s_1 < ... < s_K} the respaced process uses
+beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}, so its alphas_cumprod equal the original ones at the kept steps;
+the network is still called with the original timestep s_k.
+
+The ODE / SDE solvers also take placements that fall between training timesteps (uniform in logSNR,
+Karras sigmas): `log_snr_grid` places them on the continuous-time view, lambda_t = log(alpha_t / sigma_t)
+interpolated linearly in t between the T training steps (exact at integer t).
 """
 import numpy as np
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion, Model
+
+# What each kind of spacing places (the kinds a sampler accepts are listed in its registry entry).
+SPACINGS = {
+    "even": "improved-diffusion's N evenly strided steps ('N', 'uniform:N', sections '10,20')",
+    "ddim": "DDIM's range(0, T, stride) ('ddimN')",
+    "quad": "DDIM's quadratic spacing ('quadN')",
+    "list": "the listed timesteps",
+    "linspace": "N of N + 1 points uniform in t over [0, T - 1], t = 0 dropped ('linspaceN', diffusers' linspace)",
+    "trailing": "uniform in t from T - 1 in strides of T / N ('trailingN', as zero-terminal-SNR papers use)",
+    "logsnr": "uniform in logSNR lambda_t between t = T - 1 and t = 0 ('logsnrN', DPM-Solver's default)",
+    "karras": "Karras et al.'s sigmas, rho = 7, between t = T - 1 and t = 0 ('karrasN', EDM)",
+}
+INTEGER_SPACINGS = frozenset({"even", "ddim", "quad", "list", "linspace", "trailing"})  # at training timesteps
+CONTINUOUS_SPACINGS = frozenset({"logsnr", "karras"})  # between training timesteps: the solvers only
+NAMED_SPACINGS = ("linspace", "trailing", "logsnr", "karras", "ddim", "quad")  # a bare name counts `steps`
+KARRAS_RHO = 7.0
+_SPACING_HELP = ("use N, 'ddimN', 'quadN', comma-separated section counts like '10,20', or for the solvers "
+                 "'linspaceN', 'trailingN', 'logsnrN', 'karrasN'")
+
+
+def spacing_kind(spacing: str | int | list[int] | tuple[int, ...]) -> str:
+    """The SPACINGS key of a spacing (its form only; its count is checked where the steps are placed)."""
+    if isinstance(spacing, (list, tuple)):
+        return "list"
+    text = str(spacing).strip().lower()
+    for name in NAMED_SPACINGS:
+        if text.startswith(name):
+            return name
+    if text.startswith("uniform:") or all(part.strip().isdigit() for part in text.split(",")):
+        return "even"
+    raise ValueError(f"unknown timestep spacing {spacing!r}; {_SPACING_HELP}")
+
+
+def spacing_count(spacing: str) -> int:
+    """N of a named spacing such as 'karras10' (a positive integer)."""
+    text = str(spacing).strip().lower()
+    name = spacing_kind(text)
+    return _positive_int(text[len(name):], spacing, 10 ** 9)
+
+
+def log_snr(alphas_cumprod: torch.Tensor | np.ndarray) -> np.ndarray:
+    """lambda_t = log(alpha_t / sigma_t) = 0.5 log(abar_t / (1 - abar_t)) at the T training steps: [T] float64,
+    decreasing in t (DPM-Solver's half-logSNR; the EDM noise level is sigma_t / alpha_t = exp(-lambda_t))."""
+    abar = torch.as_tensor(alphas_cumprod).detach().cpu().double().numpy()
+    return 0.5 * (np.log(abar) - np.log1p(-abar))
+
+
+def time_of_log_snr(lam: np.ndarray | float, table: np.ndarray) -> np.ndarray:
+    """The continuous timestep t in [0, T - 1] where the interpolated lambda_t equals `lam` (the inverse of
+    lambda_t linear in t between training steps; diffusers' _sigma_to_t, which interpolates t in log sigma)."""
+    return np.interp(-np.asarray(lam, dtype=np.float64), -table, np.arange(len(table), dtype=np.float64))
+
+
+def log_snr_grid(alphas_cumprod: torch.Tensor | np.ndarray, spacing: str, until: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(times [N], lambdas [N]), ascending in t, of a continuous spacing from timestep `until` (default
+    T - 1, i.e. from noise) down to t = 0; a solver evaluates the network at these N points and ends at the
+    clean image (lambda = +inf).
+
+    'logsnrN': lambda uniform between lambda_until and lambda_0 (DPM-Solver's default for pixel models;
+        diffusers' use_lu_lambdas); 'karrasN': sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) -
+        sigma_max^(1/rho)))^rho with sigma = exp(-lambda) (EDM eq. 5, rho = 7; diffusers' use_karras_sigmas).
+    """
+    table = log_snr(alphas_cumprod)
+    until = len(table) - 1 if until is None else until
+    if not 0 <= until < len(table):
+        raise ValueError(f"until must be in [0, {len(table)}), got {until}")
+    kind, n = spacing_kind(spacing), spacing_count(spacing)
+    if kind == "logsnr":
+        lambdas = np.linspace(table[until], table[0], n)[::-1].copy()  # from the noisiest: reversed to ascending t
+    elif kind == "karras":
+        sigma_min, sigma_max = np.exp(-table[0]), np.exp(-table[until])
+        ramp = np.linspace(0.0, 1.0, n)
+        inv_rho_min, inv_rho_max = sigma_min ** (1.0 / KARRAS_RHO), sigma_max ** (1.0 / KARRAS_RHO)
+        sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** KARRAS_RHO
+        lambdas = -np.log(sigmas)[::-1].copy()
+    else:
+        raise ValueError(f"spacing {spacing!r} is at training timesteps; place it with space_timesteps")
+    if n > 1 and len(np.unique(lambdas)) != n:
+        raise ValueError(f"spacing {spacing!r} repeats noise levels from t={until}; use fewer steps")
+    return time_of_log_snr(lambdas, table), lambdas
 
 
 def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[int]:
@@ -21,7 +106,10 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
         "quadN": DDIM's quadratic spacing int(linspace(0, sqrt(0.8 T), N)^2), denser at small t;
         "10,20,30": improved-diffusion sections: T is cut into equal sections with that many evenly
             strided steps each;
+        "linspaceN": round(linspace(0, T - 1, N + 1)) without t = 0 (diffusers' "linspace" for its solvers);
+        "trailingN": round(arange(T, 0, -T / N)) - 1 (diffusers' / zero-terminal-SNR papers' "trailing");
         a list of ints: those timesteps.
+    ('logsnrN' and 'karrasN' fall between training timesteps: `log_snr_grid` places them.)
     """
     if isinstance(spacing, (list, tuple)):
         steps = sorted({int(s) for s in spacing})
@@ -31,21 +119,52 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
     text = str(spacing).strip().lower()
     if text.startswith("uniform:"):
         text = text[len("uniform:"):]
-    if text.startswith("ddim"):
-        n = _positive_int(text[4:], spacing, num_timesteps)
-        for stride in range(1, num_timesteps):
-            if len(range(0, num_timesteps, stride)) == n:
-                return list(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot take exactly {n} equally strided steps of T={num_timesteps} ('ddim{n}'); "
-                         f"use '{n}' (improved-diffusion's even spacing) instead")
-    if text.startswith("quad"):
-        n = _positive_int(text[4:], spacing, num_timesteps)
-        # DDIM's formula verbatim (numpy's linspace), so the steps match its runs to the integer.
-        steps = [int(s) for s in np.linspace(0, np.sqrt(num_timesteps * 0.8), n) ** 2]
-        if len(set(steps)) != n:
-            raise ValueError(f"quadratic spacing with {n} steps repeats timesteps at T={num_timesteps}; use fewer")
-        return steps
-    counts = [_positive_int(part, spacing, num_timesteps) for part in text.split(",")]
+    if text.startswith(tuple(CONTINUOUS_SPACINGS)):
+        raise ValueError(f"spacing {spacing!r} places steps between training timesteps; only the ODE / SDE "
+                         f"solvers take it (see log_snr_grid)")
+    for prefix, place in PLACED_AT_TIMESTEPS.items():
+        if text.startswith(prefix):
+            largest = num_timesteps - 1 if prefix == "linspace" else num_timesteps
+            return place(_positive_int(text[len(prefix):], spacing, largest), num_timesteps)
+    return _sections([_positive_int(part, spacing, num_timesteps) for part in text.split(",")], num_timesteps,
+                     spacing)
+
+
+def _linspace(n: int, num_timesteps: int) -> list[int]:
+    # diffusers' timestep_spacing="linspace" of its multistep solvers: N + 1 points from 0 to T - 1, the
+    # first (t = 0) dropped, as the run ends at the clean image after the lowest kept step.
+    steps = np.linspace(0, num_timesteps - 1, n + 1).round()[1:].astype(np.int64).tolist()
+    if len(set(steps)) != n:
+        raise ValueError(f"'linspace{n}' repeats timesteps at T={num_timesteps}; use fewer steps")
+    return steps
+
+
+def _trailing(n: int, num_timesteps: int) -> list[int]:
+    # diffusers' (and Lin et al. 2024, Table 2's) "trailing": from T - 1 down in strides of T / N.
+    steps = sorted((np.arange(num_timesteps, 0, -num_timesteps / n).round() - 1).astype(np.int64).tolist())
+    if len(set(steps)) != n or steps[0] < 0:
+        raise ValueError(f"'trailing{n}' does not give {n} distinct timesteps at T={num_timesteps}; use fewer")
+    return steps
+
+
+def _ddim(n: int, num_timesteps: int) -> list[int]:
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == n:
+            return list(range(0, num_timesteps, stride))
+    raise ValueError(f"cannot take exactly {n} equally strided steps of T={num_timesteps} ('ddim{n}'); "
+                     f"use '{n}' (improved-diffusion's even spacing) instead")
+
+
+def _quad(n: int, num_timesteps: int) -> list[int]:
+    # DDIM's formula verbatim (numpy's linspace), so the steps match its runs to the integer.
+    steps = [int(s) for s in np.linspace(0, np.sqrt(num_timesteps * 0.8), n) ** 2]
+    if len(set(steps)) != n:
+        raise ValueError(f"quadratic spacing with {n} steps repeats timesteps at T={num_timesteps}; use fewer")
+    return steps
+
+
+def _sections(counts: list[int], num_timesteps: int, spacing) -> list[int]:
+    """improved-diffusion's sections: T cut into len(counts) equal sections with counts[i] even steps each."""
     size_per, extra = divmod(num_timesteps, len(counts))
     steps, start = [], 0
     for i, count in enumerate(counts):
@@ -63,12 +182,16 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
     return steps
 
 
+# Spacings at training timesteps named by a prefix and a step count ("ddim50"); anything else is read as
+# improved-diffusion's sections.
+PLACED_AT_TIMESTEPS = {"linspace": _linspace, "trailing": _trailing, "ddim": _ddim, "quad": _quad}
+
+
 def _positive_int(text: str, spacing, num_timesteps: int) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; use N, 'ddimN', 'quadN' or "
-                         f"comma-separated section counts like '10,20'") from None
+        raise ValueError(f"unknown timestep spacing {spacing!r}; {_SPACING_HELP}") from None
     if not 1 <= n <= num_timesteps:
         raise ValueError(f"number of sampling steps must be in [1, {num_timesteps}], got {n}")
     return n

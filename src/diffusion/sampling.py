@@ -1,5 +1,8 @@
 """Generating images with a trained network: one entry point for every sampler, the reverse process
-from an intermediate x_t, and the recorded trajectory of a run (DDPM Fig. 6) with its image grid."""
+from an intermediate x_t, and the recorded trajectory of a run (DDPM Fig. 6) with its image grid.
+
+A sampler steps through its process: the (respaced) GaussianDiffusion for ddpm / ddim, or for the ODE / SDE
+solvers a SolverSchedule, the noise levels of the options' spacing on the diffusion's continuous-time view."""
 import copy
 import math
 from dataclasses import dataclass
@@ -11,8 +14,9 @@ from torchvision.utils import make_grid
 from .gaussian_diffusion import GaussianDiffusion, Model
 from .guidance import guide
 from .options import NO_GUIDANCE, Guidance, SamplerOptions
-from .respace import SpacedDiffusion, space_timesteps
+from .respace import SpacedDiffusion, log_snr_grid, space_timesteps, spacing_count
 from .samplers import SAMPLERS, RandnLike
+from .solvers import SolverSchedule
 
 DEFAULT_OPTIONS = SamplerOptions()
 
@@ -28,9 +32,30 @@ def respaced(diffusion: GaussianDiffusion, steps: int | None = None,
 
 
 def respaced_for(diffusion: GaussianDiffusion, options: SamplerOptions) -> GaussianDiffusion:
-    """`respaced` over the options' steps / spacing."""
-    spacing = list(options.spacing) if isinstance(options.spacing, tuple) else options.spacing
-    return respaced(diffusion, options.steps, spacing)
+    """`respaced` over the options' steps / spacing (the spacing as given: a solver's own default placement
+    does not apply, so DDIM inversion with a solver's options strides its steps evenly, as ddim_sample does)."""
+    return respaced(diffusion, options.steps, options.explicit_spacing())
+
+
+def process_for(diffusion: GaussianDiffusion, options: SamplerOptions,
+                until: int | None = None) -> GaussianDiffusion | SolverSchedule:
+    """What the options' sampler steps through on a run from timestep `until` (default T - 1, from noise):
+    the diffusion, or a SpacedDiffusion over the kept timesteps (ddpm, ddim); a SolverSchedule over the
+    spacing's noise levels for the solvers (every training step 0..until when neither steps nor spacing is
+    set)."""
+    num_t = diffusion.num_timesteps
+    if not SAMPLERS[options.sampler].continuous:
+        if until is None:
+            return respaced_for(diffusion, options)
+        kept = check_options(options, num_t, until)
+        return diffusion if kept is None else SpacedDiffusion(diffusion, kept)
+    until = num_t - 1 if until is None else until
+    if options.is_continuous():
+        check_options(options, num_t, until)
+        times, lambdas = log_snr_grid(diffusion.alphas_cumprod, options.resolved_spacing(), until)
+        return SolverSchedule(diffusion, times, lambdas)
+    kept = check_options(options, num_t, until)
+    return SolverSchedule(diffusion, list(range(until + 1)) if kept is None else kept)
 
 
 @dataclass
@@ -52,8 +77,10 @@ class Trajectory:
 
 def on_device(diffusion: GaussianDiffusion, device: torch.device) -> GaussianDiffusion:
     """The diffusion with its buffers on `device`; a copy when it lives elsewhere, so sampling never
-    moves the caller's module."""
-    return diffusion if diffusion.betas.device == device else copy.deepcopy(diffusion).to(device)
+    moves the caller's module. A SolverSchedule holds Python numbers and lives on no device."""
+    if isinstance(diffusion, SolverSchedule) or diffusion.betas.device == device:
+        return diffusion
+    return copy.deepcopy(diffusion).to(device)
 
 
 def generator_randn_like(generator: torch.Generator | None) -> RandnLike:
@@ -76,6 +103,7 @@ def _reverse(diff: GaussianDiffusion, model: Model, x: torch.Tensor, options: Sa
     state: dict = {}
     for i in indices:
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        state["index"] = i  # t as a Python int: solvers branch on it without a device sync
         out = step(diff, model, x, t, options=options, randn_like=randn_like, model_kwargs=model_kwargs,
                    cond_fn=cond_fn, state=state)
         x = out["sample"]
@@ -86,7 +114,7 @@ def _reverse(diff: GaussianDiffusion, model: Model, x: torch.Tensor, options: Sa
 
 def _start(diffusion, shape, options, generator, device, noise):
     device = torch.device(device) if device is not None else diffusion.betas.device
-    diff = on_device(respaced_for(diffusion, options), device)
+    diff = on_device(process_for(diffusion, options), device)
     x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
     return diff, x
 
@@ -154,7 +182,7 @@ def sample_trajectory(diffusion: GaussianDiffusion, model: Model, shape: tuple[i
     """
     diff, x = _start(diffusion, shape, options, generator, device, noise)
     num_steps = diff.num_timesteps
-    timestep_of = (diff.timestep_map.tolist() if isinstance(diff, SpacedDiffusion) else list(range(num_steps)))
+    timestep_of = _timesteps_of(diff)
     record = _recorded_indices(num_steps, timestep_of, record_every, record_timesteps)
     states, preds, timesteps = [], [], []
 
@@ -168,6 +196,20 @@ def sample_trajectory(diffusion: GaussianDiffusion, model: Model, shape: tuple[i
                  model_kwargs=model_kwargs, progress=progress, on_step=on_step)
     return Trajectory(sample=x.clamp(-1.0, 1.0), timesteps=timesteps,
                       xt=torch.stack(states, dim=1), pred_x0=torch.stack(preds, dim=1))
+
+
+def visited_timesteps(diffusion: GaussianDiffusion, options: SamplerOptions, until: int | None = None) -> list:
+    """The original timesteps of the steps a run from `until` (default T - 1, from noise) takes, ascending:
+    the network is called at each (Heun twice at all but the lowest); floats where a solver's level falls
+    between training steps."""
+    return _timesteps_of(process_for(diffusion, options, until))
+
+
+def _timesteps_of(diff: GaussianDiffusion | SolverSchedule) -> list:
+    """The original timestep of each index (floats where a solver's level falls between training steps)."""
+    if isinstance(diff, SolverSchedule):
+        return diff.timestep_map
+    return diff.timestep_map.tolist() if isinstance(diff, SpacedDiffusion) else list(range(diff.num_timesteps))
 
 
 def kept_timesteps_until(num_timesteps: int, t: int, steps: int | None = None,
@@ -193,9 +235,16 @@ def kept_timesteps_until(num_timesteps: int, t: int, steps: int | None = None,
 
 def check_options(options: SamplerOptions, num_timesteps: int, until: int | None = None) -> list[int] | None:
     """The timesteps a run from timestep `until` (default T - 1, i.e. from noise) visits with `options`;
-    a spacing or step count that does not fit is a ValueError naming it."""
-    spacing = list(options.spacing) if isinstance(options.spacing, tuple) else options.spacing
-    return kept_timesteps_until(num_timesteps, num_timesteps - 1 if until is None else until, options.steps, spacing)
+    a spacing or step count that does not fit is a ValueError naming it. None: every step 0..until, or a
+    solver's placement between training timesteps (logsnr, karras: see respace.log_snr_grid), whose count
+    is checked here."""
+    until = num_timesteps - 1 if until is None else until
+    if options.is_continuous():
+        if not 0 <= until < num_timesteps:
+            raise ValueError(f"t must be in [0, {num_timesteps}), got {until}")
+        spacing_count(options.resolved_spacing())
+        return None
+    return kept_timesteps_until(num_timesteps, until, options.steps, options.resolved_spacing())
 
 
 @torch.no_grad()
@@ -210,8 +259,7 @@ def denoise_from(diffusion: GaussianDiffusion, model: Model, xt: torch.Tensor, t
     them every step is taken. `randn_like(x)` replaces the generator's step noise when given (e.g. noise
     shared across a batch). With t = T - 1 this is `sample` from noise=xt.
     """
-    kept = check_options(options, diffusion.num_timesteps, until=t)
-    diff = on_device(diffusion if kept is None else SpacedDiffusion(diffusion, kept), xt.device)
+    diff = on_device(process_for(diffusion, options, until=t), xt.device)
     x = _reverse(diff, model, xt, options, guidance, randn_like=randn_like or generator_randn_like(generator),
                  model_kwargs=model_kwargs, progress=progress)
     return x.clamp(-1.0, 1.0)

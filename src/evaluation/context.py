@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
+from src.builders import build_diffusion
 from src.checkpoints import module_from_checkpoint, read_checkpoint, run_config
-from src.diffusion import GaussianDiffusion, SamplerOptions, check_options
+from src.diffusion import GaussianDiffusion, SamplerOptions, visited_timesteps
 from src.errors import ConfigError
 from src.lit import DiffusionModule
 
@@ -23,7 +24,7 @@ from .compiled import compile_for_sampling, compile_mode
 log = logging.getLogger(__name__)
 
 # Command-line keys that override single sampler options of the `sampler` group.
-SAMPLER_OVERRIDES = ("steps", "eta", "spacing")
+SAMPLER_OVERRIDES = ("steps", "eta", "spacing", "order", "s_churn")
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,8 +120,8 @@ def load_checkpoint(cfg: DictConfig, until: int | None = None) -> tuple[LoadedCh
     ckpt = read_checkpoint(ckpt_path)
     trained = run_config(ckpt)
     options = sampler_options(trained, cfg)
-    try:
-        check_options(options, int(trained.schedule.num_timesteps), until)
+    try:  # the schedule alone (cheap) says whether the steps fit, before the network is built
+        visited_timesteps(build_diffusion(trained), options, until)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     module = module_from_checkpoint(ckpt, "diffusion", source=str(ckpt_path)).to(device)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config_diff import UNSET, differences
 from src.data import DatasetNotFoundError
-from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions
+from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions, visited_timesteps
 from src.errors import ConfigError
 
 from .context import LoadedCheckpoint, load_checkpoint
@@ -124,8 +124,9 @@ def sample_and_score(cfg: DictConfig, loaded: LoadedCheckpoint, options: Sampler
         per_row = max(1, cfg.grid_size // num_classes)
         grid = save_grid(per_class_rows(images, labels, num_classes, per_row), out_dir / "samples_grid.png",
                          nrow=per_row, min_image_size=cfg.min_image_size)
-    timesteps = options.timesteps(loaded.diffusion.num_timesteps)
+    timesteps = visited_timesteps(loaded.diffusion, options)
     update(samples={"num_samples": num_samples, "sampler": options.as_dict(), "timesteps": timesteps,
+                    "nfe": options.nfe(loaded.diffusion.num_timesteps),
                     "seed": int(cfg.seed), "npz": str(npz),
                     "grid": str(grid), "seconds": round(seconds, 2),
                     "images_per_sec": round(num_samples / max(seconds, 1e-9), 2)})
@@ -228,7 +229,7 @@ def _sample_rows(entry: dict) -> list[tuple[str, str]]:
     s = entry["samples"]
     sampler = s["sampler"]
     steps = len(s["timesteps"])
-    rows = [("samples", f"{s['num_samples']} ({sampler.get('sampler')}, {steps} steps, eta {sampler.get('eta')}, "
+    rows = [("samples", f"{s['num_samples']} ({sampler.get('sampler')}, {steps} steps = {s['nfe']} NFE, eta {sampler.get('eta')}, "
                         f"seed {s['seed']}; {s['images_per_sec']} images/s) -> {s['npz']}")]
     if entry.get("fid") is not None:
         ref = entry["fid_reference"]

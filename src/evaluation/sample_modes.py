@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 from src.diffusion import (Guidance, SamplerOptions, ddim_invert, ddim_sample, image_grid, interpolate,
-                           interpolate_ddim, sample, sample_trajectory, trajectory_grid)
+                           interpolate_ddim, sample, sample_trajectory, trajectory_grid, visited_timesteps)
 from src.diffusion.editing import BLENDS
 from src.errors import ConfigError
 
@@ -180,9 +180,10 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     """Sample from cfg.ckpt_path in cfg.mode; returns the written files by name."""
     until = check_settings(cfg)
     loaded, options = load_checkpoint(cfg, until=until)
-    kept = options.timesteps(loaded.diffusion.num_timesteps)
-    log.info("mode=%s, sampler %s (%d timesteps from noise: %s), %s weights, on %s", cfg.mode, options.as_dict(),
-             len(kept), kept if len(kept) <= 12 else f"{kept[:3]} ... {kept[-3:]}",
+    kept = visited_timesteps(loaded.diffusion, options)
+    log.info("mode=%s, sampler %s (%d steps, %d NFE from noise at timesteps %s), %s weights, on %s", cfg.mode,
+             options.as_dict(), len(kept), options.nfe(loaded.diffusion.num_timesteps),
+             kept if len(kept) <= 12 else f"{kept[:3]} ... {kept[-3:]}",
              "EMA" if loaded.use_ema else "raw", loaded.device)
     start = time.perf_counter()
     written = MODES[cfg.mode](cfg, loaded, options)

@@ -144,12 +144,25 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                          plugins=_plugins(cfg))
     try:
-        # The checkpoint is this project's own (checked above), and it holds the hparams: not weights-only.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        with warnings.catch_warnings():
+            _ignore_expected_warnings(resuming=ckpt_path is not None or bool(cfg.get("overwrite", False)))
+            # The checkpoint is this project's own (checked above), and it holds the hparams: not weights-only.
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     finally:
         _finish_wandb(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def _ignore_expected_warnings(resuming: bool) -> None:
+    """Silence, by message and origin, the warnings of a training run that say nothing a user can act on."""
+    # Lightning's own pytree helper still builds torch's deprecated LeafSpec for every DataLoader it wraps
+    # (Lightning-AI/pytorch-lightning#21326); nothing in this project's code or config causes it.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    if resuming:
+        # A resumed (or deliberately overwritten) run writes into its own checkpoints folder: not a surprise.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def _finish_wandb(loggers: list) -> None:

@@ -111,6 +111,9 @@ def test_empty_image_folder(compose_train, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("on_bad_image", ["skip", "error"])
+# the 20 readable images make one training batch, fewer than the logging interval: Lightning says so
+@pytest.mark.filterwarnings(r"ignore:The number of training batches \(1\) is smaller than the logging interval"
+                            ":lightning.fabric.utilities.warnings.PossibleUserWarning")
 def test_unreadable_images_are_skipped_with_a_count_or_stop_the_run(compose_train, tmp_path, caplog, on_bad_image):
     write_images(tmp_path / "images", 20)
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -243,7 +243,8 @@ def test_fid_callback_logs_fid_and_is_once_per_step(compose_train, tmp_path, wei
     assert np.isfinite(metrics_out["eval/fid"]) and metrics_out["eval/fid"] > 0
     callback = next(c for c in objects["trainer"].callbacks if type(c).__name__ == "FIDCallback")
     assert callback.last_metrics["num_samples"] == 4 and callback.last_metrics["step"] == 2
-    rows = list(csv.DictReader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")))
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     fid_rows = [r for r in rows if r.get("eval/fid")]
     assert len(fid_rows) == 1 and fid_rows[0]["step"] == "2"  # the end-of-training evaluation is not repeated
     assert len(list((tmp_path / "fid_stats").glob("digits-train-16px-6-*.npz"))) == 1
@@ -271,5 +272,6 @@ def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_t
     assert metrics_out["eval/is_std"] == pytest.approx(single["is_std"], rel=1e-4, abs=1e-9)
     # a second distributed run reads the cached reference statistics instead of recomputing them
     written = cache.stat().st_mtime_ns
+    cfg.overwrite = True  # the same run folder again, on purpose
     metrics_again, _ = train(cfg)
     assert cache.stat().st_mtime_ns == written and np.isfinite(metrics_again["eval/fid"])

@@ -31,12 +31,14 @@ def test_ckpt_path_to_a_folder_says_so(compose_train, tmp_path):
         resolve_ckpt_path(compose_train(f"ckpt_path={tmp_path}"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0", "abc", "-5", "2.5"])
 def test_max_steps_must_be_a_step_count(compose_train, value):
     with pytest.raises(ConfigError, match=r"trainer.max_steps must be a positive integer \(or -1"):
         train(compose_train(f"trainer.max_steps={value}"))
 
 
+@pytest.mark.slow
 def test_hybrid_loss_with_a_fixed_variance_is_refused(compose_train):
     with pytest.raises(ConfigError, match="objective=hybrid needs objective.var_type=learned_range"):
         train(compose_train("objective=hybrid", "objective.var_type=fixed_large", "trainer.max_steps=1"))

@@ -144,8 +144,8 @@ def test_csv_records_throughput_and_git_commit(compose_train):
     cfg = compose_train("trainer.max_steps=3", "trainer.log_every_n_steps=1", "callbacks.sample_grid=null")
     train(cfg)
     out = Path(cfg.paths.output_dir) / "csv"
-    rates = [float(r["train/images_per_sec"]) for r in csv.DictReader(open(out / "metrics.csv"))
-             if r.get("train/images_per_sec")]
+    with open(out / "metrics.csv", newline="") as f:
+        rates = [float(r["train/images_per_sec"]) for r in csv.DictReader(f) if r.get("train/images_per_sec")]
     assert len(rates) == 3 and all(rate > 0 for rate in rates)
     hparams = (out / "hparams.yaml").read_text()  # not safe_load-able: the optimizer partial is a python tag
     assert f"git_commit: {git_info()['git_commit']}" in hparams and "run_config:" in hparams

@@ -518,6 +518,7 @@ def test_sample_command_missing_checkpoint_is_one_line(tmp_path, monkeypatch, ca
         assert err.startswith(message) and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_small_images_are_enlarged_pixel_by_pixel_in_the_grids(compose_train, compose_sample, tmp_path):
     import sample as sample_command
 

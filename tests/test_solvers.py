@@ -633,6 +633,7 @@ def test_solvers_sample_on_another_device_and_in_float32(sampler):
 
 
 # --- benchmarks/sampler_quality.py ---------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # the classifier's 3 iterations
 def test_sampler_quality_script_runs_on_a_tiny_checkpoint(compose_train, tmp_path, monkeypatch):
     from benchmarks import sampler_quality
@@ -656,6 +657,7 @@ def test_sampler_quality_script_runs_on_a_tiny_checkpoint(compose_train, tmp_pat
     assert (tmp_path / "out" / "sampler_quality.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_commands_run_the_solvers_and_record_nfe(compose_train, compose_sample, compose_evaluate,
                                                                      tmp_path):
     import sample as sample_command

@@ -47,11 +47,12 @@ def test_channels_last_switch_trains_and_keeps_checkpoint_names(compose_train):
 
 
 @pytest.mark.slow
-def test_compile_switch_trains_the_compiled_network_like_the_eager_one(compose_train):
+def test_compile_switch_trains_the_compiled_network_like_the_eager_one(compose_train, tmp_path):
     from torch._dynamo.utils import counters
 
-    def run(*switches: str):
-        _, objects = train(compose_train("trainer.max_steps=2", "callbacks.sample_grid=null", *switches))
+    def run(*switches: str):  # each run in its own folder
+        _, objects = train(compose_train("trainer.max_steps=2", "callbacks.sample_grid=null", *switches,
+                                         output_dir=tmp_path / ("compiled" if switches else "eager")))
         return objects
 
     eager = run()

@@ -37,7 +37,8 @@ def test_short_run_writes_checkpoint_grid_and_metrics(compose_train):
     assert any(k.startswith("ema.model.") for k in ckpt["state_dict"])
     assert ckpt["hyper_parameters"]["run_config"]["objective"]["loss_type"] == "simple"
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step_0000003.png", "step_0000006.png"]
-    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     train_losses = [r["train/loss"] for r in rows if r.get("train/loss")]
     val_losses = [r["val/loss"] for r in rows if r.get("val/loss")]
     assert len(train_losses) == 6 and len(val_losses) == 2

@@ -140,7 +140,9 @@ class ImageDataModule(L.LightningDataModule):
             self.train_dataset, self.val_dataset = self.build_datasets()
 
     def _loader_kwargs(self) -> dict:
-        kwargs = {"batch_size": self.batch_size_per_device, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        # Page-locked batches only speed up copies to a GPU; without one, DataLoader warns and ignores the flag.
+        pin = self.pin_memory and torch.cuda.is_available()
+        kwargs = {"batch_size": self.batch_size_per_device, "num_workers": self.num_workers, "pin_memory": pin}
         if self.num_workers > 0:
             # DataLoader rejects persistent_workers=True without workers.
             kwargs["persistent_workers"] = self.persistent_workers

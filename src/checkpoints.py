@@ -14,9 +14,14 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from src.builders import build_task_module
+from src.diffusion import GaussianDiffusion
 from src.errors import CheckpointError
+from src.formats import diffusers as diffusers_format
+from src.formats import import_checkpoint
+from src.formats.openai import load_preset, presets
 
 # The classifier's output layer (src.models.NoisyClassifier.out) in a ClassifierModule's state_dict: its rows
 # are the classes, which an image folder's data module only knows after scanning the folder.
@@ -89,3 +94,34 @@ def module_from_checkpoint(ckpt: dict, task: str | None = "diffusion", source: s
 def load_module(ckpt_path: str | os.PathLike, task: str | None = "diffusion") -> L.LightningModule:
     """The LightningModule of a train.py checkpoint (a DiffusionModule by default), weights loaded, eval mode."""
     return module_from_checkpoint(read_checkpoint(ckpt_path), task, source=str(ckpt_path))
+
+
+def load_pretrained(source: str | os.PathLike, preset: str | DictConfig | None = None, use_ema: bool = True,
+                    data: dict | None = None) -> tuple[nn.Module, GaussianDiffusion, DictConfig]:
+    """(net, diffusion, run config) of a checkpoint of ours (train.py's or convert.py's), a diffusers folder, a
+    Hugging Face hub id (e.g. google/ddpm-cifar10-32, from the local cache when offline), or with `preset` (a
+    conf/preset name or config) an openai .pt file; in eval mode, on the CPU.
+
+    net holds the EMA weights where the file has them (use_ema=False: the raw ones; converted files hold one set
+    in both). data: overrides of the model's data config for a conversion, e.g. {"root": "/path/to/images"}.
+    A classifier checkpoint gives the classifier as net.
+    """
+    path = Path(source).expanduser()
+    if preset is not None:
+        ckpt, module = import_checkpoint("openai", path, load_preset(preset) if isinstance(preset, str) else preset,
+                                         data_overrides=data)
+    elif diffusers_format.is_source(source):
+        ckpt, module = import_checkpoint("diffusers", source, data_overrides=data)
+    elif path.is_file():
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as err:
+            if path.suffix == ".pt":
+                raise CheckpointError(f"{err}; an openai .pt state dict needs preset=<name> (one of "
+                                      f"{', '.join(presets())})") from None
+            raise
+        module = module_from_checkpoint(ckpt, task=None, source=str(source))
+    else:
+        raise CheckpointError(f"{source} is neither a checkpoint file, a diffusers folder (config.json) nor a hub id "
+                              f"such as google/ddpm-cifar10-32")
+    return (module.ema.model if use_ema else module.net), module.diffusion, run_config(ckpt)

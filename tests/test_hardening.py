@@ -49,3 +49,13 @@ def test_eps_prediction_at_zero_snr_is_refused_by_the_library():
     with pytest.raises(ValueError, match="alphas_cumprod reaches 0 at t=19 .* mean_type='eps' is undefined at SNR 0"):
         GaussianDiffusion(betas, mean_type="eps")
     assert GaussianDiffusion(betas, mean_type="x0").alphas_cumprod[-1] == 0  # defined for an x0 target
+
+
+def test_classifier_free_guidance_needs_a_null_label():
+    from src.evaluation.guidance import check_guidance, guidance_scales
+
+    assert guidance_scales(None, 1000, null_label=False) == [0.0]  # ADM's released nets: no sweep by default
+    assert guidance_scales(None, 10) == [0.0, 1.0, 3.0]
+    check_guidance(1000, [0.0], classifier=True, null_label=False)
+    with pytest.raises(ConfigError, match="has none \\(model.null_label=false"):
+        check_guidance(1000, [0.0, 1.0], classifier=False, null_label=False)

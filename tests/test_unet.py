@@ -1,4 +1,5 @@
 """The DDPM U-Net: shapes, the paper's size, conditioning, validation errors, gradient flow, configs."""
+import math
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,107 @@ def test_yaml_configs_instantiate(name, channels, size):
     with torch.no_grad():
         out = net(torch.randn(1, channels, size, size), torch.tensor([5]))
     assert out.shape == (1, 2 * channels, size, size)
+
+
+# --- the options of the released improved DDPM / ADM nets (each off by default) ------------------------------
+def test_scale_shift_norm_and_residual_resampling_blocks():
+    from src.models.blocks import Downsample, ResBlock, Upsample
+
+    net = UNet(**{**TINY, "num_res_blocks": 2}, scale_shift_norm=True, resblock_updown=True)
+    resblocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    assert all(m.emb_proj.out_features == 2 * m.conv1.out_channels for m in resblocks)  # a scale and a shift
+    assert [m.resample for m in resblocks if m.resample] == ["down", "up"]
+    assert not any(isinstance(m, (Downsample, Upsample)) for m in net.modules())
+    plain = UNet(**{**TINY, "num_res_blocks": 2})
+    assert [type(m) for m in plain.down] != [type(m) for m in net.down]
+    assert net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2])).shape == (2, 1, 16, 16)
+
+
+def test_heads_by_channels_per_head():
+    from src.models.blocks import AttentionBlock
+
+    net = UNet(**{**TINY, "attention_resolutions": [16, 8]}, num_head_channels=16)
+    heads = {m.qkv.in_channels: m.num_heads for m in net.modules() if isinstance(m, AttentionBlock)}
+    assert heads == {32: 2, 64: 4}
+
+
+def test_class_embedding_without_a_null_label():
+    net = UNet(**TINY, num_classes=10, null_label=False)
+    assert net.label_embed.num_embeddings == 10
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    assert net(x, t, torch.tensor([0, 9])).shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="null_label=false.*give a class label"):
+        net(x, t)
+    with pytest.raises(ValueError, match="label 10 .* does not exist"):
+        net(x, t, torch.tensor([10, 0]))
+
+
+def test_timestep_frequencies_and_scale():
+    from src.models.blocks import SinusoidalTimestepEmbedding
+
+    t = torch.tensor([0, 7, 999])
+    shifted = SinusoidalTimestepEmbedding(8, freq_shift=1)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(4) / 3)  # DDPM's TensorFlow code: / (half - 1)
+    args = t[:, None].float() * freqs
+    assert torch.allclose(shifted(t), torch.cat([args.sin(), args.cos()], dim=1))
+    scaled = SinusoidalTimestepEmbedding(8, scale=0.25)  # improved-diffusion's rescale_timesteps at T=4000
+    assert torch.equal(scaled(t), SinusoidalTimestepEmbedding(8)(t.float() * 0.25))
+
+
+def test_same_padding_downsample_pads_after_the_image():
+    import torch.nn.functional as F
+
+    from src.models.blocks import Downsample
+
+    block = Downsample(4, padding="same")
+    x = torch.randn(1, 4, 8, 8)
+    assert torch.equal(block(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), block.conv.weight, block.conv.bias, stride=2))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(num_head_channels=24), r"num_head_channels=24 does not divide the 64 channels"),
+    (dict(resblock_updown=True, downsample_padding="same"), r"resblock_updown=true replaces"),
+    (dict(timestep_scale=0.0), r"timestep_scale must be > 0"),
+    (dict(timestep_freq_shift=2), r"freq_shift must be 0 or 1"),
+    (dict(downsample_padding="valid"), r"downsample_padding must be 'symmetric' or 'same'"),
+])
+def test_option_validation(change, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(**{**TINY, **change})
+
+
+@pytest.mark.parametrize("options", [
+    dict(scale_shift_norm=True, resblock_updown=True, num_head_channels=32, num_classes=3, null_label=False),
+    dict(timestep_freq_shift=1, downsample_padding="same", norm_eps=1e-5, timestep_scale=0.25),
+], ids=["adm", "ddpm-tf"])
+def test_gradients_reach_every_parameter_with_the_options(options):
+    torch.manual_seed(0)
+    net = UNet(**TINY, **options)
+    perturb_zero_init(net)
+    y = torch.tensor([0, 2]) if options.get("num_classes") else None
+    net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), y).square().mean().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+def test_default_options_build_the_same_seeded_net():
+    # Today's configs pass none of the new options; passing their defaults changes nothing either.
+    defaults = dict(num_head_channels=None, scale_shift_norm=False, resblock_updown=False, null_label=True,
+                    norm_eps=1e-6, timestep_freq_shift=0, timestep_scale=1.0, downsample_padding="symmetric")
+    torch.manual_seed(0)
+    a = UNet(**TINY, num_classes=3).state_dict()
+    torch.manual_seed(0)
+    b = UNet(**TINY, num_classes=3, **defaults).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name,channels,size,out", [
+    ("iddpm_cifar10", 3, 32, 6), ("ddpm_cifar10_released", 3, 32, 3), ("ddpm_256_released", 3, 256, 3),
+    ("adm_imagenet64_cond", 3, 64, 6), ("adm_imagenet64_classifier", 3, 64, None),
+])
+def test_released_model_configs_build(name, channels, size, out):
+    cfg = OmegaConf.load(MODEL_CONF / f"{name}.yaml")
+    assert not {"in_channels", "out_channels", "image_size"} & set(cfg.keys())
+    derived = dict(in_channels=channels, image_size=size, **({"out_channels": out} if out else {}))
+    with torch.device("meta"):  # shapes only: the 296M net costs no memory or init time here
+        net = instantiate(cfg, **derived)
+    assert net.image_shape == (channels, size, size)

@@ -90,6 +90,11 @@ class LoadedCheckpoint:
         return getattr(self.net, "num_classes", None)
 
     @property
+    def null_label(self) -> bool:
+        """Whether the net has the null label that classifier-free guidance samples the unconditional model with."""
+        return bool(getattr(self.net, "null_label", True))
+
+    @property
     def data_config(self) -> DictConfig:
         """The checkpoint's data config with the command line's `data` overrides on top."""
         return OmegaConf.merge(self.trained.data, self.data_overrides)

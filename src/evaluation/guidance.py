@@ -34,12 +34,16 @@ def load_classifier(ckpt_path: str | os.PathLike, diffusion: GaussianDiffusion, 
 
 
 def check_guidance(num_classes: int | None, guidance_scales: list[float], classifier: bool,
-                   class_label: int | None = None) -> None:
+                   class_label: int | None = None, null_label: bool = True) -> None:
     """One-line errors for guidance that the diffusion checkpoint cannot do."""
     if num_classes is None and any(w != 0 for w in guidance_scales):
         raise ConfigError(f"classifier-free guidance (guidance_scale={guidance_scales}) needs a class-conditional "
                           f"checkpoint (trained with model.num_classes); this one is unconditional: drop the guidance "
                           f"scale, or use classifier guidance (classifier.ckpt_path=...)")
+    if num_classes is not None and not null_label and any(w != 0 for w in guidance_scales):
+        raise ConfigError(f"classifier-free guidance (guidance_scale={guidance_scales}) needs the unconditional model "
+                          f"of a null label, and this checkpoint's net has none (model.null_label=false, as ADM's "
+                          f"released nets): use guidance scale 0, or classifier guidance (classifier.ckpt_path=...)")
     if class_label is not None:
         if num_classes is None and not classifier:
             raise ConfigError(f"class_label={class_label} needs a class-conditional checkpoint or a classifier "
@@ -73,11 +77,11 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_samples) % num_classes
 
 
-def guidance_scales(value, num_classes: int | None) -> list[float]:
+def guidance_scales(value, num_classes: int | None, null_label: bool = True) -> list[float]:
     """The sweep's scales: the configured list (a number counts as one), or [0, 1, 3] for a class-conditional
-    checkpoint and [0] otherwise when not configured."""
+    checkpoint with a null label and [0] otherwise when not configured."""
     if value is None:
-        return [0.0, 1.0, 3.0] if num_classes is not None else [0.0]
+        return [0.0, 1.0, 3.0] if num_classes is not None and null_label else [0.0]
     values = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
     try:
         return [float(w) for w in values]

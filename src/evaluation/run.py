@@ -175,9 +175,9 @@ def run(cfg: DictConfig) -> dict:
     # 1-2. samples (npz + PNG grid) and their FID / IS; class-conditional checkpoints and classifier guidance:
     # one sample set per guidance scale, every class equally often
     num_classes = loaded.num_classes
-    scales = guidance_scales(cfg.get("guidance_scales"), num_classes)
+    scales = guidance_scales(cfg.get("guidance_scales"), num_classes, loaded.null_label)
     classifier_path = cfg.get("classifier", {}).get("ckpt_path")
-    check_guidance(num_classes, scales, classifier_path is not None)
+    check_guidance(num_classes, scales, classifier_path is not None, null_label=loaded.null_label)
     if num_classes is None and classifier_path is None:
         sample_and_score(cfg, loaded, options, out_dir, report.update)
     else:

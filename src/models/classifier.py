@@ -1,22 +1,29 @@
 """The noisy-image classifier of classifier guidance (Dhariwal & Nichol 2021, Sec. 4): the encoder half
 of the U-Net (timestep embedding, down path, middle block) and a pooled linear head, trained on x_t."""
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import group_norm, zero_module
-from .unet import UNet, build_encoder, timestep_mlp
+from .blocks import NORM_EPS, AttentionPool, DownsamplePadding, group_norm, zero_module
+from .unet import LayerOptions, UNet, build_encoder, timestep_mlp
+
+Pool = Literal["adaptive", "attention"]
 
 
 class NoisyClassifier(nn.Module):
     """(x_t [B, C_in, S, S], t [B]) -> logits [B, num_classes] of p(y | x_t).
 
     The layers are those of UNet's down path and middle block with the same arguments (so a model config
-    of the U-Net builds its matching classifier), followed by GroupNorm, SiLU, global average pooling and
-    a zero-initialised linear layer (guided-diffusion's "adaptive" pooling head), so every class starts
-    equally likely.
+    of the U-Net builds its matching classifier), followed by GroupNorm, SiLU, a pooling and a
+    zero-initialised linear layer `out`, so every class starts equally likely.
+
+    pool: "adaptive" averages over positions (guided-diffusion's "adaptive" head); "attention" is ADM's
+        attention pooling (AttentionPool, heads of num_head_channels, which it requires), as in the
+        released noisy ImageNet classifiers. The layer options (num_head_channels, scale_shift_norm,
+        resblock_updown, norm_eps, timestep_freq_shift, timestep_scale, downsample_padding) are UNet's.
     """
 
     def __init__(
@@ -30,22 +37,37 @@ class NoisyClassifier(nn.Module):
         attention_resolutions: Sequence[int],
         dropout: float = 0.0,
         num_heads: int = 1,
+        num_head_channels: int | None = None,
+        scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        norm_eps: float = NORM_EPS,
+        timestep_freq_shift: int = 0,
+        timestep_scale: float = 1.0,
+        downsample_padding: DownsamplePadding = "symmetric",
+        pool: Pool = "adaptive",
     ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if pool not in ("adaptive", "attention"):
+            raise ValueError(f"pool must be 'adaptive' or 'attention', got {pool!r}")
+        if pool == "attention" and num_head_channels is None:
+            raise ValueError("pool='attention' splits its heads by num_head_channels; set num_head_channels (ADM: 64)")
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
+                               bool(resblock_updown), float(norm_eps), downsample_padding)
         UNet._validate(in_channels, num_classes, image_size, base_channels, channel_mult, num_res_blocks,
-                       attention_resolutions, dropout, num_heads, None)
+                       attention_resolutions, options, None, timestep_scale)
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
 
-        self.time_embed = timestep_mlp(base_channels)
+        self.time_embed = timestep_mlp(base_channels, timestep_freq_shift, timestep_scale)
         encoder = build_encoder(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                                attention_resolutions, dropout, num_heads)
+                                attention_resolutions, options)
         self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
         ch = encoder.channels
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch, options.norm_eps)
+        self.pool = AttentionPool(ch, encoder.resolution, num_head_channels) if pool == "attention" else None
         self.out = zero_module(nn.Linear(ch, num_classes))
 
     @property
@@ -64,4 +86,5 @@ class NoisyClassifier(nn.Module):
         h = self.conv_in(x)
         for layer in [*self.down, *self.mid]:
             h = layer(h, emb)
-        return self.out(F.silu(self.norm_out(h)).mean(dim=(2, 3)))
+        h = F.silu(self.norm_out(h))
+        return self.out(h.mean(dim=(2, 3)) if self.pool is None else self.pool(h))

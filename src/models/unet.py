@@ -1,6 +1,8 @@
 """The DDPM U-Net (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", appendix B), laid out as
-in openai/improved-diffusion's UNetModel and diffusers' UNet2DModel (google/ddpm-cifar10-32)."""
+in openai/improved-diffusion's UNetModel and diffusers' UNet2DModel (google/ddpm-cifar10-32), with the
+options of the released improved DDPM (Nichol & Dhariwal 2021) and ADM (Dhariwal & Nichol 2021) nets."""
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -8,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (
+    NORM_EPS,
     AttentionBlock,
     Downsample,
+    DownsamplePadding,
     ResAttnBlock,
     ResBlock,
     SinusoidalTimestepEmbedding,
@@ -18,6 +22,44 @@ from .blocks import (
     num_groups,
     zero_module,
 )
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """How the layers of the U-Net (and of the classifier's encoder) are built; the defaults are DDPM's.
+
+    num_head_channels: channels per attention head (ADM's 64), so wider levels get more heads; None: every
+        attention layer has num_heads heads.
+    scale_shift_norm, resblock_updown: see ResBlock (improved DDPM / ADM's AdaGN, BigGAN up/down blocks).
+    norm_eps: GroupNorm epsilon (1e-6 DDPM, 1e-5 openai's nets).
+    downsample_padding: see Downsample ("same" is DDPM's TensorFlow padding).
+    """
+
+    dropout: float = 0.0
+    num_heads: int = 1
+    num_head_channels: int | None = None
+    scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    norm_eps: float = NORM_EPS
+    downsample_padding: DownsamplePadding = "symmetric"
+
+    def heads(self, channels: int) -> int:
+        return channels // self.num_head_channels if self.num_head_channels else self.num_heads
+
+    def res(self, in_channels: int, out_channels: int, emb_dim: int, resample: str | None = None) -> ResBlock:
+        return ResBlock(in_channels, out_channels, emb_dim, self.dropout, self.scale_shift_norm, resample,
+                        self.norm_eps)
+
+    def attention(self, channels: int) -> AttentionBlock:
+        return AttentionBlock(channels, self.heads(channels), self.norm_eps)
+
+    def downsampler(self, channels: int, emb_dim: int) -> Downsample | ResBlock:
+        if self.resblock_updown:
+            return self.res(channels, channels, emb_dim, "down")
+        return Downsample(channels, self.downsample_padding)
+
+    def upsampler(self, channels: int, emb_dim: int) -> Upsample | ResBlock:
+        return self.res(channels, channels, emb_dim, "up") if self.resblock_updown else Upsample(channels)
 
 
 class UNet(nn.Module):
@@ -35,6 +77,24 @@ class UNet(nn.Module):
         num_heads: attention heads (1 in DDPM).
         num_classes: if set, a learned label embedding is added to the timestep embedding; label
             `num_classes` is the "null" (unconditional) label, used for samples whose y is None.
+        num_head_channels: channels per attention head instead of a head count (ADM: 64); None: num_heads.
+        scale_shift_norm: the timestep embedding scales and shifts the ResBlocks' second GroupNorm
+            (improved DDPM / ADM's AdaGN) instead of adding a bias before it.
+        resblock_updown: down/up-sample with BigGAN-style residual blocks (ADM) instead of a stride-2 conv /
+            nearest upsampling + conv.
+        null_label: with num_classes, keep the extra "null" label row (classifier-free guidance, samples with
+            y None); false for nets trained without one (openai's class-conditional models), which then need
+            a label for every sample.
+        norm_eps: GroupNorm epsilon: 1e-6 (DDPM's TensorFlow code) or 1e-5 (openai's nets).
+        timestep_freq_shift: sinusoidal frequencies 10000^(-i / (ch/2 - shift)): 0 (improved-diffusion) or 1
+            (DDPM's TensorFlow code, diffusers' freq_shift=1).
+        timestep_scale: the net embeds t * timestep_scale; improved-diffusion's rescale_timesteps is 1000 / T
+            (0.25 for its T=4000 CIFAR-10 models), so its nets see t on a 0..1000 scale.
+        downsample_padding: "symmetric" (improved-diffusion) or "same" (DDPM's TensorFlow SAME padding: one
+            row and column after the image) of the stride-2 downsampling conv.
+
+    Every option beyond num_classes defaults to this project's original net, so older configs and
+    checkpoints build the same modules with the same seeded weights.
 
     At initialisation every residual branch and the output conv are zero, so the net outputs 0.
     The paper's CIFAR-10 net (3 -> 3, 32 px, ch 128, mult (1, 2, 2, 2), 2 blocks, attention at 16)
@@ -53,50 +113,83 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_heads: int = 1,
         num_classes: int | None = None,
+        num_head_channels: int | None = None,
+        scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        null_label: bool = True,
+        norm_eps: float = NORM_EPS,
+        timestep_freq_shift: int = 0,
+        timestep_scale: float = 1.0,
+        downsample_padding: DownsamplePadding = "symmetric",
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
+                               bool(resblock_updown), float(norm_eps), downsample_padding)
         self._validate(in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                       attention_resolutions, dropout, num_heads, num_classes)
+                       attention_resolutions, options, num_classes, timestep_scale)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.image_size = image_size
         self.num_classes = num_classes
+        self.null_label = bool(null_label)
 
-        self.time_embed = timestep_mlp(base_channels)
+        self.time_embed = timestep_mlp(base_channels, timestep_freq_shift, timestep_scale)
         emb_dim = 4 * base_channels
-        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        if num_classes is not None:
+            self.label_embed = nn.Embedding(num_classes + 1 if self.null_label else num_classes, emb_dim)
+        else:
+            self.label_embed = None
         encoder = build_encoder(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                                attention_resolutions, dropout, num_heads)
+                                attention_resolutions, options)
         self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
         skip_channels, ch, resolution = encoder.skip_channels, encoder.channels, encoder.resolution
 
-        # Up path: num_res_blocks + 1 layers per level, each eating one skip (popped in reverse).
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            out_ch = base_channels * mult
-            for i in range(num_res_blocks + 1):
-                res = ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, dropout)
-                ch = out_ch
-                upsample = Upsample(ch) if level != 0 and i == num_res_blocks else None
-                self.up.append(ResAttnBlock(res, attention_at(ch, resolution, attention_resolutions, num_heads),
-                                            upsample))
-            if level != 0:
-                resolution *= 2
-        assert not skip_channels
-
-        self.norm_out = group_norm(ch)
+        self.up, ch = self._build_up_path(skip_channels, ch, resolution, base_channels, channel_mult, num_res_blocks,
+                                          attention_resolutions, options, emb_dim)
+        self.norm_out = group_norm(ch, options.norm_eps)
         self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     @staticmethod
+    def _build_up_path(skip_channels: list[int], ch: int, resolution: int, base_channels: int, channel_mult,
+                       num_res_blocks: int, attention_resolutions, options: LayerOptions,
+                       emb_dim: int) -> tuple[nn.ModuleList, int]:
+        """The up path: num_res_blocks + 1 layers per level, each eating one skip (popped in reverse); returns
+        the layers and the channels they end with."""
+        up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            out_ch = base_channels * mult
+            for i in range(num_res_blocks + 1):
+                res = options.res(ch + skip_channels.pop(), out_ch, emb_dim)
+                ch = out_ch
+                upsample = options.upsampler(ch, emb_dim) if level != 0 and i == num_res_blocks else None
+                up.append(ResAttnBlock(res, attention_at(ch, resolution, attention_resolutions, options), upsample))
+            if level != 0:
+                resolution *= 2
+        assert not skip_channels
+        return up, ch
+
+    @staticmethod
     def _validate(in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                  attention_resolutions, dropout, num_heads, num_classes) -> None:
+                  attention_resolutions, options: LayerOptions, num_classes, timestep_scale: float = 1.0) -> None:
+        num_heads, dropout = options.num_heads, options.dropout
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("image_size", image_size), ("base_channels", base_channels),
                             ("num_heads", num_heads)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if options.num_head_channels is not None and options.num_head_channels < 1:
+            raise ValueError(f"num_head_channels must be >= 1 or None (use num_heads), got {options.num_head_channels}")
+        if not timestep_scale > 0:
+            raise ValueError(f"timestep_scale must be > 0, got {timestep_scale}")
+        if options.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0, got {options.norm_eps}")
+        if options.downsample_padding not in ("symmetric", "same"):
+            raise ValueError(f"downsample_padding must be 'symmetric' or 'same', got {options.downsample_padding!r}")
+        if options.resblock_updown and options.downsample_padding != "symmetric":
+            raise ValueError("downsample_padding applies to the stride-2 conv, which resblock_updown=true replaces "
+                             "by average pooling; leave downsample_padding at 'symmetric'")
         if not channel_mult or min(channel_mult) < 1:
             raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {list(channel_mult)}")
         if num_res_blocks < 1:
@@ -105,7 +198,14 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 or None (unconditional), got {num_classes}")
+        UNet._validate_layout(image_size, base_channels, channel_mult, attention_resolutions, options)
 
+    @staticmethod
+    def _validate_layout(image_size: int, base_channels: int, channel_mult, attention_resolutions,
+                         options: LayerOptions) -> None:
+        """The levels fit the image size, the attention sits at visited resolutions, and the widths suit the
+        group norm and the attention heads."""
+        num_heads = options.num_heads
         factor = 2 ** (len(channel_mult) - 1)
         if image_size % factor:
             lower = image_size // factor * factor
@@ -130,9 +230,14 @@ class UNet(nn.Module):
                     f"GroupNorm uses {num_groups(c)} groups but a level has base_channels*mult = "
                     f"{base_channels}*{mult} = {c} channels; make every base_channels*mult a multiple "
                     f"of 32 (or below 32), e.g. base_channels=32, 64 or 128")
-        for mult, r in zip(channel_mult, visited):
-            c = base_channels * mult
-            if r in attention_resolutions and c % num_heads:
+        attended = [(base_channels * m, r) for m, r in zip(channel_mult, visited) if r in attention_resolutions]
+        attended.append((base_channels * channel_mult[-1], visited[-1]))  # the middle block's attention
+        for c, r in attended:
+            if options.num_head_channels is not None and c % options.num_head_channels:
+                raise ValueError(
+                    f"num_head_channels={options.num_head_channels} does not divide the {c} channels of the "
+                    f"attention at resolution {r}; use a num_head_channels that divides every attended width")
+            if options.num_head_channels is None and c % num_heads:
                 raise ValueError(
                     f"num_heads={num_heads} does not divide the {c} channels of the attention at "
                     f"resolution {r}; use a num_heads that divides {c}")
@@ -157,12 +262,19 @@ class UNet(nn.Module):
 
         emb = self.time_embed(t)
         if self.label_embed is not None:
+            if y is None and not self.null_label:
+                raise ValueError("this class-conditional net was built with null_label=false (no unconditional "
+                                 "label, as openai's released models): give a class label y for every sample")
             if y is None:
                 # Null label for the whole batch: broadcast one row instead of building an index tensor.
                 emb = emb + self.label_embed.weight[self.num_classes]
             else:
                 if y.shape != (x.shape[0],):
                     raise ValueError(f"expected y of shape [{x.shape[0]}] (one label per image), got {list(y.shape)}")
+                if not self.null_label and bool((y >= self.num_classes).any()):
+                    raise ValueError(f"label {self.num_classes} (the null label of classifier-free guidance) does not "
+                                     f"exist in this net (null_label=false, trained without label dropout); sample "
+                                     f"with labels 0..{self.num_classes - 1} and no classifier-free guidance")
                 emb = emb + self.label_embed(y)
         elif y is not None:
             raise ValueError("y was given but the UNet was built with num_classes=None; "
@@ -182,16 +294,16 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def timestep_mlp(base_channels: int) -> nn.Sequential:
+def timestep_mlp(base_channels: int, freq_shift: int = 0, scale: float = 1.0) -> nn.Sequential:
     """Sinusoidal embedding of width ch and a two-layer MLP to 4 ch (DDPM's timestep embedding)."""
     emb_dim = 4 * base_channels
-    return nn.Sequential(SinusoidalTimestepEmbedding(base_channels), nn.Linear(base_channels, emb_dim), nn.SiLU(),
-                         nn.Linear(emb_dim, emb_dim))
+    return nn.Sequential(SinusoidalTimestepEmbedding(base_channels, freq_shift=freq_shift, scale=scale),
+                         nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
 def attention_at(channels: int, resolution: int, attention_resolutions: Sequence[int],
-                 num_heads: int) -> AttentionBlock | None:
-    return AttentionBlock(channels, num_heads) if resolution in attention_resolutions else None
+                 options: LayerOptions) -> AttentionBlock | None:
+    return options.attention(channels) if resolution in attention_resolutions else None
 
 
 class Encoder(NamedTuple):
@@ -204,8 +316,7 @@ class Encoder(NamedTuple):
 
 
 def build_encoder(in_channels: int, image_size: int, base_channels: int, channel_mult: Sequence[int],
-                  num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float,
-                  num_heads: int) -> Encoder:
+                  num_res_blocks: int, attention_resolutions: Sequence[int], options: LayerOptions) -> Encoder:
     """The U-Net's input conv, down path and middle block (shared by UNet and NoisyClassifier)."""
     emb_dim = 4 * base_channels
     ch = base_channels
@@ -216,16 +327,16 @@ def build_encoder(in_channels: int, image_size: int, base_channels: int, channel
     for level, mult in enumerate(channel_mult):
         out_ch = base_channels * mult
         for _ in range(num_res_blocks):
-            res = ResBlock(ch, out_ch, emb_dim, dropout)
-            down.append(ResAttnBlock(res, attention_at(out_ch, resolution, attention_resolutions, num_heads)))
+            res = options.res(ch, out_ch, emb_dim)
+            down.append(ResAttnBlock(res, attention_at(out_ch, resolution, attention_resolutions, options)))
             ch = out_ch
             skip_channels.append(ch)
         if level != len(channel_mult) - 1:
-            down.append(Downsample(ch))
+            down.append(options.downsampler(ch, emb_dim))
             skip_channels.append(ch)
             resolution //= 2
     mid = nn.ModuleList([
-        ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads)),
-        ResAttnBlock(ResBlock(ch, ch, emb_dim, dropout)),
+        ResAttnBlock(options.res(ch, ch, emb_dim), options.attention(ch)),
+        ResAttnBlock(options.res(ch, ch, emb_dim)),
     ])
     return Encoder(conv_in, down, mid, skip_channels, ch, resolution)

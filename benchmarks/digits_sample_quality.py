@@ -1,90 +1,115 @@
-"""Sample quality of a digits model without the Inception network: a small MLP digit classifier
-trained on the training split stands in for Inception-v3 (as MNIST papers do with a LeNet).
+"""Sample quality of a digits model without the Inception network, with the project's digits judge
+(src/evaluation/digits_features.py: an MLP digit classifier fitted on 797 of the 1797 digits).
 
-    python benchmarks/digits_sample_quality.py outputs/evaluate/.../samples_256x16x16x1.npz [more.npz ...]
+    python benchmarks/digits_sample_quality.py outputs/evaluate/.../samples_500x16x16x1.npz [more.npz ...] [--json out.json]
 
-For each npz written by evaluate.py (uint8 NHWC, key arr_0) it prints:
-- FD: the Frechet distance between the classifier's hidden features of the samples and of the
-  training images (lower is better);
-- digit IS: exp(E_x KL(p(y|x) || p(y))) of the classifier (10 = confident and all classes equally
-  often, 1 = no information);
+Every set is scored against the judge's 500 reference digits, at 500 images (the first 500 of each npz:
+FD falls with the image count, so only equal counts compare). For each npz written by evaluate.py
+(uint8 NHWC, key arr_0; optional labels arr_1) it prints:
+- FD: the Frechet distance of the classifier's hidden features of the images and of the reference;
+- KID x 1000: torch-fidelity's kernel distance of the same features (unbiased; 0 for the same distribution);
+- digit IS: exp(E_x KL(p(y|x) || p(y))) of the classifier (10 = confident and all classes equally often);
 - confidence: the mean max_y p(y|x);
-- class agreement, for class-conditional samples (npz with `arr_1` labels): how often the classifier
-  names the class a sample was drawn for.
-The first row scores the 180 held-out validation images the same way: the floor a perfect model
-would reach with that many images.
+- class agreement, for class-conditional samples: how often the classifier names the class drawn for.
+Two rows of real images come first: the 500 held-out digits (the floor a perfect model reaches) and the
+same digits blurred by a cross filter 5 pixels wide (a visibly worse "model"), so each number can be read
+between the two.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-from sklearn.neural_network import MLPClassifier
+import torch
+import torch.nn.functional as F
+from torch_fidelity.metric_kid import kid_features_to_metric
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from src.evaluation.digits_features import REFERENCE_IMAGES, DigitsFeatures, judge_split  # noqa: E402
 from src.evaluation.metrics import frechet_distance  # noqa: E402
 
-
-def digits_split(image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train images, train labels, val images) of the default digits split, flattened to [0, 1]."""
-    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "digits.yaml")
-    datamodule = instantiate(config, image_size=image_size)  # the training split, as train.py makes it
-    datamodule.setup("fit")
-    flat = lambda ds: ds.images.reshape(len(ds), -1).numpy().astype(np.float64) / 255.0  # noqa: E731
-    return flat(datamodule.train_dataset), datamodule.train_dataset.labels.numpy(), flat(datamodule.val_dataset)
+COUNT = REFERENCE_IMAGES  # images scored per set
 
 
-def hidden_features(classifier: MLPClassifier, x: np.ndarray) -> np.ndarray:
-    return np.maximum(x @ classifier.coefs_[0] + classifier.intercepts_[0], 0.0)
+def blurred(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 1, H, W] averaged over a cross 5 pixels wide (the pixel and 2 neighbours each way)."""
+    kernel = torch.zeros(1, 1, 5, 5)
+    kernel[0, 0, 2, :] = kernel[0, 0, :, 2] = 1.0 / 9.0
+    x = F.conv2d(F.pad(images.float(), (2, 2, 2, 2), mode="replicate"), kernel)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def scores(classifier: MLPClassifier, x: np.ndarray, reference: tuple[np.ndarray, np.ndarray],
-           labels: np.ndarray | None = None) -> dict:
-    features = hidden_features(classifier, x)
-    fd = frechet_distance(features.mean(0), np.cov(features, rowvar=False), *reference)
-    probs = classifier.predict_proba(x)
-    marginal = probs.mean(0, keepdims=True)
-    kl = (probs * (np.log(probs + 1e-12) - np.log(marginal + 1e-12))).sum(1)
-    agreement = None if labels is None else float((classifier.classes_[probs.argmax(1)] == labels).mean())
-    return {"n": len(x), "fd": fd, "digit_is": float(np.exp(kl.mean())), "confidence": float(probs.max(1).mean()),
-            "class_agreement": agreement}
+class DigitsJudge:
+    """Scores uint8 digits [N, 1, S, S] against the judge's reference part (see the module docstring)."""
+
+    def __init__(self, image_size: int):
+        self.extractor, self.split = DigitsFeatures(image_size), judge_split(image_size)
+        self.reference, _ = self.extractor(self.split.reference)
+        ref = self.reference.double().numpy()
+        self.reference_stats = (ref.mean(0), np.cov(ref, rowvar=False))
+
+    def score(self, images: torch.Tensor, labels: np.ndarray | None = None) -> dict:
+        features, logits = self.extractor(images)
+        f = features.double().numpy()
+        fd = frechet_distance(f.mean(0), np.cov(f, rowvar=False), *self.reference_stats)
+        kid = kid_features_to_metric(features, self.reference, kid_subsets=100,
+                                     kid_subset_size=min(len(images), 250), rng_seed=2020, verbose=False)
+        probs = torch.softmax(logits.double(), dim=1).numpy()
+        marginal = probs.mean(0, keepdims=True)
+        kl = (probs * (np.log(probs + 1e-12) - np.log(marginal + 1e-12))).sum(1)
+        agreement = None if labels is None else float((probs.argmax(1) == labels).mean())
+        return {"n": len(images), "fd": fd, "kid_x1000": 1000 * kid["kernel_inception_distance_mean"],
+                "digit_is": float(np.exp(kl.mean())), "confidence": float(probs.max(1).mean()),
+                "class_agreement": agreement}
+
+    def real_rows(self) -> list[tuple[str, dict]]:
+        """The floor (held-out real digits) and a visibly worse set (the same digits blurred)."""
+        return [("real held-out digits (floor)", self.score(self.split.held_out)),
+                ("real held-out digits, blurred", self.score(blurred(self.split.held_out)))]
 
 
-def load_npz(path: Path) -> tuple[np.ndarray, int, np.ndarray | None]:
-    """(images flattened to [0, 1], image size, labels or None)."""
+def load_npz(path: Path) -> tuple[torch.Tensor, np.ndarray | None]:
+    """(uint8 [N, 1, H, W] images, labels or None)."""
     with np.load(path) as data:
         images = data["arr_0"]
         labels = data["arr_1"] if "arr_1" in data.files else None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 1:
-        raise SystemExit(f"error: {path} is not a uint8 NHWC npz of 1-channel images (evaluate.py on a digits run)")
-    return images.reshape(len(images), -1).astype(np.float64) / 255.0, images.shape[1], labels
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 1 or images.shape[1] != images.shape[2]:
+        raise SystemExit(f"error: {path} is not a uint8 NHWC npz of square 1-channel images (evaluate.py on a digits run)")
+    if len(images) < COUNT:
+        raise SystemExit(f"error: {path} holds {len(images)} images; the judge scores {COUNT} (evaluate.py num_samples={COUNT})")
+    images = torch.from_numpy(images[:COUNT]).permute(0, 3, 1, 2).contiguous()
+    return images, None if labels is None else labels[:COUNT]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("npz", nargs="+", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("npz", nargs="*", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--image-size", type=int, default=16, help="size of the real rows when no npz is given")
+    args = parser.parse_args(argv)
     samples = {path: load_npz(path) for path in args.npz}
-    sizes = {size for _, size, _ in samples.values()}
+    sizes = {images.shape[-1] for images, _ in samples.values()} or {args.image_size}
     if len(sizes) != 1:
         raise SystemExit(f"error: the npz files hold images of different sizes {sorted(sizes)}; score one size at a time")
-    train_x, train_y, val_x = digits_split(sizes.pop())
-    classifier = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=1000, random_state=0).fit(train_x, train_y)
-    train_features = hidden_features(classifier, train_x)
-    reference = (train_features.mean(0), np.cov(train_features, rowvar=False))
-
-    rows = [("validation images (floor)", scores(classifier, val_x, reference))]
-    rows += [(str(path), scores(classifier, x, reference, labels)) for path, (x, _, labels) in samples.items()]
-    print("| images | n | FD (digit features) | digit IS | confidence | class agreement |")
-    print("|---|---|---|---|---|---|")
+    size = sizes.pop()
+    judge = DigitsJudge(size)
+    rows = judge.real_rows() + [(str(path), judge.score(images, labels)) for path, (images, labels) in samples.items()]
+    print(f"digits judge {judge.extractor.name} at {size}x{size} (held-out accuracy "
+          f"{100 * judge.extractor.accuracy:.1f}%), {COUNT} images per row against {len(judge.split.reference)} "
+          "reference digits")
+    print("| images | n | FD (digit features) | KID x 1000 | digit IS | confidence | class agreement |")
+    print("|---|---|---|---|---|---|---|")
     for name, s in rows:
         agreement = "" if s["class_agreement"] is None else f"{100 * s['class_agreement']:.1f}%"
-        print(f"| {name} | {s['n']} | {s['fd']:.2f} | {s['digit_is']:.2f} | {s['confidence']:.3f} | {agreement} |")
+        print(f"| {name} | {s['n']} | {s['fd']:.2f} | {s['kid_x1000']:.2f} | {s['digit_is']:.2f} | "
+              f"{s['confidence']:.3f} | {agreement} |")
+    if args.json:
+        args.json.write_text(json.dumps({"extractor": judge.extractor.name, "image_size": size,
+                                         "rows": [{"images": name, **s} for name, s in rows]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ its default step placement (Heun makes 2 network calls per step but the last, so
 steps: 9, 19, 49 NFE for 10, 20, 50); ddpm over all T training steps; ddim at each --ddim-steps. Every
 configuration draws the same N samples' noise (one seed), from the EMA weights.
 
-Scores come from benchmarks/digits_sample_quality.py: its small MLP digit classifier, trained on the
-default digits training split, stands in for Inception (FD on its hidden features against the training
-images, lower is better; digit IS, 10 at best). The first row scores the held-out validation images the
-same way: the floor a perfect model reaches with that many images. Writes <out>/sampler_quality.json (one
+Scores come from benchmarks/digits_sample_quality.py's judge (src/evaluation/digits_features.py: an MLP
+digit classifier fitted on its own part of the digits stands in for Inception; FD and KID on its hidden
+features against its 500 reference digits, lower is better; digit IS, 10 at best). The floor scores its
+500 held-out real digits the same way: what a perfect model reaches with 500 samples (the default count;
+FD falls with the count, so compare rows of equal counts only). Writes <out>/sampler_quality.json (one
 row per configuration: sampler options, NFE, FD, digit IS, confidence, seconds per image) and
 <out>/sampler_quality.png (FD against NFE, one line per sampler, the floor dashed).
 """
@@ -24,21 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.neural_network import MLPClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.digits_sample_quality import digits_split, hidden_features, scores  # noqa: E402
+from benchmarks.digits_sample_quality import DigitsJudge  # noqa: E402
 from src.checkpoints import module_from_checkpoint, read_checkpoint  # noqa: E402
 from src.diffusion import SAMPLERS, SamplerOptions  # noqa: E402
 from src.evaluation.samples import sample_uint8_batches  # noqa: E402
 
 SOLVERS = [name for name, entry in SAMPLERS.items() if entry.continuous]
 DEFAULT_SAMPLERS = [*SOLVERS, "ddpm", "ddim"]
-# digits_sample_quality.py's classifier (its main() builds the same one); about a minute to fit on 2 CPU cores
-CLASSIFIER = dict(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=1000, random_state=0)
 
 
 def configurations(samplers: list[str], nfes: list[int], ddim_steps: list[int]) -> list[SamplerOptions]:
@@ -58,22 +55,13 @@ def configurations(samplers: list[str], nfes: list[int], ddim_steps: list[int]) 
     return grid
 
 
-def digit_scorer(image_size: int) -> tuple[MLPClassifier, tuple[np.ndarray, np.ndarray], np.ndarray]:
-    """(classifier, reference feature statistics, validation images) of the default digits split at this
-    image size, with digits_sample_quality.py's classifier."""
-    train_x, train_y, val_x = digits_split(image_size)
-    classifier = MLPClassifier(**CLASSIFIER).fit(train_x, train_y)
-    features = hidden_features(classifier, train_x)
-    return classifier, (features.mean(0), np.cov(features, rowvar=False)), val_x
-
-
 def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
 def measure(module, options: SamplerOptions, num_samples: int, batch_size: int, seed: int,
-            device: torch.device) -> tuple[np.ndarray, float]:
-    """(images flattened to [0, 1], seconds) of num_samples samples drawn with `options` from `seed`."""
+            device: torch.device) -> tuple[torch.Tensor, float]:
+    """(uint8 images [N, C, H, W], seconds) of num_samples samples drawn with `options` from `seed`."""
     generator = torch.Generator(device=device).manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -83,7 +71,7 @@ def measure(module, options: SamplerOptions, num_samples: int, batch_size: int, 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return images.reshape(len(images), -1).numpy().astype(np.float64) / 255.0, seconds
+    return images, seconds
 
 
 def plot(rows: list[dict], floor: float, path: Path) -> None:
@@ -98,7 +86,7 @@ def plot(rows: list[dict], floor: float, path: Path) -> None:
         points = sorted((row["nfe"], row["fd"]) for row in rows if row["sampler"] == name)
         nfe, fd = zip(*points)
         ax.plot(nfe, fd, marker="o", label=name)
-    ax.axhline(floor, color="gray", linestyle="--", label="validation images (floor)")
+    ax.axhline(floor, color="gray", linestyle="--", label="real held-out digits (floor)")
     ax.set_xscale("log")
     ax.set_xticks(sorted({row["nfe"] for row in rows}))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -132,16 +120,16 @@ def main(argv: list[str] | None = None) -> dict:
     module = module_from_checkpoint(ckpt, "diffusion", source=str(args.ckpt)).to(device)
     num_timesteps = module.diffusion.num_timesteps
     grid = configurations(args.samplers, args.nfe, args.ddim_steps)
-    classifier, reference, val_x = digit_scorer(module.net.image_shape[1])
-    floor = scores(classifier, val_x, reference)
+    judge = DigitsJudge(module.net.image_shape[1])
+    floor = judge.real_rows()[0][1]
 
     measure(module, SamplerOptions("ddim", steps=2), 2, 2, args.seed, device)  # warm-up, untimed
     rows = []
     for options in grid:
         x, seconds = measure(module, options, args.num_samples, args.batch_size, args.seed, device)
-        s = scores(classifier, x, reference)
+        s = judge.score(x)
         rows.append({"sampler": options.sampler, "options": options.as_dict(), "nfe": options.nfe(num_timesteps),
-                     "num_samples": args.num_samples, "fd": s["fd"], "digit_is": s["digit_is"],
+                     "num_samples": args.num_samples, "fd": s["fd"], "kid_x1000": s["kid_x1000"], "digit_is": s["digit_is"],
                      "confidence": s["confidence"], "seconds_per_image": seconds / args.num_samples})
         print(f"{options.sampler:>13} {options.resolved_spacing() or options.steps or num_timesteps!s:>12} "
               f"NFE {rows[-1]['nfe']:>4}: FD {s['fd']:8.3f}  digit IS {s['digit_is']:5.2f}  "
@@ -150,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(args.ckpt.resolve()), "global_step": ckpt.get("global_step"),
               "num_timesteps": num_timesteps, "device": str(device), "seed": args.seed,
-              "weights": "ema", "floor": {"what": "validation images", "n": floor["n"], "fd": floor["fd"],
+              "weights": "ema", "judge": judge.extractor.name,
+              "floor": {"what": "real held-out digits", "n": floor["n"], "fd": floor["fd"],
                                           "digit_is": floor["digit_is"]},
               "rows": rows}
     (args.out / "sampler_quality.json").write_text(json.dumps(result, indent=2))

@@ -3,9 +3,11 @@
 EMA (src.lit.ema): with d_n = min(decay, (1 + n) / (10 + n)) the decay of update n (0-based),
     e_{n+1} = d_n e_n + (1 - d_n) p_{n+1},
 so for a parameter held at a constant p: e_k = p + (e_0 - p) * prod_{n<k} d_n.
-Warm-up (src.lit.optim): the optimizer step k (0-based) runs with lr * min(1, (k + 1) / warmup).
+Warm-up (src.lit.optim): the optimizer step k (0-based) runs with lr * min(1, (k + 1) / warmup), times
+(1 + cos(pi * clip((k + 1 - warmup) / (total - warmup + 1), 0, 1))) / 2 under the cosine schedule.
 """
 import io
+import math
 
 import pytest
 import torch
@@ -230,6 +232,25 @@ def test_warmup_scales_every_parameter_group_by_its_own_lr():
     optimizer = torch.optim.SGD(groups, lr=0.5)
     with_linear_warmup(optimizer, 2)
     assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.25]  # step 0: half of each
+
+
+def test_cosine_schedule_follows_its_closed_form_after_the_warmup():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.4)
+    seen = lrs_seen_by_steps(optimizer, with_linear_warmup(optimizer, 3, "cosine", total_steps=10), 10)
+    expected = [0.4 * min(1, (s + 1) / 3) * (1 + math.cos(math.pi * min(1, max(0, s + 1 - 3) / 8))) / 2
+                for s in range(10)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[2] == pytest.approx(0.4) and seen[:3] == pytest.approx([0.4 / 3, 0.8 / 3, 0.4])
+    assert all(a > b > 0 for a, b in zip(seen[2:], seen[3:]))  # falls every step, never reaches 0
+
+
+@pytest.mark.parametrize("schedule, total, match", [("cosine", None, "trainer.max_steps"),
+                                                     ("cosine", 3, "trainer.max_steps"),
+                                                     ("linear", 10, "unknown lr_schedule")])
+def test_bad_lr_schedules_are_refused(schedule, total, match):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        with_linear_warmup(optimizer, 3, schedule, total_steps=total)
 
 
 # --- make_optimizer -----------------------------------------------------------------------------

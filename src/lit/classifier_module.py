@@ -8,6 +8,7 @@ from torch import nn
 from src.diffusion import GaussianDiffusion
 
 from .ema_trained import EMATrainedModule
+from .optim import check_lr_schedule
 
 
 class ClassifierModule(EMATrainedModule):
@@ -20,13 +21,16 @@ class ClassifierModule(EMATrainedModule):
             diffusion model with the same schedule.
         optimizer: a partial taking `params` (Hydra `_partial_: true`).
         lr_warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
+        lr_schedule: after the warm-up, "constant" or "cosine" (down to 0 at trainer.max_steps).
         ema_decay: EMA decay of the weights used for validation and guidance.
         run_config: the resolved run config, saved in the checkpoint so the classifier can be rebuilt.
     """
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable[..., torch.optim.Optimizer],
-                 lr_warmup_steps: int, ema_decay: float, run_config: dict | None = None):
+                 lr_warmup_steps: int, ema_decay: float, lr_schedule: str = "constant",
+                 run_config: dict | None = None):
         super().__init__(net, ema_decay)
+        check_lr_schedule(lr_schedule)
         self.save_hyperparameters(ignore=["net", "diffusion"])
         self.diffusion = diffusion
 

@@ -12,6 +12,7 @@ from src.diffusion import (NO_GUIDANCE, GaussianDiffusion, Guidance, LossSecondM
 from src.errors import NonFiniteLossError
 
 from .ema_trained import EMATrainedModule
+from .optim import check_lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class DiffusionModule(EMATrainedModule):
             on the null label instead of the image's, so the net also learns the unconditional model that
             classifier-free guidance needs (Ho & Salimans 2022). Unused for unconditional nets. Set by
             conf/task/diffusion.yaml; 0 for run configs written before it existed (they trained without).
+        lr_schedule: after the warm-up, "constant" or "cosine" (a half cosine down to 0 at trainer.max_steps);
+            "constant" for run configs written before it existed.
         run_config: the resolved run config, saved in the checkpoint so a run can be rebuilt from it.
     """
 
@@ -47,9 +50,11 @@ class DiffusionModule(EMATrainedModule):
         lr_warmup_steps: int,
         ema_decay: float,
         label_dropout: float = 0.0,
+        lr_schedule: str = "constant",
         run_config: dict | None = None,
     ):
         super().__init__(net, ema_decay)
+        check_lr_schedule(lr_schedule)
         self.save_hyperparameters(ignore=["net", "diffusion", "timestep_sampler"])
         if timestep_sampler.num_timesteps != diffusion.num_timesteps:
             raise ValueError(f"timestep sampler has T={timestep_sampler.num_timesteps} but the diffusion has "

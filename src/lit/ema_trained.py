@@ -14,8 +14,8 @@ class EMATrainedModule(L.LightningModule):
     optimizer step), and builds the optimizer with a linear LR warm-up.
 
     A subclass calls `super().__init__(net, ema_decay)` and then `self.save_hyperparameters(...)`, which must
-    record `optimizer` (a partial taking `params`) and `lr_warmup_steps`. The state_dict names are `net.*`,
-    `ema.model.*` and `ema._extra_state`.
+    record `optimizer` (a partial taking `params`), `lr_warmup_steps` and `lr_schedule`. The state_dict names
+    are `net.*`, `ema.model.*` and `ema._extra_state`.
     """
 
     def __init__(self, net: nn.Module, ema_decay: float):
@@ -28,7 +28,11 @@ class EMATrainedModule(L.LightningModule):
         self.ema.update(self.net)
 
     def configure_optimizers(self):
-        return with_linear_warmup(self.hparams.optimizer(params=self.net.parameters()), self.hparams.lr_warmup_steps)
+        # Run configs written before lr_schedule existed trained with a constant LR after the warm-up.
+        schedule = self.hparams.get("lr_schedule", "constant")
+        total = self.trainer.max_steps if schedule != "constant" else None
+        return with_linear_warmup(self.hparams.optimizer(params=self.net.parameters()), self.hparams.lr_warmup_steps,
+                                  schedule, total)
 
     def on_fit_start(self) -> None:
         # When training starts, Lightning warns about every module in eval mode (lightning/pytorch/loops/

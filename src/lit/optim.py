@@ -1,9 +1,12 @@
 """Optimizers with the fastest of torch's implementations for the device the parameters live on."""
+import math
 from collections.abc import Iterable
 from typing import Literal
 
 import torch
 from hydra.utils import get_class
+
+from src.errors import ConfigError
 
 Implementation = Literal["auto", "fused", "foreach", "for-loop"]
 
@@ -39,9 +42,34 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "torch.opti
 
 
 
-def with_linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_lr_schedule(schedule: str) -> None:
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+def with_linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, schedule: str = "constant",
+                       total_steps: int | None = None) -> dict:
     """Lightning's configure_optimizers answer: `optimizer` with its LR ramped linearly from 0 over
-    `warmup_steps` optimizer steps, stepped every step."""
+    `warmup_steps` optimizer steps, stepped every step; then held (schedule "constant") or brought down
+    along a half cosine towards 0 at `total_steps` ("cosine": the last steps at a small LR settle the
+    weights, which the EMA of a short run cannot do alone). Step s (from 0) uses
+    lr * min(1, (s + 1) / warmup) * (1 + cos(pi * clip((s + 1 - warmup) / (total - warmup + 1), 0, 1))) / 2,
+    so the last warm-up step has the full LR and the last step a small positive one."""
     warmup = max(1, int(warmup_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    check_lr_schedule(schedule)
+    if schedule == "cosine" and (total_steps is None or total_steps <= warmup):
+        raise ConfigError(f"lr_schedule=cosine decays to 0 at trainer.max_steps, which must exceed the warm-up "
+                         f"({warmup} steps); got trainer.max_steps={total_steps}")
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup)
+        if schedule == "constant":
+            return ramp
+        progress = min(1.0, max(0, step + 1 - warmup) / (total_steps - warmup + 1))
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

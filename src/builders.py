@@ -15,6 +15,19 @@ from src.errors import ConfigError, RunError
 from src.lit import ClassifierModule, DiffusionModule
 
 
+def sizes_at_downsample(image_size: int, *factors: int) -> list[int]:
+    """`${sizes_at_downsample:${data.image_size},2}` in a model config: the spatial sizes image_size / factor, so
+    attention placed by downsampling factor (as improved-diffusion's scripts convert attention_resolutions)
+    fits every image size. Each factor must divide image_size."""
+    for factor in factors:
+        if int(factor) < 1 or int(image_size) % int(factor):
+            raise ConfigError(f"attention at downsampling factor {factor} does not fit image_size={image_size}; "
+                              f"use an image_size divisible by {factor} or set model.attention_resolutions=[...]")
+    return [int(image_size) // int(factor) for factor in factors]
+
+
+OmegaConf.register_new_resolver("sizes_at_downsample", sizes_at_downsample, replace=True)
+
 @contextlib.contextmanager
 def config_errors(key: str) -> Iterator[None]:
     """Turn a ValueError/TypeError raised while building config entry `key` (directly or inside

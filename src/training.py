@@ -2,6 +2,7 @@
 `run(cfg)` (train.py calls it); `train(cfg)` returns the objects too, for tests."""
 import csv
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -80,9 +81,14 @@ def check_resume_compatible(run_config: dict, cfg: DictConfig, path: Path) -> No
 
 
 def _is_interpolation(cfg: DictConfig, dotted: str) -> bool:
+    """Whether cfg's value at `dotted` is a plain reference to another entry (`${schedule.num_timesteps}`). A
+    resolver's result (`${sizes_at_downsample:...}`) is compared itself: its formula may have changed."""
     parent, _, leaf = dotted.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
+    if not (isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)):
+        return False
+    raw = OmegaConf.to_container(node, resolve=False)[leaf]
+    return isinstance(raw, str) and re.fullmatch(r"\$\{[\w.]+\}", raw) is not None
 
 
 def _override(value) -> str:
@@ -121,6 +127,14 @@ def check_max_steps(cfg: DictConfig) -> None:
                           f"got {steps!r}")
 
 
+def check_steps_left(cfg: DictConfig, ckpt_path: Path, resume_step: int) -> None:
+    """A resumed run must have optimizer steps left to train (otherwise Lightning trains nothing and exits 0)."""
+    steps = cfg.trainer.max_steps
+    if steps != -1 and steps <= resume_step:
+        raise ConfigError(f"{ckpt_path} is already at step {resume_step} and trainer.max_steps={steps}: nothing "
+                          f"to train; continue it with trainer.max_steps greater than {resume_step}")
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train from a composed config. Returns (metrics, objects) so tests can inspect both."""
     check_max_steps(cfg)
@@ -132,12 +146,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         check_resume_compatible(ckpt["hyper_parameters"]["run_config"], cfg, ckpt_path)
         resume_step = int(ckpt.get("global_step", 0))
         del ckpt
+        check_steps_left(cfg, ckpt_path, resume_step)
         log.info("resuming from %s (step %d)", ckpt_path, resume_step)
     with config_errors("data"):
         datamodule = instantiate(cfg.data)
     module = build_task_module(cfg, datamodule)
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = instantiate_group(cfg.get("logger"), "logger")
+    _drop_wandb_anonymous(loggers)
+    _quiet_lightning_adverts()
     if resume_step is not None:
         _keep_csv_history(loggers, resume_step)
     with config_errors("trainer"):
@@ -163,6 +180,28 @@ def _ignore_expected_warnings(resuming: bool) -> None:
     if resuming:
         # A resumed (or deliberately overwritten) run writes into its own checkpoints folder: not a surprise.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning's "💡 Tip: For seamless cloud logging / uploads ..." lines: adverts for its cloud services."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip: For seamless cloud")
+
+
+def _quiet_lightning_adverts() -> None:
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdverts) for f in logger.filters):
+        logger.addFilter(_DropAdverts())
+
+
+def _drop_wandb_anonymous(loggers: list) -> None:
+    """Lightning's WandbLogger passes anonymous=None to wandb.init, and wandb (0.19+) then prints "The anonymous
+    setting has no effect"; leaving it out is the same setting."""
+    for logger in loggers:
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(logger, WandbLogger) and isinstance(init, dict) and init.get("anonymous", "") is None:
+            del init["anonymous"]
 
 
 def _finish_wandb(loggers: list) -> None:

@@ -48,7 +48,10 @@ def test_documented_sections_example():
 
 @pytest.mark.parametrize("num_timesteps", [50, 100, 300, 1000, 4000])
 def test_even_spacing_matches_improved_diffusion(num_timesteps):
-    for count in range(1, num_timesteps + 1, max(1, num_timesteps // 150)):
+    # One step: improved-diffusion keeps t = 0 (a run that starts from noise at the cleanest step); here the
+    # one step goes from T - 1 to 0.
+    assert space_timesteps(num_timesteps, 1) == [num_timesteps - 1]
+    for count in range(2, num_timesteps + 1, max(1, num_timesteps // 150)):
         assert space_timesteps(num_timesteps, count) == improved_diffusion_sections(num_timesteps, [count]), count
     for counts in ([10, 15, 20], [3, 7], [5, 5, 5, 5], [1, 2]):
         if num_timesteps // len(counts) >= max(counts):

@@ -184,7 +184,10 @@ def test_gradients_reach_every_parameter(num_classes):
     ("unet_ddpm_cifar10", 3, 32),  # run at batch 1 only
 ])
 def test_yaml_configs_instantiate(name, channels, size):
-    cfg = OmegaConf.load(MODEL_CONF / f"{name}.yaml")
+    import src.builders  # noqa: F401  (registers the sizes_at_downsample resolver of unet_small's attention)
+
+    # A model config may follow the data's image size (${data.image_size}), as it does inside the train config.
+    cfg = OmegaConf.create({"data": {"image_size": size}, "model": OmegaConf.load(MODEL_CONF / f"{name}.yaml")}).model
     assert not {"in_channels", "out_channels", "image_size"} & set(cfg.keys())
     net = instantiate(cfg, in_channels=channels, out_channels=2 * channels, image_size=size)
     assert isinstance(net, UNet)
@@ -289,7 +292,10 @@ def test_default_options_build_the_same_seeded_net():
     ("adm_imagenet64_cond", 3, 64, 6), ("adm_imagenet64_classifier", 3, 64, None),
 ])
 def test_released_model_configs_build(name, channels, size, out):
-    cfg = OmegaConf.load(MODEL_CONF / f"{name}.yaml")
+    import src.builders  # noqa: F401  (registers the sizes_at_downsample resolver of unet_small's attention)
+
+    # A model config may follow the data's image size (${data.image_size}), as it does inside the train config.
+    cfg = OmegaConf.create({"data": {"image_size": size}, "model": OmegaConf.load(MODEL_CONF / f"{name}.yaml")}).model
     assert not {"in_channels", "out_channels", "image_size"} & set(cfg.keys())
     derived = dict(in_channels=channels, image_size=size, **({"out_channels": out} if out else {}))
     with torch.device("meta"):  # shapes only: the 296M net costs no memory or init time here

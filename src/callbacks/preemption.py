@@ -1,20 +1,25 @@
 """Saving `last.ckpt` when the run is told to stop (preemption, Ctrl+C)."""
+import contextlib
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class PreemptionCheckpoint(L.Callback):
     """Writes `<dirpath>/last.ckpt` when training is stopped by SIGTERM, SIGUSR1 or Ctrl+C, so that
     `ckpt_path=last` continues from the step where the run stopped, and when training ends normally
-    between two periodic saves, so that last.ckpt always holds the final state.
+    between two periodic saves, so that last.ckpt always holds the final state (as of the end of the last
+    step, like a periodic save, so that it resumes exactly).
 
     On SIGTERM Lightning only sets `trainer.received_sigterm` and raises SIGTERMException later, after
     the step's validation if one is due (and it cuts that validation short). The checkpoint is written
@@ -38,9 +43,10 @@ class PreemptionCheckpoint(L.Callback):
         super().__init__()
         self.path = Path(dirpath) / filename
         self._saved_step: int | None = None
+        self._final_state: dict | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._saved_step = None
+        self._saved_step, self._final_state = None, None
         # Runs after Lightning registered its handlers; Lightning puts the previous handlers of every
         # signal back when fitting ends. Handlers that someone else installed are left alone.
         _install(getattr(signal, "SIGUSR1", None), _forward_to_sigterm_handler, unless_handled=True)
@@ -50,9 +56,15 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # ModelCheckpoint writes last.ckpt only every N steps; a run that ends between two of those saves
         # (max_steps not a multiple of N, or a resumed run) must still leave its final state in last.ckpt.
+        final_state, self._final_state = self._final_state, None
         if not self._up_to_date(trainer) and self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path)  # a collective under DDP: every rank gets here
+            if final_state is None:
+                trainer.save_checkpoint(self.path, weights_only=False)  # a collective under DDP: every rank gets here
+            else:
+                trainer.strategy.save_checkpoint(final_state, self.path)
+                trainer.strategy.barrier("PreemptionCheckpoint.on_train_end")
             self._saved_step = trainer.global_step
+            self._mark_last_saved(trainer)
             if trainer.is_global_zero:
                 log.info("training finished at step %d; saved %s", trainer.global_step, self.path)
 
@@ -62,6 +74,12 @@ class PreemptionCheckpoint(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             self._save(trainer, "a stop signal (SIGTERM, SIGUSR1 or Ctrl+C)")
+        elif trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            # When max_steps stops the run inside an epoch, the fit loop then closes that epoch (counted as
+            # complete, the next epoch's number), and a checkpoint written after that resumes at the start of a
+            # new shuffle. The state at the end of the last step, where periodic saves are taken, resumes
+            # exactly: keep it for on_train_end (the tensors are the live ones, which no longer change).
+            self._final_state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._saved_step == trainer.global_step:  # saved at the end of this step already
@@ -79,11 +97,21 @@ class PreemptionCheckpoint(L.Callback):
     def _save(self, trainer: L.Trainer, reason: str) -> None:
         up_to_date = self._up_to_date(trainer)
         if not up_to_date:
-            trainer.save_checkpoint(self.path)  # a collective under DDP: every rank gets here
+            trainer.save_checkpoint(self.path, weights_only=False)  # a collective under DDP: every rank gets here
             self._saved_step = trainer.global_step
         if trainer.is_global_zero:
             log.warning("stopped by %s after step %d; %s %s", reason, trainer.global_step,
                         "already up to date:" if up_to_date else "saved", self.path)
+
+    def _mark_last_saved(self, trainer: L.Trainer) -> None:
+        """ModelCheckpoint's own on_train_end (Lightning 2.6; it runs after this callback's) writes last.ckpt again
+        when it has not written it during this fit, with the state after the fit loop closed the epoch: tell it
+        that the file is written."""
+        for callback in trainer.checkpoint_callbacks:
+            dirpath = getattr(callback, "dirpath", None) or ""
+            last = getattr(callback, "last_model_path", "") or os.path.join(dirpath, "last.ckpt")
+            if hasattr(callback, "_last_checkpoint_saved") and os.path.realpath(last) == os.path.realpath(self.path):
+                callback._last_checkpoint_saved = str(self.path)
 
     def _up_to_date(self, trainer: L.Trainer) -> bool:
         """Whether ModelCheckpoint already wrote this path at this step (a periodic save just before the stop)."""
@@ -113,3 +141,39 @@ def _first_ctrl_c(signum, frame) -> None:
                      "(press Ctrl+C again to stop at once)\n")
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _forward_to_sigterm_handler(signum, frame)
+
+
+@contextlib.contextmanager
+def interruptible_sampling(trainer: L.Trainer) -> Iterator[None]:
+    """A stop signal (SIGTERM, SIGUSR1, Ctrl+C) stops a callback's sampling at once instead of after it.
+
+    Lightning's handler only sets `trainer.received_sigterm`, which is read between training steps; a sample
+    grid or an FID evaluation of hundreds of sampler steps would run to its end first (minutes), and one at
+    the end of training would then let the process exit 0. Inside this block the handler also raises
+    SIGTERMException, which ends fit like a stop signal during training (PreemptionCheckpoint keeps last.ckpt;
+    the entry point exits 143). Sampling changes no training state, so stopping it midway loses nothing.
+    A caller skips its sampling when `trainer.received_sigterm` is already set: the run stops at the end of
+    this step anyway, with the step's metrics logged.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop_now(signum, frame) -> None:
+        if callable(previous):
+            previous(signum, frame)  # Lightning's: sets the flag, and under DDP tells the other processes
+        raise SIGTERMException(f"signal {signum} while sampling")
+
+    try:
+        signal.signal(signal.SIGTERM, stop_now)
+    except ValueError:  # not the main thread: signals cannot be handled here, the flag stays the only way
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def interruptible_batches(trainer: L.Trainer, batches: Iterable[T]) -> Iterator[T]:
+    """`batches` (a sampling generator) iterated under interruptible_sampling."""
+    with interruptible_sampling(trainer):
+        yield from batches

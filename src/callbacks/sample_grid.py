@@ -1,4 +1,5 @@
 """PNG sample grids from fixed noise during training."""
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -8,6 +9,10 @@ from torchvision.utils import make_grid
 
 from src.diffusion import SamplerOptions
 from src.evaluation.grids import display_scale, save_grid_png
+
+from .preemption import interruptible_sampling
+
+log = logging.getLogger(__name__)
 
 
 class SampleGridCallback(L.Callback):
@@ -19,7 +24,9 @@ class SampleGridCallback(L.Callback):
     grid at the images' own size (min_image_size null: only the raw-size grid, under the first name).
 
     `sampler` holds the sampler options (src.diffusion.SamplerOptions: sampler, steps, spacing, eta, ...).
-    Runs on rank zero only; `every_n_steps <= 0` keeps only the final grid.
+    Runs on rank zero only; `every_n_steps <= 0` keeps only the final grid. A stop signal (SIGTERM, SIGUSR1,
+    Ctrl+C) during the sampling ends it at once (src.callbacks.preemption.interruptible_sampling); after one,
+    no grid is started.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int, num_samples: int, seed: int, sampler: dict | None,
@@ -45,13 +52,17 @@ class SampleGridCallback(L.Callback):
             self.write_grid(trainer, pl_module)
 
     @rank_zero_only
-    def write_grid(self, trainer: L.Trainer, pl_module) -> Path:
+    def write_grid(self, trainer: L.Trainer, pl_module) -> Path | None:
         step = trainer.global_step
         path = self.dirpath / f"step_{step:07d}.png"
         if path == self.last_path:  # the end-of-training grid coincides with a periodic one
             return path
+        if trainer.received_sigterm:
+            log.info("stopping: no sample grid at step %d", step)
+            return None
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images = pl_module.sample(self.num_samples, self.options, generator=generator)
+        with interruptible_sampling(trainer):
+            images = pl_module.sample(self.num_samples, self.options, generator=generator)
         grid = make_grid((images + 1) / 2, nrow=self.nrow, padding=2, pad_value=1.0)
         raw = self.dirpath / "raw" / path.name if display_scale(images.shape[-1], self.min_image_size) > 1 else None
         grid = save_grid_png(grid, path, images.shape[-1], self.min_image_size, raw_path=raw)

@@ -6,18 +6,34 @@ construction because the model is built from them before the Trainer calls `setu
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from src.errors import ConfigError
+
 from .resumable import EpochShuffleSampler, ResumableDataLoader
 from .transforms import maybe_hflip, uint8_to_signed
+
+log = logging.getLogger(__name__)
 
 
 class DatasetNotFoundError(RuntimeError):
     """The dataset files are missing, unreadable or in the wrong format (single-line message)."""
+
+
+def _at_most_cpu_count(num_workers: int) -> int:
+    """num_workers, capped at the CPU cores this process may use: more workers only compete for those cores,
+    and PyTorch warns about every loader that has more (data=image_folder asks for 4 on any machine)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if num_workers > cores:
+        log.info("data.num_workers=%d lowered to %d, the CPU cores this process may use", num_workers, cores)
+        return cores
+    return num_workers
 
 
 class UInt8ImageDataset(Dataset):
@@ -110,7 +126,7 @@ class ImageDataModule(L.LightningDataModule):
         if val_fraction is not None and not 0.0 <= float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = _at_most_cpu_count(int(num_workers))
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.random_flip = bool(random_flip)
@@ -128,7 +144,7 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
         if self.batch_size % world_size != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={self.batch_size} (global) is not divisible by the world size {world_size} "
                 f"(number of processes); use a multiple of {world_size}"
             )
@@ -138,6 +154,18 @@ class ImageDataModule(L.LightningDataModule):
         self.shuffle_seed = torch.initial_seed() % 2**62
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset = self.build_datasets()
+
+    def _check_batch_fits(self) -> None:
+        """A training batch must fit in the training split (checked when training asks for its loader only: an
+        evaluation of a smaller folder with the same batch size reads no training batches)."""
+        if len(self.train_dataset) < self.batch_size_per_device:
+            # drop_last would otherwise yield zero batches and training would silently do nothing.
+            size, world_size = len(self.train_dataset), self.batch_size // self.batch_size_per_device
+            per_device = f" ({self.batch_size_per_device} on each of {world_size} devices)" if world_size > 1 else ""
+            raise ConfigError(
+                f"data.batch_size={self.batch_size}{per_device} is larger than the training split ({size} images); "
+                f"set data.batch_size to at most {size * world_size}"
+            )
 
     def _loader_kwargs(self) -> dict:
         # Page-locked batches only speed up copies to a GPU; without one, DataLoader warns and ignores the flag.
@@ -154,12 +182,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        if len(self.train_dataset) < self.batch_size_per_device:
-            # drop_last would otherwise yield zero batches and training would silently do nothing.
-            raise ValueError(
-                f"the training set has {len(self.train_dataset)} images, fewer than the per-device batch size "
-                f"{self.batch_size_per_device}; lower data.batch_size"
-            )
+        self._check_batch_fits()
         # Resumable inside an epoch (see ResumableDataLoader); under DDP Lightning swaps in a shuffling
         # DistributedSampler for the EpochShuffleSampler.
         return ResumableDataLoader(self.train_dataset, sampler=EpochShuffleSampler(self.train_dataset, self.shuffle_seed),

@@ -58,8 +58,8 @@ class GaussianDiffusion(nn.Module):
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
 
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.ndim != 1 or betas.numel() < 2:
-            raise ValueError(f"betas must be a 1-D tensor with at least 2 steps, got shape {tuple(betas.shape)}")
+        if betas.ndim != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a 1-D tensor with at least 1 step, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must lie in (0, 1]")
         self.num_timesteps = int(betas.numel())
@@ -76,9 +76,12 @@ class GaussianDiffusion(nn.Module):
         # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # beta~ is 0 at t=0: clip its log to beta~ at t=1 so it stays finite.
-        posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        # The posterior variance at t = 0 is 0; its log is clipped to the next step's (improved-diffusion), and in
+        # a one-step process (a respaced run from T - 1 straight to 0) to beta_0, the only variance it has.
+        floor = posterior_variance[1:2] if betas.numel() > 1 else betas[:1]
+        posterior_log_variance_clipped = torch.log(torch.cat([floor, posterior_variance[1:]]))
         # fixed_large: sigma_t^2 = beta_t, except beta~_1 at t=0 (improved-diffusion's choice).
-        large_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+        large_variance = torch.cat([floor, betas[1:]])
 
         buffers = {
             "betas": betas,

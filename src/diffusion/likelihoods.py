@@ -33,15 +33,26 @@ def discretized_gaussian_log_likelihood(
     lower = inv_std * (x - means - bin_width / 2)
     log_cdf_upper = torch.special.log_ndtr(upper)  # left edge bin: P(X <= x + w/2)
     log_one_minus_cdf_lower = torch.special.log_ndtr(-lower)  # right edge bin: P(X >= x - w/2)
-    # Interior bin: Phi(upper) - Phi(lower), computed on the side of the mean where it does not cancel.
-    interior = torch.where(
-        lower > 0,
-        torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-        torch.special.ndtr(upper) - torch.special.ndtr(lower),
-    )
-    log_interior = torch.log(interior.clamp(min=1e-12))
+    log_interior = _log_normal_mass(lower, upper)
     # Pixel values 0 and 255 sit at exactly -1 and +1; their neighbours are 2/255 away.
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_interior))
+
+
+def _log_normal_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """log(Phi(upper) - Phi(lower)) for lower < upper, without cancellation in either tail.
+
+    A bin above the mean is mirrored below it (Phi(u) - Phi(l) = Phi(-l) - Phi(-u)), so both ends are in the
+    lower tail, where log_ndtr is accurate to the last bit; the difference is then taken in log space:
+    log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))). Subtracting ndtr values instead loses everything
+    from z < -5 in float32 (ndtr(-5) = 2.9e-7 carries only a few correct digits of a bin's mass there).
+    """
+    mirror = lower > 0
+    a = torch.where(mirror, -upper, lower)
+    b = torch.where(mirror, -lower, upper)
+    log_b = torch.special.log_ndtr(b)
+    # Floored so that a bin too narrow for the dtype gives a finite (very negative) value, not -inf.
+    one_minus_ratio = (-torch.expm1(torch.special.log_ndtr(a) - log_b)).clamp(min=torch.finfo(b.dtype).tiny)
+    return log_b + torch.log(one_minus_ratio)
 
 
 LOG2 = math.log(2.0)

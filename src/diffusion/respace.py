@@ -165,6 +165,10 @@ def _quad(n: int, num_timesteps: int) -> list[int]:
 
 def _sections(counts: list[int], num_timesteps: int, spacing) -> list[int]:
     """improved-diffusion's sections: T cut into len(counts) equal sections with counts[i] even steps each."""
+    if counts == [1]:
+        # improved-diffusion keeps t = 0 here: a reverse run that starts from noise at the cleanest step. The
+        # one step of a one-step process goes from T - 1 to 0.
+        return [num_timesteps - 1]
     size_per, extra = divmod(num_timesteps, len(counts))
     steps, start = [], 0
     for i, count in enumerate(counts):
@@ -208,6 +212,8 @@ class SpacedDiffusion(GaussianDiffusion):
         abar_kept = abar[kept]
         abar_prev = torch.cat([abar.new_ones(1), abar_kept[:-1]])
         super().__init__(1.0 - abar_kept / abar_prev, base.mean_type, base.var_type, base.loss_type)
+        if isinstance(base, SpacedDiffusion):  # kept indexes base's steps: the network needs the original ones
+            kept = base.timestep_map.cpu()[kept]
         self.register_buffer("timestep_map", kept, persistent=False)
         self.to(base.betas.device)
 

@@ -28,7 +28,9 @@ def load_classifier(ckpt_path: str | os.PathLike, diffusion: GaussianDiffusion, 
     theirs, ours = module.diffusion.alphas_cumprod, diffusion.alphas_cumprod.cpu()
     if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=0):
         raise ConfigError(f"the classifier was trained on the noise of another schedule (its {cfg.schedule.get('name')} "
-                          f"T={len(theirs)} vs the diffusion model's T={len(ours)} or other betas); train it with the "
+                          f"T={len(theirs)}, betas {float(module.diffusion.betas[0]):.4g}.."
+                          f"{float(module.diffusion.betas[-1]):.4g}; the diffusion model's T={len(ours)}, betas "
+                          f"{float(diffusion.betas[0]):.4g}..{float(diffusion.betas[-1]):.4g}); train it with the "
                           f"diffusion checkpoint's schedule")
     return net.to(device).eval()
 

@@ -11,6 +11,11 @@ class EMA(nn.Module):
     Only parameters are averaged (buffers are copied), and the decay warms up as
     min(decay, (1 + n) / (10 + n)) so early samples are not dominated by the random initialisation.
     The update count is saved in the state_dict, so resume continues the same warm-up.
+
+    The average is kept in float32 whatever the network's dtype: with bf16 / fp16 parameters (e.g.
+    trainer.precision=bf16-true) a float32 copy is averaged and rounded into `self.model` after each update,
+    and saved with the update count, because (1 - decay) (param - ema) is below half a unit in the last
+    place of a bf16 value of 0.25 already at decay 0.999, and such an average would stop moving.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
@@ -20,6 +25,7 @@ class EMA(nn.Module):
         self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.num_updates = 0
+        self._float32: list[torch.Tensor] | None = None  # the average of non-float32 parameters
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -30,11 +36,27 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
-        # ema <- ema + (1 - decay) (param - ema), one fused kernel over all tensors.
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.current_decay())
+        weight = 1.0 - self.current_decay()
+        if all(p.dtype in (torch.float32, torch.float64) for p in ema_params):
+            # ema <- ema + (1 - decay) (param - ema), one fused kernel over all tensors.
+            torch._foreach_lerp_(ema_params, params, weight)
+        else:
+            average = self._float32_average(ema_params)
+            torch._foreach_lerp_(average, [p.float() for p in params], weight)
+            for ema_param, value in zip(ema_params, average):
+                ema_param.copy_(value)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
             ema_buf.copy_(buf)
         self.num_updates += 1
+
+    def _float32_average(self, ema_params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The float32 average, started from the model's values at the first update (after any dtype change of
+        the module) and on the parameters' device."""
+        if self._float32 is None or len(self._float32) != len(ema_params):
+            self._float32 = [p.detach().float().clone() for p in ema_params]
+        elif self._float32[0].device != ema_params[0].device:  # restored from a checkpoint on the CPU, or moved
+            self._float32 = [t.to(ema_params[0].device) for t in self._float32]
+        return self._float32
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -42,7 +64,11 @@ class EMA(nn.Module):
         return self
 
     def get_extra_state(self) -> dict:
-        return {"num_updates": self.num_updates}
+        state = {"num_updates": self.num_updates}
+        if self._float32 is not None:
+            state["float32_average"] = self._float32
+        return state
 
     def set_extra_state(self, state: dict) -> None:
         self.num_updates = int(state["num_updates"])
+        self._float32 = state.get("float32_average")

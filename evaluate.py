@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint: python evaluate.py ckpt_path=PATH [num_samples=N] [sampler=ddim steps=50] [nll=true]"""
+"""Evaluate a checkpoint: python evaluate.py ckpt_path=PATH [num_samples=N] [sampler=ddim steps=50] [nll=true]
+[extractor=digits] [seeds=[0,1,2]] [reference=val|judge|FOLDER|FILE.npz]; or score a file of samples:
+python evaluate.py samples=FILE.npz [reference=...] [extractor=...]"""
 import hydra
 from omegaconf import DictConfig
 

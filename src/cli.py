@@ -33,3 +33,6 @@ def run_command(run: Callable[[DictConfig], T], cfg: DictConfig, resume_hint: st
     except SIGTERMException:
         print(f"stopped by a signal{'; ' + resume_hint if resume_hint else ''}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # Ctrl+C outside training (evaluate.py, sample.py): one line, the shell's code 130
+        print(f"interrupted (Ctrl+C){'; ' + resume_hint if resume_hint else ''}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

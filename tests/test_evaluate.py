@@ -85,8 +85,9 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, trained):
 
 def test_without_inception_weights_samples_are_written_and_fid_is_null(evaluate, offline_torch_hub):
     metrics, out = evaluate("sampler=ddim", "steps=5")
-    assert metrics["fid"] is None and metrics["is"] is None
-    assert "Inception weights" in metrics["fid_unavailable"] and "network is unreachable" in metrics["fid_unavailable"]
+    assert metrics["fid"] is None and metrics["is"] is None and metrics["kid"] is None
+    why = metrics["metrics_unavailable"]["all"]
+    assert "Inception weights" in why and "network is unreachable" in why
     assert metrics["samples"]["sampler"] == {"sampler": "ddim", "steps": 5, "spacing": None, "eta": 0.0, "clip_denoised": True}
     with np.load(out / "samples_4x16x16x1.npz") as data:
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (4, 16, 16, 1)
@@ -97,17 +98,28 @@ def test_without_inception_weights_samples_are_written_and_fid_is_null(evaluate,
 def test_fid_is_and_nll_report(evaluate, tmp_path):
     weights = write_random_inception_weights(tmp_path / "random-inception.pth")
     metrics, out = evaluate(f"feature_extractor_weights_path={weights}", "num_reference_images=6", "nll=true",
-                            "nll_num_images=3", "nll_batch_size=2")
+                            "nll_num_images=3", "nll_batch_size=2", "metrics=[fid,is,kid,prc]", "rate_distortion=true")
     # the checkpoint's own sampler: DDPM over all T=50 steps
     assert metrics["samples"]["sampler"]["sampler"] == "ddpm" and metrics["samples"]["sampler"]["steps"] is None
-    assert metrics["fid"] > 0 and metrics["is"] >= 1.0 and metrics["fid_reference"]["num_images"] == 6
+    assert metrics["fid"] > 0 and metrics["is"] >= 1.0 and metrics["reference"]["num_images"] == 6
+    assert metrics["reference"]["spec"] == "train" and metrics["extractor"]["name"] == "inception-v3-compat"
+    assert metrics["kid_subset_size"] == 4 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    protocol = metrics["protocol"]
+    assert protocol["seeds"] == [0] and protocol["weights"] == "ema" and len(protocol["checkpoint_sha256_prefix"]) == 16
+    assert protocol["extractor"] == "inception-v3-compat" and protocol["steps"] == 50 and "not comparable" in \
+        protocol["notes"][0]
     nll = metrics["nll"]
     assert nll["num_images"] == 3 and nll["num_timesteps"] == 50 and nll["split"] == "val"
+    assert nll["conditioning"] == "unconditional model"
     # the parts add up to the bound, L_T + (L_1 .. L_{T-1}) + L_0, up to float32 round-off
     assert nll["bpd"] == pytest.approx(nll["prior_bpd"] + nll["kl_bpd"] + nll["decoder_bpd"], rel=1e-6)
     assert sum(b["bpd"] for b in nll["vb_by_t"]) == pytest.approx(nll["kl_bpd"] + nll["decoder_bpd"], rel=1e-6)
     with np.load(out / "nll_terms.npz") as terms:
         assert terms["vb"].shape == (50,) and terms["total_bpd"].shape == (3,)
+    # DDPM Fig. 5 and the per-t bound terms, from the same pass
+    assert nll["figures"] == {"bound_terms": str(out / "bound_terms.png"), "rate_distortion": str(out / "rate_distortion.png")}
+    curve = json.loads((out / "rate_distortion.json").read_text())
+    assert len(curve["rate_bpd"]) == 50 and curve["lossless_bpd"] == pytest.approx(nll["bpd"], rel=1e-6)
 
 
 def test_train_config_values_on_the_command_line_are_reported_and_the_checkpoint_wins(evaluate, caplog):
@@ -140,3 +152,63 @@ def test_cli_reports_bad_inputs_in_one_line(tmp_path, trained):
         assert result.returncode == 2, result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.stderr
+
+
+def test_seeds_give_disjoint_sample_sets_and_their_summary(evaluate):
+    metrics, out = evaluate("extractor=digits", "seeds=[0,1]", "sampler=ddim", "steps=3", "reference=val",
+                            "kid_subset_size=4")
+    runs = metrics["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert [r["samples"]["image_seeds"] for r in runs] == [[0, 3], [4, 7]]
+    sets = []
+    for seed in (0, 1):
+        with np.load(out / f"seed{seed}" / "samples_4x16x16x1.npz") as data:
+            sets.append(data["arr_0"])
+    assert not any((a == b).all() for a in sets[0] for b in sets[1])
+    fd = "fd_digits-mlp64"
+    assert metrics["summary"][fd]["values"] == [r[fd] for r in runs]
+    assert metrics["summary"][fd]["min"] == min(r[fd] for r in runs)
+    assert metrics["summary"][fd]["mean"] == pytest.approx(np.mean([r[fd] for r in runs]))
+    assert {"kid_digits-mlp64", "precision_digits-mlp64", "is_digits-mlp64"} <= metrics["summary"].keys()
+    assert "fid" not in metrics and all("fid" not in r for r in runs)
+    assert metrics["protocol"]["image_seeds"] == {"0": [0, 3], "1": [4, 7]}
+
+
+def test_an_interrupted_evaluation_is_marked_partial(evaluate, tmp_path):
+    with mock.patch("src.evaluation.run.nll_report", side_effect=KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            evaluate("fid=false", "sampler=ddim", "steps=2", "nll=true")
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["partial"] is True and written["missing"] == ["nll"] and written["stopped_by"] == "SIGINT (Ctrl+C)"
+    assert written["samples"]["num_samples"] == 4  # what was done is kept
+    assert not list((tmp_path / "eval").glob(".*.tmp"))
+
+
+def test_samples_file_against_the_checkpoints_validation_split(tmp_path, trained, compose_evaluate):
+    from src.evaluation.digits_features import judge_split
+
+    path = tmp_path / "real.npz"
+    np.savez(path, arr_0=judge_split(16).held_out.permute(0, 2, 3, 1).numpy())
+    metrics = run(compose_evaluate(f"samples={path}", f"ckpt_path={trained[0]}", "reference=val", "extractor=digits",
+                                   output_dir=tmp_path / "eval"))
+    assert metrics["reference"]["dataset"] == "digits" and metrics["reference"]["split"] == "val"
+    assert metrics["reference"]["num_images"] == 180
+    assert metrics["precision_digits-mlp64"] >= 0.7 and metrics["recall_digits-mlp64"] >= 0.7
+
+
+def test_sample_batches_use_the_weights_asked_for():
+    from src.diffusion import SamplerOptions
+    from src.evaluation.samples import sample_uint8_batches
+
+    class Recorder:
+        device = torch.device("cpu")
+        seen = []
+
+        def sample(self, n, options, guidance, generator=None, use_ema=True):
+            self.seen.append(use_ema)
+            return torch.zeros(n, 1, 2, 2)
+
+    module = Recorder()
+    for use_ema in (True, False):
+        list(sample_uint8_batches(module, 3, 2, SamplerOptions("ddim", steps=2), use_ema=use_ema))
+    assert module.seen == [True, True, False, False]

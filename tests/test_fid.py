@@ -24,7 +24,19 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from src.evaluation import metrics
 from src.evaluation.metrics import (FeatureStats, InceptionFeatures, MissingWeightsError, ReferenceImages,
                                     frechet_distance, inception_score, reference_statistics, resolve_weights)
+from src.evaluation.scores import SampleFeatures, ScoreSettings, score
 from src.training import train
+
+
+class DigitsTrain(Dataset):
+    """The default digits run's training split (the FID callback's reference)."""
+
+    def __new__(cls):
+        from src.data import DigitsDataModule
+
+        datamodule = DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.1, split_seed=0, random_flip=False)
+        datamodule.setup("fit")
+        return datamodule.train_dataset
 
 
 def write_random_inception_weights(path: Path, seed: int = 0) -> Path:
@@ -207,8 +219,10 @@ def test_reference_statistics_are_cached_with_a_description(tmp_path, extractor)
     with np.load(path) as data:
         meta = json.loads(str(data["meta"]))
     assert meta["num_images"] == 4 and meta["split"] == "train" and meta["dataset"] == "digits"
-    assert "FID reference statistics" in meta["description"]
+    assert "reference features" in meta["description"] and meta["extractor"] == "inception-v3-compat"
     assert meta["weights_sha256_prefix"] == extractor.fingerprint
+    with np.load(path) as data:  # the rows themselves, for KID and precision / recall
+        np.testing.assert_allclose(data["features"].mean(0), first.mu, rtol=1e-5, atol=1e-6)
     # other images of the same size and count -> another cache entry, not a stale hit
     other = ReferenceImages(UInt8ImageDataset(255 - images, torch.zeros(5)), num_images=4)
     reference_statistics(extractor, other, "digits", "train", tmp_path, batch_size=4)
@@ -254,7 +268,8 @@ def test_fid_callback_logs_fid_and_is_once_per_step(compose_train, tmp_path, wei
 def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_train, tmp_path, weights, extractor):
     """2 CPU processes (gloo): 5 samples shared 3 + 2 with seeds 0 and 1, gathered, metrics computed once."""
     cfg = compose_train(*fid_overrides(weights, tmp_path, "callbacks.sample_grid=null", "trainer.max_steps=1",
-                                       "callbacks.fid.num_samples=5",
+                                       "callbacks.fid.num_samples=5", "callbacks.fid.metrics=[fid,is,kid,prc]",
+                                       "callbacks.fid.kid_subset_size=4", "callbacks.fid.kid_subsets=3",
                                        "trainer.devices=2", "+trainer.strategy=ddp_spawn",
                                        "callbacks.fid.save_samples=true",
                                        f"callbacks.fid.samples_dir={tmp_path}/fid_samples"))
@@ -265,8 +280,16 @@ def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_t
     assert not torch.equal(samples[:2], samples[3:5])  # rank 1 drew other noise than rank 0
     (cache,) = (tmp_path / "fid_stats").glob("*.npz")
     with np.load(cache) as data:
-        reference = metrics.ReferenceStats(data["mu"], data["sigma"], {})
+        reference = metrics.ReferenceStats(data["mu"], data["sigma"], {}, features=data["features"])
+    assert reference.features.shape == (6, 2048)  # gathered from both processes, in the images' order
+    _, _, rows = metrics.accumulate(extractor, [ReferenceImages(DigitsTrain(), 6).batch(range(6))], keep_features=True)
+    np.testing.assert_allclose(reference.features, rows.numpy(), rtol=1e-5, atol=1e-5)
     single = metrics.fid_and_is(*metrics.accumulate(extractor, [samples], keep_logits=True), reference, isc_splits=2)
+    stats, logits, sample_rows = metrics.accumulate(extractor, [samples], keep_logits=True, keep_features=True)
+    settings = ScoreSettings.checked(["kid", "prc"], kid_subsets=3, kid_subset_size=4)
+    more, _ = score(SampleFeatures(stats, logits, sample_rows), reference, settings, metrics.INCEPTION_NAME)
+    for key in ("kid", "kid_std", "precision", "recall"):
+        assert metrics_out[f"eval/{key}"] == pytest.approx(more[key], rel=1e-4, abs=1e-6), key
     assert metrics_out["eval/fid"] == pytest.approx(single["fid"], rel=1e-5)
     assert metrics_out["eval/is"] == pytest.approx(single["is"], rel=1e-6)
     assert metrics_out["eval/is_std"] == pytest.approx(single["is_std"], rel=1e-4, abs=1e-9)
@@ -275,3 +298,19 @@ def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_t
     cfg.overwrite = True  # the same run folder again, on purpose
     metrics_again, _ = train(cfg)
     assert cache.stat().st_mtime_ns == written and np.isfinite(metrics_again["eval/fid"])
+
+
+@pytest.mark.slow
+def test_fid_callback_with_the_digits_extractor_logs_named_curves(compose_train, tmp_path):
+    cfg = compose_train("callbacks=fid", "sampler.steps=5", "callbacks.fid.extractor=digits",
+                        "callbacks.fid.metrics=[fid,is,kid,prc]", "callbacks.fid.num_samples=8",
+                        "callbacks.fid.batch_size=8", "callbacks.fid.isc_splits=2", "callbacks.fid.reference=judge",
+                        f"callbacks.fid.cache_dir={tmp_path}/fid_stats", "callbacks.sample_grid=null",
+                        "trainer.max_steps=2", "callbacks.fid.every_n_steps=2", "trainer.log_every_n_steps=1")
+    metrics_out, _ = train(cfg)
+    expected = {f"eval/{m}_digits-mlp64" for m in ("fd", "is", "is_std", "kid", "kid_std", "precision", "recall")}
+    assert expected <= metrics_out.keys() and "eval/fid" not in metrics_out
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eval/fd_digits-mlp64")]
+    assert len(rows) == 1 and float(rows[0]["eval/fd_digits-mlp64"]) > 0
+    assert len(list((tmp_path / "fid_stats").glob("digits-judge-reference-16px-500-*.npz"))) == 1

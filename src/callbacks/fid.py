@@ -1,18 +1,24 @@
-"""FID and Inception Score of EMA samples during training (distributed over all processes)."""
+"""FID, Inception Score, KID and precision / recall of EMA samples during training (distributed over all
+processes), with Inception-v3 or any extractor of src.evaluation.extractors."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 
 from src.diffusion import SamplerOptions
-from src.evaluation.metrics import (NUM_LOGITS, FeatureStats, InceptionFeatures, MissingWeightsError, ReferenceImages,
-                                    ReferenceStats, accumulate, dataset_name, fid_and_is, load_reference,
-                                    reference_cache_path, reference_meta, resolve_weights, save_reference)
+from src.evaluation import atomic
+from src.evaluation.extractors import ExtractorRequest, build_extractor
+from src.evaluation.metrics import (FeatureStats, MissingWeightsError, ReferenceStats, dataset_name,
+                                    load_reference, reference_cache_path, reference_meta, resolve_weights,
+                                    save_reference)
+from src.evaluation.references import resolve_source
 from src.evaluation.samples import sample_uint8_batches
+
+from .preemption import interruptible_batches
+from src.evaluation.scores import SampleFeatures, ScoreSettings, score
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +30,16 @@ def share(total: int, world_size: int, rank: int) -> int:
 
 class FIDCallback(L.Callback):
     """Every `every_n_steps` optimizer steps and at the end of training: `num_samples` samples with the
-    EMA weights and the run's sampler -> FID (against the real images of `reference_split`) and IS.
+    EMA weights and the run's sampler -> `metrics` (FID, IS, KID, precision / recall) against `reference`.
 
     Distributed: each process draws its share of the samples from its own seed (seed + rank) and runs
-    Inception on them; the FID statistics are summed and the IS logits gathered across processes, so
-    the metrics are those of exactly `num_samples` samples, computed once and logged by rank zero
-    (`eval/fid`, `eval/is`, `eval/is_std`).
+    the extractor on them; the FID statistics are summed and the IS logits (and, for KID / precision /
+    recall, the feature rows) gathered across processes, so the metrics are those of exactly
+    `num_samples` samples, computed once and logged by rank zero under src.evaluation.extractors'
+    metric_key names (`eval/fid`, `eval/is`, `eval/kid`, ...; `eval/fd_digits-mlp64`, ... for extractor=digits).
 
-    Reference statistics are computed once (shared out over the processes as well) and cached under
-    `cache_dir`, keyed by dataset, split, image size, number of images, content and Inception weights.
+    Reference features are computed once (shared out over the processes as well) and cached under
+    `cache_dir`, keyed by dataset, split, image size, number of images, content, extractor and weights.
 
     Args:
         every_n_steps: evaluate every this many optimizer steps (<= 0: only at the end of training).
@@ -40,13 +47,17 @@ class FIDCallback(L.Callback):
         batch_size: images per sampling / Inception batch on each process.
         seed: sampling seed of rank 0 (rank r uses seed + r); the same noise at every evaluation.
         sampler: the sampler options (src.diffusion.SamplerOptions: sampler, steps, spacing, eta, ...), usually the run's.
+        metrics: which of fid, is, kid, prc (src.evaluation.scores.METRICS).
+        extractor: inception or digits (src.evaluation.extractors.EXTRACTORS).
         feature_extractor_weights_path: local Inception weights (torch-fidelity's
             weights-inception-2015-12-05-6726825d.pth); null: the torch hub cache, downloaded if missing.
             Without weights the callback stops the run in `setup`, naming the file to provide.
         cache_dir: folder of the cached reference statistics.
-        reference_split: "train" (as the papers) or "val".
-        num_reference_images: the first this many images of the split (null: all).
+        reference: "train" (as the papers), "val", "judge" (digits), an image folder or an .npz (see
+            src.evaluation.references).
+        num_reference_images: the first this many images of the reference (null: all).
         isc_splits: number of splits of the Inception Score (torch-fidelity's default 10).
+        kid_subsets, kid_subset_size, prc_num_images: the KID and precision / recall protocol (ScoreSettings).
         on_train_end: also evaluate when training ends.
         save_samples: rank zero also writes the evaluated samples to <samples_dir>/fid_samples_step_<N>.npz
             (uint8 NHWC, key arr_0).
@@ -54,28 +65,30 @@ class FIDCallback(L.Callback):
     """
 
     def __init__(self, every_n_steps: int, num_samples: int, batch_size: int, seed: int, sampler: dict | None,
-                 feature_extractor_weights_path: str | None, cache_dir: str, reference_split: str,
+                 feature_extractor_weights_path: str | None, cache_dir: str, reference: str,
                  num_reference_images: int | None, isc_splits: int, on_train_end: bool, save_samples: bool,
-                 samples_dir: str | None):
+                 samples_dir: str | None, metrics: list[str], extractor: str, kid_subsets: int,
+                 kid_subset_size: int | None, prc_num_images: int | None):
         super().__init__()
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")
-        if num_samples < isc_splits:
+        self.settings = ScoreSettings.checked(list(metrics), isc_splits=isc_splits, kid_subsets=kid_subsets,
+                                              kid_subset_size=kid_subset_size, prc_num_images=prc_num_images)
+        if "is" in self.settings.metrics and num_samples < isc_splits:
             raise ValueError(f"num_samples={num_samples} is below isc_splits={isc_splits}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if reference_split not in ("train", "val"):
-            raise ValueError(f"reference_split must be train or val, got {reference_split!r}")
         if save_samples and samples_dir is None:
             raise ValueError("save_samples=true needs samples_dir")
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
         self.options = SamplerOptions.from_mapping(sampler)
         self.weights_path = feature_extractor_weights_path
         self.cache_dir = Path(cache_dir)
-        self.reference_split, self.num_reference_images = reference_split, num_reference_images
+        self.reference_spec, self.num_reference_images = str(reference), num_reference_images
+        self.extractor_choice = extractor
         self.isc_splits, self.at_train_end = isc_splits, on_train_end
         self.save_samples, self.samples_dir = save_samples, Path(samples_dir) if samples_dir else None
-        self.extractor: InceptionFeatures | None = None
+        self.extractor = None
         self.reference: ReferenceStats | None = None  # rank zero only
         self.last_step: int | None = None
         self.last_metrics: dict | None = None
@@ -89,44 +102,65 @@ class FIDCallback(L.Callback):
             return
         strategy = trainer.strategy
         key = "callbacks.fid.feature_extractor_weights_path"
-        # One process per machine may download the weights; the others wait for it, then look for the file.
-        error = None
-        if trainer.local_rank == 0:
-            try:
-                resolve_weights(self.weights_path, download=True, config_key=key)
-            except MissingWeightsError as err:
-                error = err
-        strategy.barrier("fid_weights")
-        if error is not None:
-            raise error
-        weights = resolve_weights(self.weights_path, download=False, config_key=key)
-        self.extractor = InceptionFeatures(weights).to(strategy.root_device)
-        self._setup_reference(trainer)
+        if self.extractor_choice == "inception":
+            # One process per machine may download the weights; the others wait for it, then look for the file.
+            error = None
+            if trainer.local_rank == 0:
+                try:
+                    resolve_weights(self.weights_path, download=True, config_key=key)
+                except MissingWeightsError as err:
+                    error = err
+            strategy.barrier("fid_weights")
+            if error is not None:
+                raise error
+        request = ExtractorRequest(image_shape=tuple(pl_module.net.image_shape), weights_path=self.weights_path,
+                                   weights_key=key, download=False)
+        self.extractor = build_extractor(self.extractor_choice, request, strategy.root_device)
+        # The widths of features and logits, for the empty shares of processes that draw no sample.
+        blank = torch.zeros(1, *request.image_shape, dtype=torch.uint8, device=strategy.root_device)
+        pool, logits = self.extractor(blank)
+        self.feature_dim, self.num_logits = pool.shape[1], logits.shape[1]
+        self._setup_reference(trainer, request.image_shape)
 
-    def _setup_reference(self, trainer: L.Trainer) -> None:
+    def _setup_reference(self, trainer: L.Trainer, image_shape: tuple[int, int, int]) -> None:
         datamodule = trainer.datamodule
         if datamodule is None:
             raise RuntimeError("FIDCallback needs the Trainer to be given a datamodule (its images are the reference)")
-        dataset = {"train": datamodule.train_dataset, "val": datamodule.val_dataset}[self.reference_split]
-        images = ReferenceImages(dataset, self.num_reference_images)
-        meta = reference_meta(dataset_name(datamodule), self.reference_split, images, self.extractor)
+
+        def split_dataset(split: str):
+            return {"train": datamodule.train_dataset, "val": datamodule.val_dataset}[split], dataset_name(datamodule)
+
+        source = resolve_source(self.reference_spec, image_shape, self.num_reference_images, split_dataset)
+        if source.stats is not None:  # an npz of mu / sigma: nothing to compute
+            self.reference = source.stats if trainer.is_global_zero else None
+            return
+        images = source.images
+        meta = reference_meta(source.dataset, source.split, images, self.extractor)
         path = reference_cache_path(self.cache_dir, meta)
         if trainer.is_global_zero:
             self.reference = load_reference(path, meta)
         if not trainer.strategy.broadcast(self.reference is None):
             if trainer.is_global_zero:
-                log.info("FID reference: %s (cached in %s)", self.reference.describe(), path)
+                log.info("reference: %s (cached in %s)", self._describe_reference(), path)
             return
         if trainer.is_global_zero:
-            log.info("computing FID reference statistics: %s %s, %d images -> %s", meta["dataset"],
-                     self.reference_split, len(images), path)
+            log.info("computing reference features: %s %s, %d images -> %s", meta["dataset"], meta["split"],
+                     len(images), path)
+        # Contiguous shares, gathered in rank order: the rows keep the images' order (KID's subsets depend on it).
         world, rank = trainer.world_size, trainer.global_rank
-        stats, _ = accumulate(self.extractor, images.batches(range(rank, len(images), world), self.batch_size),
-                              FeatureStats(device=trainer.strategy.root_device))
+        counts = [share(len(images), world, r) for r in range(world)]
+        start = sum(counts[:rank])
+        stats, rows = FeatureStats(self.feature_dim, device=trainer.strategy.root_device), []
+        for batch in images.batches(range(start, start + counts[rank]), self.batch_size):
+            pool, _ = self.extractor(batch.to(trainer.strategy.root_device))
+            stats.update(pool)
+            rows.append(pool.float())
+        rows = torch.cat(rows) if rows else torch.zeros(0, self.feature_dim, device=trainer.strategy.root_device)
         self._all_reduce(trainer, stats)
+        rows = self._gather_rows(trainer, rows.to(trainer.strategy.root_device), counts)
         if trainer.is_global_zero:
             mu, sigma = stats.mean_cov()
-            self.reference = ReferenceStats(mu=mu, sigma=sigma, meta=meta)
+            self.reference = ReferenceStats(mu=mu, sigma=sigma, meta=meta, features=rows.cpu().numpy())
             save_reference(path, self.reference)
 
     @staticmethod
@@ -153,23 +187,32 @@ class FIDCallback(L.Callback):
         if self.extractor is None:
             raise RuntimeError("FIDCallback.evaluate called before setup")
         step = trainer.global_step
+        if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):  # every rank agrees
+            log.info("stopping: no FID evaluation at step %d", step)
+            return {}
         world, rank = trainer.world_size, trainer.global_rank
         counts = [share(self.num_samples, world, r) for r in range(world)]
         device = pl_module.device
         generator = torch.Generator(device=device).manual_seed(self.seed + rank)
 
-        stats, logits_list, kept = FeatureStats(device=device), [], []
+        stats, logits_list, rows_list, kept = FeatureStats(self.feature_dim, device=device), [], [], []
         if counts[rank] > 0:
-            for images in sample_uint8_batches(pl_module, counts[rank], self.batch_size, self.options,
-                                               generator=generator):
+            for images in interruptible_batches(trainer, sample_uint8_batches(  # a stop signal ends it at once
+                    pl_module, counts[rank], self.batch_size, self.options, generator=generator)):
                 pool, logits = self.extractor(images)
                 stats.update(pool)
                 logits_list.append(logits)
+                if self.settings.needs_rows:
+                    rows_list.append(pool.float())
                 if self.save_samples:
                     kept.append(images)
-        logits = torch.cat(logits_list) if logits_list else torch.zeros(0, NUM_LOGITS, device=device)
+        logits = torch.cat(logits_list) if logits_list else torch.zeros(0, self.num_logits, device=device)
         self._all_reduce(trainer, stats)
         logits = self._gather_rows(trainer, logits.to(device), counts)
+        rows = None
+        if self.settings.needs_rows:
+            local = torch.cat(rows_list) if rows_list else torch.zeros(0, self.feature_dim, device=device)
+            rows = self._gather_rows(trainer, local.to(device), counts)
         if self.save_samples:
             shape = (0, *pl_module.ema.model.image_shape)
             local = torch.cat(kept) if kept else torch.zeros(shape, dtype=torch.uint8, device=device)
@@ -177,16 +220,20 @@ class FIDCallback(L.Callback):
         self.last_step = step
         metrics = None
         if trainer.is_global_zero:
-            metrics = fid_and_is(stats, logits, self.reference, self.isc_splits)
+            features = SampleFeatures(stats=stats, logits=logits, rows=None if rows is None else rows.cpu())
+            values, unavailable = score(features, self.reference, self.settings, self.extractor.name)
+            for key, why in unavailable.items():
+                log.warning("%s not computed: %s", key, why)
+            metrics = {**{k: v for k, v in values.items() if isinstance(v, float)},
+                       "num_samples": int(stats.count.item())}
             if self.save_samples:
-                self.samples_dir.mkdir(parents=True, exist_ok=True)
-                np.savez(self.samples_dir / f"fid_samples_step_{step:07d}.npz",
-                         arr_0=all_images.permute(0, 2, 3, 1).cpu().numpy())
+                atomic.savez(self.samples_dir / f"fid_samples_step_{step:07d}.npz",
+                             arr_0=all_images.permute(0, 2, 3, 1).cpu().numpy())
         # Every process gets the values (so e.g. a checkpoint monitoring eval/fid agrees across ranks);
         # only rank zero writes them to the loggers.
         metrics = trainer.strategy.broadcast(metrics)
         self.last_metrics = {"step": step, **metrics}
-        values = {"eval/fid": metrics["fid"], "eval/is": metrics["is"], "eval/is_std": metrics["is_std"]}
+        values = {f"eval/{k}": v for k, v in metrics.items() if k != "num_samples"}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
         if trainer.is_global_zero:
             self._log(trainer, step, values, metrics["num_samples"])
@@ -205,6 +252,10 @@ class FIDCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
         nfe = self.options.nfe(trainer.lightning_module.diffusion.num_timesteps)
-        log.info("step %d: FID %.3f, IS %.3f +- %.3f (%d EMA samples, %s, %d NFE; reference: %s)", step,
-                 values["eval/fid"], values["eval/is"], values["eval/is_std"], num_samples, self.options.as_dict(), nfe,
-                 self.reference.describe())
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items())
+        log.info("step %d: %s (%s; %d EMA samples, %s, %d NFE; reference: %s)", step, shown, self.extractor.name,
+                 num_samples, self.options.as_dict(), nfe, self._describe_reference())
+
+    def _describe_reference(self) -> str:
+        m = self.reference.meta
+        return f"{self.reference_spec}: {m.get('dataset')} {m.get('split')}, {m.get('num_images')} images"

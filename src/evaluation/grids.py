@@ -2,11 +2,14 @@
 nearest-neighbour sampling, so every pixel stays one flat block and nothing is smoothed or invented."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
+
+from .atomic import write_bytes as atomic_write_bytes
 
 
 def display_scale(image_size: int, min_image_size: int | None) -> int:
@@ -31,7 +34,8 @@ def save_grid_png(grid: torch.Tensor, path: str | Path, image_size: int, min_ima
     given); returns the written (enlarged) grid."""
     shown = enlarge(grid, image_size, min_image_size)
     for target, image in ((path, shown), (raw_path, grid)):
-        if target is not None:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            save_image(image, target)
+        if target is not None:  # encoded in memory, then written atomically (never a truncated PNG)
+            buffer = io.BytesIO()
+            save_image(image, buffer, format="png")
+            atomic_write_bytes(target, buffer.getvalue())
     return shown

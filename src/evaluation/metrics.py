@@ -1,4 +1,4 @@
-"""FID and Inception Score with torch-fidelity's Inception-v3, and cached reference statistics.
+"""FID and Inception Score with torch-fidelity's Inception-v3, and cached reference features and statistics.
 
 FID (Heusel et al. 2017) compares the 2048-d pool features of Inception-v3 on generated and real images
 through Gaussians fitted to each set; IS (Salimans et al. 2016) uses the 1008-way logits of the same
@@ -7,13 +7,14 @@ papers' numbers come from, fed uint8 RGB images as torch-fidelity feeds them (it
 itself), so the values match `torch_fidelity.calculate_metrics` on the same images.
 
 Statistics are kept as sums (count, sum, sum of outer products, in float64), which add up across
-processes, so a distributed evaluation gives exactly the statistics of the whole sample set.
+processes, so a distributed evaluation gives exactly the statistics of the whole sample set. KID and
+precision/recall need the feature rows themselves (src.evaluation.scores); the reference cache keeps them.
+Any extractor with the same contract (src.evaluation.extractors) goes through the same functions.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ from torch_fidelity.utils import create_feature_extractor
 from src.data.transforms import signed_to_uint8
 from src.errors import RunError
 
+from .atomic import savez as atomic_savez
+
 log = logging.getLogger(__name__)
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -41,7 +44,7 @@ ISC_FEATURE = "logits_unbiased"  # logits without the fc bias, torch-fidelity's 
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008  # the TensorFlow Inception graph's classes
 WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: feature rows stored next to mu / sigma, any extractor
 
 
 class MissingWeightsError(RunError, RuntimeError):
@@ -107,6 +110,8 @@ class InceptionFeatures(nn.Module):
     Built through torch-fidelity's own factory with a local weights file (see `resolve_weights`).
     `fingerprint` identifies the weights, so cached reference statistics are never mixed across networks.
     """
+
+    name = INCEPTION_NAME
 
     def __init__(self, weights_path: str | os.PathLike):
         super().__init__()
@@ -245,27 +250,31 @@ def dataset_name(datamodule) -> str:
 
 @dataclass
 class ReferenceStats:
-    """Mean and covariance of the Inception pool features of real images, with what they describe."""
+    """Mean and covariance of the extractor's features of real images, with what they describe; `features`
+    holds the rows themselves (float32 [N, D], for KID and precision/recall), None when only the statistics
+    are known (an npz of mu / sigma)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     meta: dict
+    features: np.ndarray | None = None
 
     def describe(self) -> str:
         m = self.meta
         return f"{m['dataset']} {m['split']} split, {m['num_images']} images at {m['image_size']}px"
 
 
-def reference_meta(dataset: str, split: str, images: ReferenceImages, extractor: InceptionFeatures) -> dict:
+def reference_meta(dataset: str, split: str, images: ReferenceImages, extractor: nn.Module) -> dict:
+    """What a cache entry describes: the images (dataset, split, count, size, content) and the network
+    (extractor name and weights); any difference is another entry."""
     channels, height, width = images.image_shape()
     return {
         "format": CACHE_FORMAT,
-        "description": f"FID reference statistics (mean and covariance of Inception-v3 {FID_FEATURE}-d pool "
-                       f"features, torch-fidelity {INCEPTION_NAME}) of real images",
+        "description": f"reference features, their mean and covariance ({extractor.name}) of real images",
         "dataset": dataset, "split": split, "num_images": len(images),
         "image_size": height if height == width else f"{height}x{width}", "channels": channels,
         "content_fingerprint": images.fingerprint(),
-        "feature": FID_FEATURE, "extractor": INCEPTION_NAME, "weights_sha256_prefix": extractor.fingerprint,
+        "extractor": extractor.name, "weights_sha256_prefix": extractor.fingerprint,
     }
 
 
@@ -283,30 +292,29 @@ def load_reference(path: Path, meta: dict) -> ReferenceStats | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             stored = json.loads(str(data["meta"]))
-            stats = ReferenceStats(mu=data["mu"], sigma=data["sigma"], meta=stored)
+            features = data["features"] if "features" in data.files else None
+            stats = ReferenceStats(mu=data["mu"], sigma=data["sigma"], meta=stored, features=features)
     except Exception as err:  # a truncated or foreign file: recompute rather than fail
-        log.warning("ignoring unreadable FID reference cache %s (%s: %s)", path, type(err).__name__, err)
+        log.warning("ignoring unreadable reference cache %s (%s: %s)", path, type(err).__name__, err)
         return None
     if stored != meta:
-        log.warning("ignoring FID reference cache %s: it describes %s", path, stored)
+        log.warning("ignoring reference cache %s: it describes %s", path, stored)
         return None
     return stats
 
 
 def save_reference(path: Path, stats: ReferenceStats) -> None:
-    """Write the statistics and their description (the `meta` JSON string) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(stats.meta, sort_keys=True)))
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    """Write the statistics, feature rows and their description (the `meta` JSON string) atomically."""
+    extra = {} if stats.features is None else {"features": stats.features}
+    atomic_savez(path, mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(stats.meta, sort_keys=True)), **extra)
 
 
-def accumulate(extractor: InceptionFeatures, batches: Iterable[torch.Tensor], stats: FeatureStats | None = None,
-               keep_logits: bool = False) -> tuple[FeatureStats, torch.Tensor | None]:
-    """Run uint8 image batches through Inception: pool features into `stats`, logits kept when asked."""
-    logits_list = []
+def accumulate(extractor: nn.Module, batches: Iterable[torch.Tensor], stats: FeatureStats | None = None,
+               keep_logits: bool = False, keep_features: bool = False
+               ) -> tuple[FeatureStats, torch.Tensor | None] | tuple[FeatureStats, torch.Tensor | None, torch.Tensor | None]:
+    """Run uint8 image batches through the extractor: features into `stats`, logits kept when asked; with
+    keep_features the feature rows (float32, on the CPU) come back as a third value."""
+    logits_list, rows = [], []
     for images in batches:
         pool, logits = extractor(images)
         if stats is None:
@@ -314,24 +322,27 @@ def accumulate(extractor: InceptionFeatures, batches: Iterable[torch.Tensor], st
         stats.update(pool)
         if keep_logits:
             logits_list.append(logits)
+        if keep_features:
+            rows.append(pool.detach().float().cpu())
     if stats is None:
         raise ValueError("no images to compute features of")
-    return stats, (torch.cat(logits_list) if keep_logits else None)
+    logits = torch.cat(logits_list) if keep_logits else None
+    return (stats, logits, torch.cat(rows)) if keep_features else (stats, logits)
 
 
-def reference_statistics(extractor: InceptionFeatures, images: ReferenceImages, dataset: str, split: str,
+def reference_statistics(extractor: nn.Module, images: ReferenceImages, dataset: str, split: str,
                          cache_dir: str | os.PathLike, batch_size: int = 250) -> ReferenceStats:
-    """Load the cached statistics of `images`, or compute them (one process) and cache them."""
+    """Load the cached features and statistics of `images`, or compute them (one process) and cache them."""
     meta = reference_meta(dataset, split, images, extractor)
     path = reference_cache_path(cache_dir, meta)
     cached = load_reference(path, meta)
     if cached is not None:
-        log.info("FID reference statistics from %s", path)
+        log.info("reference features from %s", path)
         return cached
-    log.info("computing FID reference statistics of %s %s (%d images) -> %s", dataset, split, len(images), path)
-    stats, _ = accumulate(extractor, images.batches(range(len(images)), batch_size))
+    log.info("computing reference features of %s %s (%d images) -> %s", dataset, split, len(images), path)
+    stats, _, rows = accumulate(extractor, images.batches(range(len(images)), batch_size), keep_features=True)
     mu, sigma = stats.mean_cov()
-    reference = ReferenceStats(mu=mu, sigma=sigma, meta=meta)
+    reference = ReferenceStats(mu=mu, sigma=sigma, meta=meta, features=rows.numpy())
     save_reference(path, reference)
     return reference
 

@@ -4,6 +4,9 @@ For every image, the full-T variational bound is
     -log p(x_0) <= L_T + sum_{t=1}^{T-1} L_t + L_0     (DDPM eq. 5; t 0-based here)
 with L_T the prior term KL(q(x_T|x_0) || N(0, I)), L_t the KL terms of the reverse steps and L_0 the
 discretized Gaussian decoder term, each in bits/dim. The report gives the mean bound and each part.
+
+A class-conditional net is run with the images' own labels (the bound of p(x | y), what val/bpd reports)
+and, when it has a null label, also with that label (the bound of its unconditional model p(x)).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from .atomic import savez as atomic_savez
+
 log = logging.getLogger(__name__)
 
 NUM_T_BINS = 10  # the per-t VB terms are summarised over this many equal ranges of t
@@ -23,9 +28,10 @@ NUM_T_BINS = 10  # the per-t VB terms are summarised over this many equal ranges
 @torch.no_grad()
 def nll_terms(module, batches: Iterable, max_batches: int | None = None, max_images: int | None = None,
               clip_denoised: bool = True, generator: torch.Generator | None = None, use_ema: bool = True,
-              progress: bool = False) -> dict:
-    """Run `diffusion.calc_bpd_loop` over (x, y) batches; returns per-image arrays
-    total_bpd [N], prior_bpd [N], vb [N, T], xstart_mse [N, T], mse [N, T] (numpy, float64)."""
+              progress: bool = False, with_labels: bool = False) -> dict:
+    """Run `diffusion.calc_bpd_loop` over (x, y) batches (the net sees y when with_labels, else no label:
+    the null label of a conditional net); returns per-image arrays total_bpd [N], prior_bpd [N], vb [N, T],
+    xstart_mse [N, T], mse [N, T] (numpy, float64)."""
     if max_batches is not None and max_batches <= 0:
         raise ValueError(f"nll_batches must be positive (or null for all), got {max_batches}")
     if max_images is not None and max_images <= 0:
@@ -37,11 +43,11 @@ def nll_terms(module, batches: Iterable, max_batches: int | None = None, max_ima
         if (max_batches is not None and index >= max_batches) or (max_images is not None and seen >= max_images):
             break
         x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if max_images is not None:
-            x0 = x0[: max_images - seen]
-        x0 = x0.to(module.device)
-        out = module.diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, generator=generator,
-                                             progress=progress)
+        keep = x0.shape[0] if max_images is None else max_images - seen
+        x0 = x0[:keep].to(module.device)
+        kwargs = {"y": batch[1][:keep].to(module.device)} if with_labels else None
+        out = module.diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, model_kwargs=kwargs,
+                                             generator=generator, progress=progress)
         for key in parts:
             parts[key].append(out[key].double().cpu())
         seen += x0.shape[0]
@@ -77,8 +83,5 @@ def summarize(terms: dict) -> dict:
 
 def save_terms(terms: dict, path: str | Path) -> Path:
     """Per-t means (vb, xstart_mse, mse [T]) and per-image bounds, as image_nll saves its terms."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, vb=terms["vb"].mean(axis=0), xstart_mse=terms["xstart_mse"].mean(axis=0),
-             mse=terms["mse"].mean(axis=0), total_bpd=terms["total_bpd"], prior_bpd=terms["prior_bpd"])
-    return path
+    return atomic_savez(path, vb=terms["vb"].mean(axis=0), xstart_mse=terms["xstart_mse"].mean(axis=0),
+                        mse=terms["mse"].mean(axis=0), total_bpd=terms["total_bpd"], prior_bpd=terms["prior_bpd"])

@@ -1,11 +1,12 @@
-"""evaluate.py's work: samples (npz + grid), FID/IS and the test-set NLL of a checkpoint -> metrics.json.
+"""evaluate.py's work: samples (npz + grid) of a checkpoint, one set per seed (and guidance scale), their
+quality metrics (src.evaluation.quality) and the test-set NLL -> metrics.json; or, with samples=<file.npz>,
+the metrics of a file of samples from anywhere (src.evaluation.score_file).
 
 The model, schedule, objective and data all come from the checkpoint's run config; the evaluate config
 only says how to sample and what to measure.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,18 +15,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.config_diff import UNSET, differences
-from src.data import DatasetNotFoundError
 from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions, visited_timesteps
 from src.errors import ConfigError
 
 from .context import LoadedCheckpoint, load_checkpoint
+from .extractors import extractor_name
+from .figures import write_figures
 from .guidance import (balanced_labels, check_classifier_classes, check_guidance, guidance_scales, load_classifier,
                        per_class_rows)
-from .metrics import (InceptionFeatures, MissingWeightsError, ReferenceImages, accumulate, dataset_name, fid_and_is,
-                      reference_statistics, resolve_weights)
+from .interrupt import STOPS, sigterm_raises, stop_name
+from .metrics import dataset_name
 from .nll import nll_terms, save_terms, summarize
+from .protocol import checked_seeds, checkpoint_hash, class_balance_note, image_seed_range, sample_count_notes, summary
 from .provenance import git_info
+from .quality import Scorer, metric_keys, not_requested, score_settings
+from .report import Report, print_table
 from .samples import sample_uint8_batches, save_grid, save_npz
+from .score_file import score_file
 
 log = logging.getLogger(__name__)
 
@@ -61,60 +67,27 @@ def command_line_differences(trained: DictConfig, cfg: DictConfig) -> dict:
     return {"ignored": fmt(ignored), "data_overrides": fmt(applied)}
 
 
-class Report:
-    """metrics.json, rewritten after every stage so a late failure keeps the earlier results."""
+def checkpoint_splits(loaded: LoadedCheckpoint):
+    """reference=train / val: (dataset, dataset name) of the checkpoint's data, built once."""
 
-    def __init__(self, path: Path, content: dict):
-        self.path, self.content = path, content
-        self.write()
+    def split_dataset(split: str):
+        datamodule = loaded.datamodule("fit")
+        return {"train": datamodule.train_dataset, "val": datamodule.val_dataset}[split], dataset_name(datamodule)
 
-    def update(self, **entries) -> None:
-        self.content.update(entries)
-        self.write()
-
-    def updater(self, entry: dict):
-        """update(**entries) for a dict nested in the report: adds to it and rewrites the file."""
-
-        def update(**entries) -> None:
-            entry.update(entries)
-            self.write()
-
-        return update
-
-    def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.content, indent=2) + "\n")
+    return split_dataset
 
 
-def compute_fid_is(cfg: DictConfig, loaded: LoadedCheckpoint, images: torch.Tensor) -> dict:
-    """FID/IS of `images` (uint8) against the run's training data; raises MissingWeightsError or
-    DatasetNotFoundError when they cannot be computed."""
-    weights = resolve_weights(cfg.get("feature_extractor_weights_path"))
-    extractor = InceptionFeatures(weights).to(loaded.device)
-    datamodule = loaded.datamodule("fit")
-    split = cfg.reference_split
-    dataset = {"train": datamodule.train_dataset, "val": datamodule.val_dataset}[split]
-    real = ReferenceImages(dataset, cfg.get("num_reference_images"))
-    batch_size = cfg.batch_size
-    reference = reference_statistics(extractor, real, dataset_name(datamodule), split, cfg.cache_dir,
-                                     batch_size=batch_size)
-    stats, logits = accumulate(extractor, images.split(batch_size), keep_logits=True)
-    result = fid_and_is(stats, logits, reference, cfg.isc_splits)
-    return {"fid": result["fid"], "is": result["is"], "is_std": result["is_std"],
-            "fid_reference": reference.meta, "fid_weights": str(weights)}
-
-
-def sample_and_score(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path,
-                     update, labels: torch.Tensor | None = None, guidance: Guidance = NO_GUIDANCE) -> None:
-    """Sample cfg.num_samples images -> npz + PNG grid in out_dir, then FID / IS; `update(**entries)`
-    records each stage as it completes. With labels, the grid has one row per class."""
+def sample_set(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, seed: int,
+               labels: torch.Tensor | None, guidance: Guidance) -> tuple[torch.Tensor, dict]:
+    """cfg.num_samples images from the seed range of `seed` -> npz + PNG grid in out_dir; (images, entry)."""
     num_samples = cfg.num_samples
-    log.info("sampling %d images (%s) on %s", num_samples, options.as_dict(), loaded.device)
+    first, last = image_seed_range(seed, num_samples)
+    log.info("sampling %d images (%s, image seeds %d..%d) on %s", num_samples, options.as_dict(), first, last,
+             loaded.device)
     start = time.perf_counter()
-    generator = torch.Generator(device=loaded.device).manual_seed(int(cfg.seed))
     images = torch.cat([b.cpu() for b in sample_uint8_batches(loaded.module, num_samples, cfg.batch_size, options,
-                                                              guidance, generator=generator, progress=True,
-                                                              labels=labels)])
+                                                              guidance, progress=True, labels=labels,
+                                                              image_seed_start=first, use_ema=loaded.use_ema)])
     seconds = time.perf_counter() - start
     npz = save_npz(images, out_dir, labels)
     if labels is None:
@@ -124,24 +97,36 @@ def sample_and_score(cfg: DictConfig, loaded: LoadedCheckpoint, options: Sampler
         per_row = max(1, cfg.grid_size // num_classes)
         grid = save_grid(per_class_rows(images, labels, num_classes, per_row), out_dir / "samples_grid.png",
                          nrow=per_row, min_image_size=cfg.min_image_size)
-    timesteps = visited_timesteps(loaded.diffusion, options)
-    update(samples={"num_samples": num_samples, "sampler": options.as_dict(), "timesteps": timesteps,
-                    "nfe": options.nfe(loaded.diffusion.num_timesteps),
-                    "seed": int(cfg.seed), "npz": str(npz),
-                    "grid": str(grid), "seconds": round(seconds, 2),
-                    "images_per_sec": round(num_samples / max(seconds, 1e-9), 2)})
-    if not cfg.fid:
-        update(fid=None, **{"is": None, "is_std": None}, fid_unavailable="not requested (fid=false)")
-        return
-    start = time.perf_counter()
-    try:
-        metrics = compute_fid_is(cfg, loaded, images)
-    except (MissingWeightsError, DatasetNotFoundError) as err:
-        log.warning("FID/IS not computed: %s", err)
-        update(fid=None, **{"is": None, "is_std": None}, fid_unavailable=str(err))
-    else:
-        metrics["fid_seconds"] = round(time.perf_counter() - start, 2)
-        update(**metrics)
+    return images, {"num_samples": num_samples, "sampler": options.as_dict(),
+                    "timesteps": visited_timesteps(loaded.diffusion, options),
+                    "nfe": options.nfe(loaded.diffusion.num_timesteps), "seed": seed, "image_seeds": [first, last],
+                    "npz": str(npz), "grid": str(grid), "seconds": round(seconds, 2),
+                    "images_per_sec": round(num_samples / max(seconds, 1e-9), 2)}
+
+
+def sample_and_score(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path,
+                     report: Report, entry: dict, scorer: Scorer | None, label: str,
+                     labels: torch.Tensor | None = None, guidance: Guidance = NO_GUIDANCE) -> None:
+    """One sample set per seed (in out_dir, or out_dir/seed<s> for several) and its metrics, recorded in
+    `entry` of the report as each stage completes; several seeds add runs and their summary."""
+    seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
+    runs = []
+    for seed in seeds:
+        run_entry = entry if len(seeds) == 1 else {"seed": seed}
+        if len(seeds) > 1:
+            runs.append(run_entry)
+            report.updater(entry)(runs=runs)
+        folder = out_dir if len(seeds) == 1 else out_dir / f"seed{seed}"
+        update = report.updater(run_entry)
+        images, samples = sample_set(cfg, loaded, options, folder, seed, labels, guidance)
+        update(samples=samples)
+        report.done(f"samples {label}seed {seed}")
+        update(**(scorer(images) if scorer is not None else not_requested(cfg)))
+        if scorer is not None:
+            report.done(f"metrics {label}seed {seed}")
+    if len(seeds) > 1:
+        keys = metric_keys(score_settings(cfg), cfg.extractor)
+        report.updater(entry)(summary=summary(runs, keys))
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -150,19 +135,49 @@ def check_settings(cfg: DictConfig) -> None:
         _positive_int(cfg, key)
     for key in ("nll_batches", "nll_num_images", "nll_batch_size"):
         _positive_int(cfg, key, optional=True)
-    if cfg.reference_split not in ("train", "val"):
-        raise ConfigError(f"reference_split must be train or val, got {cfg.reference_split!r}")
-    if cfg.fid and cfg.num_samples < cfg.isc_splits:
+    try:
+        checked_seeds(cfg.get("seeds"), cfg.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    settings = score_settings(cfg)
+    extractor_name(cfg.extractor)
+    if cfg.fid and "is" in settings.metrics and cfg.num_samples < cfg.isc_splits and cfg.get("samples") is None:
         raise ConfigError(f"num_samples={cfg.num_samples} is below isc_splits={cfg.isc_splits}; the Inception Score "
                           f"needs at least one sample per split")
 
 
+def protocol(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, scorer: Scorer | None) -> dict:
+    """What the numbers were computed on, in one place (see src.evaluation.protocol)."""
+    seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
+    return {"num_samples": cfg.num_samples, "seeds": seeds,
+            "image_seeds": {str(s): list(image_seed_range(s, cfg.num_samples)) for s in seeds},
+            "sampler": options.as_dict(), "steps": len(visited_timesteps(loaded.diffusion, options)),
+            "nfe": options.nfe(loaded.diffusion.num_timesteps),
+            "metrics": list(score_settings(cfg).metrics) if scorer is not None else [],
+            "extractor": extractor_name(cfg.extractor) if scorer is not None else None,
+            "reference": scorer.spec if scorer is not None else None,
+            "checkpoint_sha256_prefix": checkpoint_hash(loaded.path), "weights": "ema" if loaded.use_ema else "raw",
+            "notes": sample_count_notes(cfg.num_samples) if scorer is not None else []}
+
+
 def run(cfg: DictConfig) -> dict:
-    """Evaluate cfg.ckpt_path; returns the metrics.json content."""
+    """Evaluate cfg.ckpt_path (or score cfg.samples); returns the metrics.json content."""
     check_settings(cfg)
+    with sigterm_raises():
+        if cfg.get("samples") is not None:
+
+            return score_file(cfg)
+        return evaluate_checkpoint(cfg)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
+        raise ConfigError("ckpt_path is required: give ckpt_path=PATH/TO/last.ckpt, or samples=<file.npz> to score "
+                          "a file of samples")
     loaded, options = load_checkpoint(cfg)
     out_dir = Path(cfg.paths.output_dir)
     diffusion = loaded.diffusion
+    scorer = Scorer(cfg, loaded.image_shape, loaded.device, checkpoint_splits(loaded)) if cfg.fid else None
     report = Report(out_dir / "metrics.json", {
         "checkpoint": str(loaded.path), "global_step": loaded.global_step, **git_info(),
         "config_vs_command_line": command_line_differences(loaded.trained, cfg),
@@ -171,46 +186,84 @@ def run(cfg: DictConfig) -> dict:
         "diffusion": {"num_timesteps": diffusion.num_timesteps, "var_type": diffusion.var_type,
                       "mean_type": diffusion.mean_type, "schedule": OmegaConf.to_container(loaded.trained.schedule)},
         "weights": "ema" if loaded.use_ema else "raw",
+        "protocol": protocol(cfg, loaded, options, scorer),
     })
-    # 1-2. samples (npz + PNG grid) and their FID / IS; class-conditional checkpoints and classifier guidance:
+    try:
+        stages(cfg, loaded, options, out_dir, report, scorer)
+    except STOPS as err:
+        report.stopped(stop_name(err))
+        raise
+    print_table(report.content, report.path)
+    return report.content
+
+
+def stages(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, report: Report,
+           scorer: Scorer | None) -> None:
+    # 1-2. samples (npz + PNG grid) and their metrics; class-conditional checkpoints and classifier guidance:
     # one sample set per guidance scale, every class equally often
     num_classes = loaded.num_classes
     scales = guidance_scales(cfg.get("guidance_scales"), num_classes, loaded.null_label)
     classifier_path = cfg.get("classifier", {}).get("ckpt_path")
     check_guidance(num_classes, scales, classifier_path is not None, null_label=loaded.null_label)
-    if num_classes is None and classifier_path is None:
-        sample_and_score(cfg, loaded, options, out_dir, report.update)
+    guided = num_classes is not None or classifier_path is not None
+    seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
+    labels = [f"w={w:g} " for w in scales] if guided else [""]
+    report.expect([f"{part} {label}seed {s}" for label in labels for s in seeds
+                   for part in ("samples", *(("metrics",) if scorer is not None else ()))])
+    nll_modes = nll_conditionings(loaded) if cfg.nll or cfg.rate_distortion else []
+    report.expect([key for key, _, _ in nll_modes])
+    if not guided:
+        sample_and_score(cfg, loaded, options, out_dir, report, report.content, scorer, "")
     else:
-        guided_runs(cfg, loaded, options, out_dir, report, scales, classifier_path)
-    # 3. NLL bound on the validation split, full T
-    if cfg.nll:
-        report.update(nll=nll_report(cfg, loaded, out_dir))
-    print_table(report.content, report.path)
-    return report.content
+        guided_runs(cfg, loaded, options, out_dir, report, scales, classifier_path, scorer)
+    # 3. NLL bound on the validation split, full T (with the data's labels and / or the null label), and the
+    # figures of its per-timestep terms
+    for key, conditioning, with_labels in nll_modes:
+        entry, terms = nll_report(cfg, loaded, out_dir, conditioning, with_labels)
+        entry["figures"] = write_figures(terms, out_dir, key.removeprefix("nll"), bool(cfg.rate_distortion))
+        report.update(**{key: entry})
+        report.done(key)
 
 
 def guided_runs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, report: Report,
-                scales: list[float], classifier_path) -> None:
-    """One sample set (and FID / IS) per guidance scale, every class equally often, under guidance.runs."""
+                scales: list[float], classifier_path, scorer: Scorer | None) -> None:
+    """One sample set (and its metrics) per guidance scale, every class equally often, under guidance.runs."""
     classifier, num_classes = None, loaded.num_classes
     if classifier_path is not None:
         classifier = load_classifier(classifier_path, loaded.diffusion, loaded.image_shape, loaded.device)
         num_classes = check_classifier_classes(classifier, num_classes, None)
     labels = balanced_labels(cfg.num_samples, num_classes)
+    note = class_balance_note(labels, num_classes)
+    if note is not None:
+        log.warning("%s", note)
+        report.content["protocol"]["notes"].append(note)
     runs = []
-    report.update(guidance={"num_classes": num_classes, "labels": "every class equally often",
+    report.update(guidance={"num_classes": num_classes, "labels": "every class equally often" if note is None else
+                            "classes in turn 0, 1, ..., K-1, 0, ... (unequal: see protocol.notes)",
                             "classifier": None if classifier_path is None else
                             {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
                             "runs": runs})
     for w in scales:
         runs.append({"guidance_scale": w})
         guidance = Guidance(scale=w, classifier=classifier, classifier_scale=float(cfg.classifier.scale))
-        sample_and_score(cfg, loaded, options, out_dir / f"guidance_w{w:g}", report.updater(runs[-1]),
-                         labels=labels, guidance=guidance)
+        sample_and_score(cfg, loaded, options, out_dir / f"guidance_w{w:g}", report, runs[-1], scorer,
+                         f"w={w:g} ", labels=labels, guidance=guidance)
 
 
-def nll_report(cfg: DictConfig, loaded: LoadedCheckpoint, out_dir: Path) -> dict:
-    """The full-T bound in bits/dim on the validation split, with its parts (nll_terms.npz)."""
+def nll_conditionings(loaded: LoadedCheckpoint) -> list[tuple[str, str, bool]]:
+    """(report key, conditioning, with labels) of each NLL pass: a conditional net with the data's labels
+    (the bound val/bpd reports) and, with a null label, also unconditionally."""
+    if loaded.num_classes is None:
+        return [("nll", "unconditional model", False)]
+    modes = [("nll", "data labels", True)]
+    if loaded.null_label:
+        modes.append(("nll_null_label", "null label (the unconditional model)", False))
+    return modes
+
+
+def nll_report(cfg: DictConfig, loaded: LoadedCheckpoint, out_dir: Path, conditioning: str,
+               with_labels: bool) -> tuple[dict, dict]:
+    """The full-T bound in bits/dim on the validation split, with its parts (nll_terms*.npz); (entry, terms)."""
     changes = {} if cfg.get("nll_batch_size") is None else {"batch_size": cfg.nll_batch_size}
     datamodule = loaded.datamodule("validate", **changes)
     start = time.perf_counter()
@@ -218,46 +271,10 @@ def nll_report(cfg: DictConfig, loaded: LoadedCheckpoint, out_dir: Path) -> dict
     try:
         terms = nll_terms(loaded.module, datamodule.val_dataloader(), max_batches=cfg.get("nll_batches"),
                           max_images=cfg.get("nll_num_images"), clip_denoised=cfg.nll_clip_denoised,
-                          generator=generator, use_ema=loaded.use_ema)
+                          generator=generator, use_ema=loaded.use_ema, with_labels=with_labels)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return {"split": "val", "clip_denoised": bool(cfg.nll_clip_denoised), **summarize(terms),
-            "terms": str(save_terms(terms, out_dir / "nll_terms.npz")), "seconds": round(time.perf_counter() - start, 2)}
-
-
-def _sample_rows(entry: dict) -> list[tuple[str, str]]:
-    s = entry["samples"]
-    sampler = s["sampler"]
-    steps = len(s["timesteps"])
-    rows = [("samples", f"{s['num_samples']} ({sampler.get('sampler')}, {steps} steps = {s['nfe']} NFE, eta {sampler.get('eta')}, "
-                        f"seed {s['seed']}; {s['images_per_sec']} images/s) -> {s['npz']}")]
-    if entry.get("fid") is not None:
-        ref = entry["fid_reference"]
-        rows.append(("FID", f"{entry['fid']:.3f} ({s['num_samples']} samples vs {ref['dataset']} {ref['split']}, "
-                            f"{ref['num_images']} images)"))
-        rows.append(("IS", f"{entry['is']:.3f} +- {entry['is_std']:.3f}"))
-    else:
-        rows.append(("FID / IS", f"not computed: {entry.get('fid_unavailable')}"))
-    return rows
-
-
-def print_table(content: dict, path: Path) -> None:
-    rows = [("checkpoint", f"{content['checkpoint']} (step {content['global_step']})")]
-    if "guidance" in content:
-        g = content["guidance"]
-        classifier = g["classifier"]
-        rows.append(("guidance", f"{g['num_classes']} classes, {g['labels']}" + (
-            f"; classifier {classifier['ckpt_path']} at scale {classifier['scale']}" if classifier else "")))
-        for run_entry in g["runs"]:
-            rows.extend((f"w={run_entry['guidance_scale']:g} {key}", value)
-                        for key, value in _sample_rows(run_entry))
-    else:
-        rows.extend(_sample_rows(content))
-    if "nll" in content:
-        n = content["nll"]
-        rows.append(("NLL (val)", f"{n['bpd']:.4f} bits/dim over {n['num_images']} images, T={n['num_timesteps']}: "
-                                  f"L_T {n['prior_bpd']:.4f} + L_1..T-1 {n['kl_bpd']:.4f} "
-                                  f"+ L_0 {n['decoder_bpd']:.4f}"))
-    rows.append(("metrics", str(path)))
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
+    name = "nll_terms.npz" if with_labels or loaded.num_classes is None else "nll_terms_null_label.npz"
+    return {"split": "val", "conditioning": conditioning, "clip_denoised": bool(cfg.nll_clip_denoised),
+            **summarize(terms), "terms": str(save_terms(terms, out_dir / name)),
+            "seconds": round(time.perf_counter() - start, 2)}, terms

@@ -244,8 +244,14 @@ def test_cosine_schedule_follows_its_closed_form_after_the_warmup():
     assert all(a > b > 0 for a, b in zip(seen[2:], seen[3:]))  # falls every step, never reaches 0
 
 
+def test_a_cosine_run_no_longer_than_its_warmup_only_ramps():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.4)
+    seen = lrs_seen_by_steps(optimizer, with_linear_warmup(optimizer, 4, "cosine", total_steps=3), 3)
+    assert seen == pytest.approx([0.1, 0.2, 0.3], rel=1e-12)
+
+
 @pytest.mark.parametrize("schedule, total, match", [("cosine", None, "trainer.max_steps"),
-                                                     ("cosine", 3, "trainer.max_steps"),
+                                                     ("cosine", -1, "trainer.max_steps"),
                                                      ("linear", 10, "unknown lr_schedule")])
 def test_bad_lr_schedules_are_refused(schedule, total, match):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)

@@ -1,5 +1,6 @@
 """End-to-end runs of train.py's config through the Trainer (CPU, tiny settings)."""
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,15 @@ def test_offline_cifar10_stops_with_one_clear_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert f"{tmp_path}/cifar10/cifar-10-batches-py" in errors[0]
+
+
+def test_a_cosine_run_logs_the_decaying_lr_down_to_max_steps(compose_train):
+    cfg = compose_train("module.lr_schedule=cosine", "module.lr_warmup_steps=2", "trainer.max_steps=6",
+                        "trainer.log_every_n_steps=1", "trainer.val_check_interval=6",
+                        "callbacks.sample_grid.on_train_end=false")
+    train(cfg)
+    with open(next(Path(cfg.paths.output_dir).rglob("metrics.csv"))) as f:
+        lrs = [float(row["lr-Adam"]) for row in csv.DictReader(f) if row.get("lr-Adam")]
+    lr = cfg.module.optimizer.lr
+    expected = [lr * min(1, (s + 1) / 2) * (1 + math.cos(math.pi * min(1, max(0, s - 1) / 5))) / 2 for s in range(6)]
+    assert lrs == pytest.approx(expected, rel=1e-6)

@@ -57,18 +57,19 @@ def with_linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, sche
     along a half cosine towards 0 at `total_steps` ("cosine": the last steps at a small LR settle the
     weights, which the EMA of a short run cannot do alone). Step s (from 0) uses
     lr * min(1, (s + 1) / warmup) * (1 + cos(pi * clip((s + 1 - warmup) / (total - warmup + 1), 0, 1))) / 2,
-    so the last warm-up step has the full LR and the last step a small positive one."""
+    so the last warm-up step has the full LR and the last step a small positive one (a run no longer than
+    its warm-up only ramps)."""
     warmup = max(1, int(warmup_steps))
     check_lr_schedule(schedule)
-    if schedule == "cosine" and (total_steps is None or total_steps <= warmup):
-        raise ConfigError(f"lr_schedule=cosine decays to 0 at trainer.max_steps, which must exceed the warm-up "
-                         f"({warmup} steps); got trainer.max_steps={total_steps}")
+    if schedule == "cosine" and (total_steps is None or total_steps < 1):
+        raise ConfigError(f"lr_schedule=cosine decays towards 0 at trainer.max_steps, which must be set (a positive "
+                          f"number of steps); got trainer.max_steps={total_steps}")
 
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup)
         if schedule == "constant":
             return ramp
-        progress = min(1.0, max(0, step + 1 - warmup) / (total_steps - warmup + 1))
+        progress = min(1.0, max(0, step + 1 - warmup) / max(1, total_steps - warmup + 1))  # none within the warm-up
         return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -43,6 +43,19 @@ def test_no_lightning_advert_and_no_wandb_anonymous_setting(tmp_path, caplog):
     assert "anonymous" not in wandb_logger._wandb_init  # what wandb.init receives
 
 
+@pytest.mark.parametrize("flops", [0, 1234])
+def test_the_model_summary_reports_flops_only_when_counted(caplog, flops):
+    import logging
+
+    from src.callbacks import ModelSummary
+
+    columns = [(" ", ["0"]), ("Name", ["net"]), ("Type", ["UNet"]), ("Params", ["1.1 M"]), ("FLOPs", [str(flops)])]
+    with caplog.at_level(logging.INFO):
+        ModelSummary.summarize(columns, 1_100_000, 1_100_000, 4.4, {"train": 1, "eval": 0}, flops)
+    assert "Total params" in caplog.text and "UNet" in caplog.text
+    assert ("Total Flops" in caplog.text) == bool(flops) and ("FLOPs" in caplog.text) == bool(flops)
+
+
 def test_the_classifier_schedule_mismatch_names_the_diffusion_models_schedule(monkeypatch):
     from types import SimpleNamespace
 

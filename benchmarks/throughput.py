@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.builders import sizes_at_downsample  # noqa: E402,F401  (registers the resolver the model configs use)
 from src.diffusion import GaussianDiffusion  # noqa: E402
 from src.lit import EMA  # noqa: E402
 
@@ -52,9 +53,17 @@ GRAD_CLIP = 1.0  # conf/trainer/default.yaml gradient_clip_val
 
 
 # --- building both implementations ------------------------------------------------------------------
+def model_config(name: str):
+    """conf/model/<name>.yaml with its ${data.image_size} references resolved at the benchmark's image size."""
+    _, size = MODEL_DATA[name]
+    model = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    root = OmegaConf.create({"data": {"image_size": size}, "model": model})
+    return OmegaConf.create(OmegaConf.to_container(root, resolve=True)["model"])
+
+
 def build_ours(name: str, device: torch.device) -> torch.nn.Module:
     channels, size = MODEL_DATA[name]
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    cfg = model_config(name)
     return instantiate(cfg, in_channels=channels, out_channels=channels, image_size=size).to(device)
 
 
@@ -63,7 +72,7 @@ def build_peer(name: str, device: torch.device) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     channels, size = MODEL_DATA[name]
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    cfg = model_config(name)
     mult, ch = list(cfg.channel_mult), cfg.base_channels
     attn = [size // 2**i in list(cfg.attention_resolutions) for i in range(len(mult))]
     heads = cfg.num_heads

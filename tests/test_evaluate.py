@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["trainer.accelerator=cpu", "schedule.num_timesteps=50", "model.base_channels=32",
               "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=1", "data.batch_size=16",
               "trainer.max_steps=2", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
-              "sampler.steps=null"]
+              "sampler=ddpm", "sampler.steps=null"]
 
 # Every test here reads the checkpoint of a training run (`trained`), most run evaluate.py's command on it.
 pytestmark = pytest.mark.slow

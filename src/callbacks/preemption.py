@@ -106,12 +106,13 @@ class PreemptionCheckpoint(L.Callback):
     def _mark_last_saved(self, trainer: L.Trainer) -> None:
         """ModelCheckpoint's own on_train_end (Lightning 2.6; it runs after this callback's) writes last.ckpt again
         when it has not written it during this fit, with the state after the fit loop closed the epoch: tell it
-        that the file is written."""
+        that the file is written, and where (its public `last_model_path`)."""
         for callback in trainer.checkpoint_callbacks:
             dirpath = getattr(callback, "dirpath", None) or ""
             last = getattr(callback, "last_model_path", "") or os.path.join(dirpath, "last.ckpt")
             if hasattr(callback, "_last_checkpoint_saved") and os.path.realpath(last) == os.path.realpath(self.path):
                 callback._last_checkpoint_saved = str(self.path)
+                callback.last_model_path = str(self.path)  # what callers read to find the final checkpoint
 
     def _up_to_date(self, trainer: L.Trainer) -> bool:
         """Whether ModelCheckpoint already wrote this path at this step (a periodic save just before the stop)."""

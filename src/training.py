@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +18,7 @@ from src.checkpoints import read_checkpoint
 from src.config_diff import UNSET, differences
 from src.errors import CheckpointError, ConfigError
 from src.lit import AtomicCheckpointIO
+from src.loggers import build_loggers, finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         datamodule = instantiate(cfg.data)
     module = build_task_module(cfg, datamodule)
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
-    loggers = instantiate_group(cfg.get("logger"), "logger")
-    _drop_wandb_anonymous(loggers)
+    loggers = build_loggers(cfg.get("logger"))
     _quiet_lightning_adverts()
     if resume_step is not None:
         _keep_csv_history(loggers, resume_step)
@@ -166,7 +166,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             # The checkpoint is this project's own (checked above), and it holds the hparams: not weights-only.
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     finally:
-        _finish_wandb(loggers)
+        finish_wandb(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
@@ -193,24 +193,6 @@ def _quiet_lightning_adverts() -> None:
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropAdverts) for f in logger.filters):
         logger.addFilter(_DropAdverts())
-
-
-def _drop_wandb_anonymous(loggers: list) -> None:
-    """Lightning's WandbLogger passes anonymous=None to wandb.init, and wandb (0.19+) then prints "The anonymous
-    setting has no effect"; leaving it out is the same setting."""
-    for logger in loggers:
-        init = getattr(logger, "_wandb_init", None)
-        if isinstance(logger, WandbLogger) and isinstance(init, dict) and init.get("anonymous", "") is None:
-            del init["anonymous"]
-
-
-def _finish_wandb(loggers: list) -> None:
-    """Close the W&B run: the jobs of a Hydra multirun share one process, and without this each
-    job after the first would log into the first job's run."""
-    if any(isinstance(logger, WandbLogger) for logger in loggers):
-        import wandb
-
-        wandb.finish()
 
 
 def _plugins(cfg: DictConfig) -> list:

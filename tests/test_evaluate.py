@@ -212,3 +212,15 @@ def test_sample_batches_use_the_weights_asked_for():
     for use_ema in (True, False):
         list(sample_uint8_batches(module, 3, 2, SamplerOptions("ddim", steps=2), use_ema=use_ema))
     assert module.seen == [True, True, False, False]
+
+
+def test_the_figures_and_numbers_go_to_tensorboard_at_the_checkpoints_step(evaluate):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics, out = evaluate("logger=tensorboard", "fid=false", "nll=true", "nll_num_images=2", "nll_batch_size=2",
+                            "rate_distortion=true")
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert {"eval/rate_distortion", "eval/bound_terms", "eval/samples_grid"} <= set(events.Tags()["images"])
+    assert "eval/nll/bpd" in events.Tags()["scalars"]
+    (bpd,) = events.Scalars("eval/nll/bpd")
+    assert bpd.value == pytest.approx(metrics["nll"]["bpd"], rel=1e-6) and bpd.step == metrics["global_step"] == 2

@@ -30,16 +30,17 @@ def test_no_lightning_advert_and_no_wandb_anonymous_setting(tmp_path, caplog):
     import logging
 
     import lightning as L
-    from lightning.pytorch.loggers import WandbLogger
+    from omegaconf import OmegaConf
 
-    from src.training import _drop_wandb_anonymous, _quiet_lightning_adverts
+    from src.loggers import build_loggers
+    from src.training import _quiet_lightning_adverts
 
     _quiet_lightning_adverts()
     with caplog.at_level(logging.INFO):
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     assert "Tip:" not in caplog.text and "GPU available" in caplog.text  # only the advert is dropped
-    wandb_logger = WandbLogger(project="p", save_dir=str(tmp_path), offline=True)
-    _drop_wandb_anonymous([wandb_logger])
+    (wandb_logger,) = build_loggers(OmegaConf.create({"wandb": {
+        "_target_": "lightning.pytorch.loggers.WandbLogger", "project": "p", "save_dir": str(tmp_path), "offline": True}}))
     assert "anonymous" not in wandb_logger._wandb_init  # what wandb.init receives
 
 

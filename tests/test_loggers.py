@@ -164,3 +164,20 @@ def test_train_py_with_wandb_needs_no_account_and_never_waits_for_input(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     history, config, _ = wandb_run_contents(tmp_path / "run")
     assert {"train/loss", "samples/_type"} <= history and "git_commit" in config
+
+
+def test_evaluate_sends_its_numbers_to_wandb(compose_evaluate, tmp_path, no_wandb_account):
+    """evaluate.py logger=wandb: the metrics of a scored sample file land in an offline W&B run."""
+    import numpy as np
+
+    from src.data.digits import load_digits_uint8
+    from src.evaluation import run
+
+    images, _ = load_digits_uint8(16)
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, arr_0=images[:200].permute(0, 2, 3, 1).numpy())
+    out = tmp_path / "eval"
+    metrics = run(compose_evaluate(f"samples={npz}", "extractor=digits", "metrics=[fid,is]", "logger=wandb",
+                                   output_dir=out))
+    history, _, _ = wandb_run_contents(out)
+    assert {"eval/fd_digits-mlp64", "eval/is_digits-mlp64"} <= history and metrics["fd_digits-mlp64"] > 0

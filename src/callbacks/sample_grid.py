@@ -9,6 +9,7 @@ from torchvision.utils import make_grid
 
 from src.diffusion import SamplerOptions
 from src.evaluation.grids import display_scale, save_grid_png
+from src.loggers import log_png
 
 from .preemption import interruptible_sampling
 
@@ -67,10 +68,5 @@ class SampleGridCallback(L.Callback):
         raw = self.dirpath / "raw" / path.name if display_scale(images.shape[-1], self.min_image_size) > 1 else None
         grid = save_grid_png(grid, path, images.shape[-1], self.min_image_size, raw_path=raw)
         self.last_path = path
-        for logger in trainer.loggers:
-            log_image = getattr(logger, "log_image", None)  # W&B
-            if log_image is not None:
-                log_image(key="samples", images=[str(path)], step=step)  # the PNG as written, 8-bit
-            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-                logger.experiment.add_image("samples", grid, global_step=step)
+        log_png(trainer.loggers, "samples", path, step, image=grid)
         return path

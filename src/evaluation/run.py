@@ -24,6 +24,7 @@ from .figures import write_figures
 from .guidance import (balanced_labels, check_classifier_classes, check_guidance, guidance_scales, load_classifier,
                        per_class_rows)
 from .interrupt import STOPS, sigterm_raises, stop_name
+from .log_results import log_results
 from .metrics import dataset_name
 from .nll import nll_terms, save_terms, summarize
 from .protocol import checked_seeds, checkpoint_hash, class_balance_note, image_seed_range, sample_count_notes, summary
@@ -164,10 +165,9 @@ def run(cfg: DictConfig) -> dict:
     """Evaluate cfg.ckpt_path (or score cfg.samples); returns the metrics.json content."""
     check_settings(cfg)
     with sigterm_raises():
-        if cfg.get("samples") is not None:
-
-            return score_file(cfg)
-        return evaluate_checkpoint(cfg)
+        content = score_file(cfg) if cfg.get("samples") is not None else evaluate_checkpoint(cfg)
+    log_results(cfg, content, Path(cfg.paths.output_dir))
+    return content
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:

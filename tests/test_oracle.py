@@ -195,6 +195,20 @@ def test_bpd_loop_diagnostics_per_timestep(bpd_learned):
     np.testing.assert_allclose(bpd_learned["mse"].double().mean(0).numpy(), EPS_MSE, rtol=0.06)
 
 
+def test_rate_distortion_of_the_oracle_follows_its_closed_form(bpd_learned):
+    """DDPM Fig. 5 from the oracle's NLL pass: the distortion is 127.5 * sqrt(E (x0_hat - x0)^2), whose closed form
+    falls as t goes to 0, and the rate (prior plus the terms after t) rises."""
+    from src.evaluation.figures import rate_distortion
+
+    curve = rate_distortion({key: value.double().numpy() for key, value in bpd_learned.items()})
+    distortion, rate = np.asarray(curve["distortion_rmse"]), np.asarray(curve["rate_bpd"])
+    np.testing.assert_allclose(distortion, 127.5 * np.sqrt(XSTART_MSE), rtol=0.03)
+    assert np.all(np.diff(127.5 * np.sqrt(XSTART_MSE)) > 0)  # the closed form: monotone in t
+    assert distortion[0] < 2.0 and distortion[-1] > 20.0  # about a grey level at t=0, s * 127.5 = 25.5 at T
+    assert np.all(np.diff(rate) <= 0) and rate[0] == pytest.approx(curve["lossless_bpd"] - bpd_learned["vb"][:, 0]
+                                                                   .double().mean().item(), rel=1e-6)
+
+
 # --- sampling ----------------------------------------------------------------------------------
 def chain_marginal(log_var: np.ndarray) -> tuple[float, float]:
     """Mean and std of x_0 from ancestral sampling with the eps* mean (linear in x_t) and the given

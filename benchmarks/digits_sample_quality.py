@@ -7,8 +7,13 @@ Every set is scored against the judge's 500 reference digits, at 500 images (the
 FD falls with the image count, so only equal counts compare). For each npz written by evaluate.py
 (uint8 NHWC, key arr_0; optional labels arr_1) it prints:
 - FD: the Frechet distance of the classifier's hidden features of the images and of the reference;
-- KID x 1000: torch-fidelity's kernel distance of the same features (unbiased; 0 for the same distribution);
-- digit IS: exp(E_x KL(p(y|x) || p(y))) of the classifier (10 = confident and all classes equally often);
+- KID x 1000: torch-fidelity's kernel distance of the same features (unbiased; 0 for the same distribution),
+  100 subsets of 250;
+All numbers come from evaluate.py's own scoring (src.evaluation.scores), so `evaluate.py extractor=digits` gives
+the same FD and precision / recall on the same file.
+- digit IS: exp(E_x KL(p(y|x) || p(y))) of the classifier over the whole set (10 = confident and all classes
+  equally often);
+- precision / recall: improved precision and recall (k = 3) in the same features;
 - confidence: the mean max_y p(y|x);
 - class agreement, for class-conditional samples: how often the classifier names the class drawn for.
 Two rows of real images come first: the 500 held-out digits (the floor a perfect model reaches) and the
@@ -25,14 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch_fidelity.metric_kid import kid_features_to_metric
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.evaluation.digits_features import REFERENCE_IMAGES, DigitsFeatures, judge_split  # noqa: E402
-from src.evaluation.metrics import frechet_distance  # noqa: E402
+from src.evaluation.extractors import metric_key  # noqa: E402
+from src.evaluation.metrics import FeatureStats, ReferenceStats  # noqa: E402
+from src.evaluation.scores import SampleFeatures, ScoreSettings, score  # noqa: E402
 
 COUNT = REFERENCE_IMAGES  # images scored per set
+# evaluate.py's metrics (src.evaluation.scores), with the digit IS over the whole set (one split) and KID on
+# subsets of half the set.
+SETTINGS = ScoreSettings(metrics=("fid", "is", "kid", "prc"), isc_splits=1, kid_subset_size=COUNT // 2)
 
 
 def blurred(images: torch.Tensor) -> torch.Tensor:
@@ -48,22 +57,21 @@ class DigitsJudge:
 
     def __init__(self, image_size: int):
         self.extractor, self.split = DigitsFeatures(image_size), judge_split(image_size)
-        self.reference, _ = self.extractor(self.split.reference)
-        ref = self.reference.double().numpy()
-        self.reference_stats = (ref.mean(0), np.cov(ref, rowvar=False))
+        features, _ = self.extractor(self.split.reference)
+        ref = features.double().numpy()
+        self.reference = ReferenceStats(mu=ref.mean(0), sigma=np.cov(ref, rowvar=False), meta={"reference": "judge"},
+                                        features=ref)
 
     def score(self, images: torch.Tensor, labels: np.ndarray | None = None) -> dict:
         features, logits = self.extractor(images)
-        f = features.double().numpy()
-        fd = frechet_distance(f.mean(0), np.cov(f, rowvar=False), *self.reference_stats)
-        kid = kid_features_to_metric(features, self.reference, kid_subsets=100,
-                                     kid_subset_size=min(len(images), 250), rng_seed=2020, verbose=False)
+        stats = FeatureStats(dim=features.shape[1])
+        stats.update(features)
+        values, _ = score(SampleFeatures(stats, logits, features), self.reference, SETTINGS, self.extractor.name)
+        value = lambda metric: values[metric_key(metric, self.extractor.name)]  # noqa: E731
         probs = torch.softmax(logits.double(), dim=1).numpy()
-        marginal = probs.mean(0, keepdims=True)
-        kl = (probs * (np.log(probs + 1e-12) - np.log(marginal + 1e-12))).sum(1)
         agreement = None if labels is None else float((probs.argmax(1) == labels).mean())
-        return {"n": len(images), "fd": fd, "kid_x1000": 1000 * kid["kernel_inception_distance_mean"],
-                "digit_is": float(np.exp(kl.mean())), "confidence": float(probs.max(1).mean()),
+        return {"n": len(images), "fd": value("fd"), "kid_x1000": 1000 * value("kid"), "digit_is": value("is"),
+                "precision": value("precision"), "recall": value("recall"), "confidence": float(probs.max(1).mean()),
                 "class_agreement": agreement}
 
     def real_rows(self) -> list[tuple[str, dict]]:
@@ -101,12 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"digits judge {judge.extractor.name} at {size}x{size} (held-out accuracy "
           f"{100 * judge.extractor.accuracy:.1f}%), {COUNT} images per row against {len(judge.split.reference)} "
           "reference digits")
-    print("| images | n | FD (digit features) | KID x 1000 | digit IS | confidence | class agreement |")
-    print("|---|---|---|---|---|---|---|")
+    print("| images | n | FD (digit features) | KID x 1000 | digit IS | precision | recall | confidence | class agreement |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, s in rows:
         agreement = "" if s["class_agreement"] is None else f"{100 * s['class_agreement']:.1f}%"
         print(f"| {name} | {s['n']} | {s['fd']:.2f} | {s['kid_x1000']:.2f} | {s['digit_is']:.2f} | "
-              f"{s['confidence']:.3f} | {agreement} |")
+              f"{s['precision']:.3f} | {s['recall']:.3f} | {s['confidence']:.3f} | {agreement} |")
     if args.json:
         args.json.write_text(json.dumps({"extractor": judge.extractor.name, "image_size": size,
                                          "rows": [{"images": name, **s} for name, s in rows]}, indent=2) + "\n")

@@ -271,7 +271,7 @@ def nll_report(cfg: DictConfig, loaded: LoadedCheckpoint, out_dir: Path, conditi
     try:
         terms = nll_terms(loaded.module, datamodule.val_dataloader(), max_batches=cfg.get("nll_batches"),
                           max_images=cfg.get("nll_num_images"), clip_denoised=cfg.nll_clip_denoised,
-                          generator=generator, use_ema=loaded.use_ema, with_labels=with_labels)
+                          generator=generator, use_ema=loaded.use_ema, with_labels=with_labels, progress=True)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     name = "nll_terms.npz" if with_labels or loaded.num_classes is None else "nll_terms_null_label.npz"

@@ -10,7 +10,7 @@ from torch import nn
 
 from .likelihoods import LOG2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
-MeanType = Literal["eps", "x0", "mu"]
+MeanType = Literal["eps", "x0", "mu", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "vlb", "hybrid"]
 Model = Callable[..., torch.Tensor]
@@ -27,8 +27,9 @@ class GaussianDiffusion(nn.Module):
 
     Args:
         betas: [T] noise schedule (any float dtype; stored as float64).
-        mean_type: what the network predicts: the noise "eps", the clean image "x0", or the posterior
-            mean "mu" of q(x_{t-1} | x_t, x_0) (DDPM Table 2).
+        mean_type: what the network predicts: the noise "eps", the clean image "x0", the posterior
+            mean "mu" of q(x_{t-1} | x_t, x_0) (DDPM Table 2), or the velocity "v" = alpha_t eps - sigma_t x_0
+            with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) (Salimans & Ho 2022, Sec. 4).
         var_type: reverse-process variance: "fixed_small" (posterior variance beta~_t),
             "fixed_large" (beta_t, with beta~_1 at t=0 so the decoder likelihood is finite), or
             "learned_range" (the network outputs v in [-1, 1] per pixel as a second block of C
@@ -70,8 +71,7 @@ class GaussianDiffusion(nn.Module):
             # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero where abar = 0 (SNR 0)
             first = int((alphas_cumprod == 0).nonzero()[0])
             raise ValueError(f"alphas_cumprod reaches 0 at t={first} (beta_t = 1): mean_type={mean_type!r} is undefined "
-                             f"at SNR 0; use betas below 1 (e.g. more timesteps for the linear schedule) or "
-                             f"mean_type='x0'")
+                             f"at SNR 0; use mean_type='v' or 'x0' (or betas below 1)")
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -154,8 +154,23 @@ class GaussianDiffusion(nn.Module):
             "sqrt_recipm1_alphas_cumprod", t, xt) * eps
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return (self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self.extract(
+        """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1); at abar_t = 0 (zero terminal SNR) x_t is eps."""
+        eps = (self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self.extract(
             "sqrt_recipm1_alphas_cumprod", t, xt)
+        return torch.where(self.extract("alphas_cumprod", t, xt) == 0, xt, eps)
+
+    def predict_x0_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 = alpha_t x_t - sigma_t v (Salimans & Ho 2022, Sec. 4; finite at abar_t = 0)."""
+        return self.extract("sqrt_alphas_cumprod", t, xt) * xt - self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * v
+
+    def predict_eps_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sigma_t x_t + alpha_t v."""
+        return self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * xt + self.extract("sqrt_alphas_cumprod", t, xt) * v
+
+    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = alpha_t eps - sigma_t x_0, the velocity target of x_t = alpha_t x_0 + sigma_t eps: [N x C x ...]."""
+        return self.extract("sqrt_alphas_cumprod", t, x0) * noise - self.extract(
+            "sqrt_one_minus_alphas_cumprod", t, x0) * x0
 
     def predict_x0_from_mu(self, xt: torch.Tensor, t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """Invert the posterior mean: x_0 = (mu - coef2 x_t) / coef1."""
@@ -199,11 +214,14 @@ class GaussianDiffusion(nn.Module):
             variance = self.extract("posterior_variance", t, xt).expand_as(xt)
             log_variance = self.extract("posterior_log_variance_clipped", t, xt).expand_as(xt)
 
-        # 2. predicted x_0 (eq. 15 for eps), clipped to the data range when sampling
+        # 2. predicted x_0 (eq. 15 for eps; x_0 = alpha_t x_t - sigma_t v for v), clipped to the data range when
+        #    sampling
         if self.mean_type == "eps":
             pred_x0 = self.predict_x0_from_eps(xt, t, mean_out)
         elif self.mean_type == "x0":
             pred_x0 = mean_out
+        elif self.mean_type == "v":
+            pred_x0 = self.predict_x0_from_v(xt, t, mean_out)
         else:  # mu
             pred_x0 = self.predict_x0_from_mu(xt, t, mean_out)
         if clip_denoised:
@@ -310,6 +328,8 @@ class GaussianDiffusion(nn.Module):
             target = noise
         elif self.mean_type == "x0":
             target = x0
+        elif self.mean_type == "v":
+            target = self.v_target(x0, t, noise)
         else:  # mu
             target, _, _ = self.q_posterior_mean_variance(x0, xt, t)
         mse = mean_flat((target - mean_out) ** 2)

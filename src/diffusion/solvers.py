@@ -9,7 +9,8 @@ and ends at the clean image (lambda = +inf, sigma = 0), as diffusers' schedulers
 "zero". The network is called with the level's timestep: an integer (long) at training steps, a float
 between them (Karras sigmas, uniform logSNR).
 
-Every parameterisation gives the data prediction x_theta (eps: (x - sigma eps) / alpha; x0: itself; mu:
+Every parameterisation gives the data prediction x_theta (eps: (x - sigma eps) / alpha; x0: itself; v:
+alpha x - sigma v; mu:
 inverting the training posterior mean with its coefficients interpolated in t); a learned variance is
 ignored (the ODE and the SDE fix their own noise). Classifier guidance shifts eps by -sigma_t grad log p(y|x_t)
 (Dhariwal & Nichol 2021, Alg. 2); clip_denoised clips x_theta to [-1, 1] (DPM-Solver++'s thresholding at
@@ -113,6 +114,8 @@ class SolverSchedule:
             x0 = (x - sigma * mean_out) / alpha
         elif self.base.mean_type == "x0":
             x0 = mean_out
+        elif self.base.mean_type == "v":  # Salimans & Ho 2022, Sec. 4
+            x0 = alpha * x - sigma * mean_out
         else:  # mu = c1_t x_0 + c2_t x_t (DDPM eq. 7)
             c1 = float(np.interp(level.time, self._steps, self._coef1))
             c2 = float(np.interp(level.time, self._steps, self._coef2))

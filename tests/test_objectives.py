@@ -152,3 +152,171 @@ def test_solver_data_prediction_of_v_is_alpha_x_minus_sigma_v(data):
         out = schedule.denoise(oracle, x, level, clip_denoised=False, model_kwargs=None, cond_fn=None)
         np.testing.assert_allclose(out["pred_x0"].numpy(), x0.numpy(), atol=1e-10)
         np.testing.assert_allclose(out["pred_eps"].numpy(), eps.numpy(), atol=1e-8)
+
+
+# --- loss weighting ---------------------------------------------------------------------------------
+def snr_of(betas: np.ndarray) -> np.ndarray:
+    abar = np.cumprod(1.0 - betas)
+    return abar / (1.0 - abar)
+
+
+@pytest.mark.parametrize("mean_type,expected", [
+    ("eps", lambda snr, g: np.minimum(snr, g) / snr),
+    ("x0", lambda snr, g: np.minimum(snr, g)),
+    ("v", lambda snr, g: np.minimum(snr, g) / (snr + 1.0)),  # not min(SNR + 1, g) / (SNR + 1)
+])
+def test_min_snr_weights_closed_form(mean_type, expected):
+    betas = linear_betas(1000)
+    diff = GaussianDiffusion(torch.from_numpy(betas), mean_type=mean_type, loss_weighting="min_snr", min_snr_gamma=5)
+    np.testing.assert_allclose(diff.loss_weights.numpy(), expected(snr_of(betas), 5.0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mean_type,to_target", [("eps", lambda snr: 1.0), ("x0", lambda snr: snr),
+                                                 ("v", lambda snr: snr / (snr + 1.0))])
+def test_p2_weights_closed_form(mean_type, to_target):
+    """1 / (k + SNR)^gamma on the eps MSE; the x0 and v MSEs are SNR and SNR / (SNR + 1) times smaller."""
+    betas = linear_betas(1000)
+    diff = GaussianDiffusion(torch.from_numpy(betas), mean_type=mean_type, loss_weighting="p2", p2_gamma=0.5, p2_k=2.0)
+    snr = snr_of(betas)
+    np.testing.assert_allclose(diff.loss_weights.numpy(), to_target(snr) / (2.0 + snr) ** 0.5, rtol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type,var_type", [("simple", "fixed_large"), ("hybrid", "learned_range")])
+def test_weighting_scales_the_mse_term_only(data, loss_type, var_type):
+    x0, eps = (torch.from_numpy(a) for a in data)
+    betas = linear_betas(T)
+    t = torch.from_numpy(TS)
+    output = torch.randn(x0.shape[0], x0.shape[1] * (2 if var_type == "learned_range" else 1), *x0.shape[2:],
+                         dtype=torch.float64)
+    plain, weighted = (GaussianDiffusion(torch.from_numpy(betas), mean_type="v", var_type=var_type,
+                                         loss_type=loss_type, loss_weighting=w) for w in ("none", "min_snr"))
+    a = plain.training_losses(constant_model(output), x0, t, noise=eps)
+    b = weighted.training_losses(constant_model(output), x0, t, noise=eps)
+    snr = snr_of(betas)[TS]
+    w = np.minimum(snr, 5.0) / (snr + 1.0)
+    vb_part = (a["loss"] - a["mse"]).numpy()
+    np.testing.assert_allclose(b["loss"].numpy(), w * a["mse"].numpy() + vb_part, rtol=1e-10)
+    np.testing.assert_allclose(b["mse"].numpy(), a["mse"].numpy())  # logged unweighted
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mean_type": "mu", "loss_weighting": "min_snr"}, r"eps, x0 or v, not 'mu'"),
+    ({"loss_type": "vlb", "var_type": "learned_range", "loss_weighting": "p2"}, r"loss_type='simple' or 'hybrid'"),
+    ({"loss_weighting": "snr"}, r"choose one of none, min_snr, p2"),
+    ({"loss_weighting": "p2", "p2_k": 0.0}, r"p2_k > 0"),
+])
+def test_bad_weighting_is_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GaussianDiffusion(torch.from_numpy(linear_betas(T)), **kwargs)
+
+
+# --- zero terminal SNR ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_zero_terminal_snr_matches_diffusers(name):
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    from src.diffusion import make_beta_schedule
+
+    betas = make_beta_schedule(name, 1000)
+    rescaled = make_beta_schedule(name, 1000, zero_terminal_snr=True)
+    abar, abar_zero = (GaussianDiffusion(b, mean_type="v").alphas_cumprod for b in (betas, rescaled))
+    assert abar_zero[-1].item() == 0.0 and rescaled[-1].item() == 1.0
+    assert abar_zero[0].item() == pytest.approx(abar[0].item(), rel=1e-14)
+    np.testing.assert_allclose(rescaled.numpy(), rescale_zero_terminal_snr(betas.clone()).numpy(), rtol=1e-10, atol=1e-15)
+
+
+def ztsnr_diffusion(mean_type="v", num_timesteps=T, name="linear", **kwargs) -> GaussianDiffusion:
+    from src.diffusion import make_beta_schedule
+
+    return GaussianDiffusion(make_beta_schedule(name, num_timesteps, zero_terminal_snr=True), mean_type=mean_type,
+                             **kwargs)
+
+
+def test_zero_terminal_snr_refuses_eps_and_mu_naming_the_fix():
+    for mean_type in ("eps", "mu"):
+        with pytest.raises(ValueError, match=r"use mean_type='v' or 'x0'"):
+            ztsnr_diffusion(mean_type)
+
+
+def test_zero_terminal_snr_config_error_names_the_fix(compose_train):
+    from src.builders import build_diffusion
+    from src.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"zero_terminal_snr=true .*use objective=v_simple"):
+        build_diffusion(compose_train("schedule.zero_terminal_snr=true"))
+    diff = build_diffusion(compose_train("schedule.zero_terminal_snr=true", "objective=v_simple"))
+    assert diff.alphas_cumprod[-1].item() == 0.0
+
+
+@pytest.mark.parametrize("mean_type,weighting", [("v", "min_snr"), ("v", "p2"), ("x0", "min_snr"), ("x0", "p2")])
+def test_weights_are_finite_at_zero_snr(mean_type, weighting):
+    diff = ztsnr_diffusion(mean_type, loss_weighting=weighting)
+    assert bool(torch.isfinite(diff.loss_weights).all()) and diff.loss_weights[-1].item() == 0.0
+
+
+def test_bound_is_finite_at_zero_terminal_snr(data):
+    """The prior term is 0 (q(x_T | x_0) is N(0, I)) and every term of the bound is finite."""
+    x0 = torch.from_numpy(np.round((data[0][:2] + 1) * 127.5) / 127.5 - 1.0)
+    diff = ztsnr_diffusion("v", num_timesteps=10, name="cosine", var_type="learned_range", loss_type="hybrid")
+    np.testing.assert_allclose(diff.prior_bpd(x0).numpy(), 0.0, atol=1e-12)
+    out = diff.calc_bpd_loop(lambda xt, t: torch.cat([0.1 * xt, torch.zeros_like(xt)], 1), x0)
+    for key in ("total_bpd", "vb", "xstart_mse", "mse"):
+        assert bool(torch.isfinite(out[key]).all()), key
+    losses = diff.training_losses(lambda xt, t: torch.cat([0.1 * xt, torch.zeros_like(xt)], 1), x0,
+                                  torch.tensor([9, 9]))
+    assert bool(torch.isfinite(losses["loss"]).all())
+
+
+def test_last_step_at_zero_terminal_snr_matches_diffusers(data):
+    """At abar_T = 0 the predicted x_0 of v is -v; one step against DDPMScheduler(rescale_betas_zero_snr=True)."""
+    x0, eps = (torch.from_numpy(a[:2]).float() for a in data)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T,
+                                        prediction_type="v_prediction", variance_type="fixed_small",
+                                        rescale_betas_zero_snr=True, clip_sample=False)
+    diff = ztsnr_diffusion("v", var_type="fixed_small")
+    xt, v_out = eps, 0.5 * eps - 0.3 * x0
+    theirs = scheduler.step(v_out, T - 1, xt, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(xt.shape, generator=torch.Generator().manual_seed(0))
+    ours = diff.p_sample(constant_model(v_out), xt, torch.full((2,), T - 1), noise, clip_denoised=False)
+    np.testing.assert_allclose(ours["pred_x0"].numpy(), -v_out.numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours["pred_x0"].numpy(), theirs.pred_original_sample.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours["sample"].numpy(), theirs.prev_sample.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(sampler="ddpm"), dict(sampler="ddpm", steps=5),
+                                     dict(sampler="ddim", spacing="trailing5"), dict(sampler="ddim", steps=4, eta=1.0)])
+def test_sampling_at_zero_terminal_snr_with_v(options):
+    from src.diffusion import SamplerOptions, sample
+
+    diff = ztsnr_diffusion("v")
+    images = sample(diff, lambda xt, t: 0.5 * xt, (2, 1, 4, 4), SamplerOptions(**options),
+                    generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(images).all())
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun"])
+def test_solvers_refuse_zero_terminal_snr_naming_the_samplers_that_work(sampler):
+    from src.diffusion import SamplerOptions, sample
+
+    with pytest.raises(ValueError, match=r"zero terminal SNR\); use sampler=ddpm or sampler=ddim$"):
+        sample(ztsnr_diffusion("v"), lambda xt, t: xt, (1, 1, 4, 4), SamplerOptions(sampler, steps=5))
+
+
+def test_old_run_configs_without_the_new_keys_still_load_and_resume(compose_train, tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.builders import build_diffusion
+    from src.checkpoints import upgraded
+    from src.errors import ConfigError
+    from src.training import check_resume_compatible
+
+    cfg = compose_train()
+    old = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("loss_weighting", "min_snr_gamma", "p2_gamma", "p2_k"):
+        del old["objective"][key], old["diffusion"][key]
+    del old["schedule"]["zero_terminal_snr"], old["diffusion"]["betas"]["zero_terminal_snr"]
+    with pytest.raises(ConfigError, match="objective.loss_weighting"):
+        check_resume_compatible(old, cfg, tmp_path / "last.ckpt")
+    check_resume_compatible(upgraded(old), cfg, tmp_path / "last.ckpt")
+    diff = build_diffusion(OmegaConf.create(upgraded(old)))
+    assert diff.loss_weighting == "none" and diff.alphas_cumprod[-1].item() > 0

@@ -13,6 +13,7 @@ from .likelihoods import LOG2, discretized_gaussian_log_likelihood, mean_flat, n
 MeanType = Literal["eps", "x0", "mu", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "vlb", "hybrid"]
+LossWeighting = Literal["none", "min_snr", "p2"]
 Model = Callable[..., torch.Tensor]
 
 
@@ -37,6 +38,15 @@ class GaussianDiffusion(nn.Module):
         loss_type: "simple" (MSE on the parameterised target), "vlb" (the variational bound, T times
             the per-step term so it estimates L_vlb in bits/dim), or "hybrid" (simple + T/1000 times
             the per-step vb term with the mean's gradient stopped, improved DDPM's lambda = 0.001).
+        loss_weighting: a per-timestep weight w_t of the MSE term of "simple" and "hybrid" (the vb term stays
+            unweighted), as a function of SNR_t = abar_t / (1 - abar_t) (`loss_weights` holds w_t [T]):
+            "none" (w_t = 1); "min_snr", min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR on eps,
+            min(SNR, gamma) on x0, min(SNR, gamma) / (SNR + 1) on v; "p2" (Choi et al. 2022, eq. 8 on L_simple):
+            1 / (k + SNR)^gamma on eps, times SNR on x0 and SNR / (SNR + 1) on v (the same loss: the squared eps
+            error is SNR times the x0 error and SNR / (SNR + 1) times the v error at fixed x_t). Both are
+            defined for eps, x0 and v; mean_type mu is refused.
+        min_snr_gamma: gamma of "min_snr" (> 0; the paper's 5).
+        p2_gamma, p2_k: gamma (>= 0) and k (> 0) of "p2" (the paper's 1 and 1).
 
     Schedule tensors are non-persistent float64 buffers: they follow the module's device, stay out of
     checkpoints (they are derived from the config) and never reach an EMA of the network.
@@ -48,15 +58,31 @@ class GaussianDiffusion(nn.Module):
         mean_type: MeanType = "eps",
         var_type: VarType = "fixed_large",
         loss_type: LossType = "simple",
+        loss_weighting: LossWeighting = "none",
+        min_snr_gamma: float = 5.0,
+        p2_gamma: float = 1.0,
+        p2_k: float = 1.0,
     ):
         super().__init__()
         _check_choice("mean_type", mean_type, MeanType)
         _check_choice("var_type", var_type, VarType)
         _check_choice("loss_type", loss_type, LossType)
+        _check_choice("loss_weighting", loss_weighting, LossWeighting)
+        if loss_weighting != "none" and loss_type == "vlb":
+            raise ValueError(f"loss_weighting={loss_weighting!r} weights the MSE term, which loss_type='vlb' does not "
+                             f"have; use loss_type='simple' or 'hybrid', or loss_weighting='none'")
+        if loss_weighting != "none" and mean_type == "mu":
+            raise ValueError(f"loss_weighting={loss_weighting!r} is defined for mean_type eps, x0 or v, not 'mu'; use "
+                             f"one of those or loss_weighting='none'")
+        if not min_snr_gamma > 0 or not p2_k > 0 or not p2_gamma >= 0:
+            raise ValueError(f"need min_snr_gamma > 0, p2_k > 0 and p2_gamma >= 0; got min_snr_gamma={min_snr_gamma}, "
+                             f"p2_k={p2_k}, p2_gamma={p2_gamma}")
         if loss_type == "simple" and var_type == "learned_range":
             raise ValueError("loss_type='simple' gives the learned variance no training signal; use "
                              "loss_type='hybrid' or 'vlb' with var_type='learned_range'")
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
+        self.p2_gamma, self.p2_k = float(p2_gamma), float(p2_k)
 
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or betas.numel() < 1:
@@ -100,9 +126,24 @@ class GaussianDiffusion(nn.Module):
             "large_variance": large_variance,
             "large_log_variance": torch.log(large_variance),
             "log_betas": torch.log(betas),
+            "loss_weights": self._loss_weights(alphas_cumprod),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
+
+    def _loss_weights(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """w_t [T] of `loss_weighting` for this mean_type; finite at abar_t = 0 (SNR 0) for x0 and v."""
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        if self.loss_weighting == "none":
+            return torch.ones_like(snr)
+        if self.loss_weighting == "min_snr":
+            # 1. min(SNR, gamma) on x0; divided by SNR on eps and by SNR + 1 on v (Hang et al. 2023, Sec. 3.4)
+            clipped = snr.clamp(max=self.min_snr_gamma)
+            return {"eps": clipped / snr, "x0": clipped, "v": clipped * (1.0 - alphas_cumprod)}[self.mean_type]
+        # 2. P2 (Choi et al. 2022, eq. 8): 1 / (k + SNR)^gamma on the eps MSE, converted to x0 (x SNR) and v
+        #    (x SNR / (SNR + 1) = abar)
+        p2 = (self.p2_k + snr) ** -self.p2_gamma
+        return {"eps": p2, "x0": snr * p2, "v": alphas_cumprod * p2}[self.mean_type]
 
     def _apply(self, fn, recurse=True):
         # Keep the schedule in float64 when the module is cast (e.g. .half() or precision="bf16-true"):
@@ -314,8 +355,9 @@ class GaussianDiffusion(nn.Module):
                         noise: torch.Tensor | None = None, model_kwargs: dict | None = None) -> dict:
         """Per-example losses for x0 [N x C x H x W] in [-1, 1] at timesteps t [N].
 
-        Returns dict(loss [N], mse [N], vb [N]); vb is the per-step bound term in bits/dim (computed
-        without gradient when the loss does not use it, so it can always be logged).
+        Returns dict(loss [N], mse [N], vb [N]); mse is unweighted (loss holds w_t mse, see loss_weighting); vb is
+        the per-step bound term in bits/dim (computed without gradient when the loss does not use it, so it can
+        always be logged).
         """
         if noise is None:
             noise = torch.randn_like(x0)
@@ -333,16 +375,17 @@ class GaussianDiffusion(nn.Module):
         else:  # mu
             target, _, _ = self.q_posterior_mean_variance(x0, xt, t)
         mse = mean_flat((target - mean_out) ** 2)
+        weighted = mse if self.loss_weighting == "none" else self.loss_weights[t].to(mse.dtype) * mse
 
         if self.loss_type == "simple":
             with torch.no_grad():
                 vb = self.vb_terms_bpd(output.detach(), x0, xt, t)["output"]
-            loss = mse
+            loss = weighted
         elif self.loss_type == "hybrid":
             # Stop the gradient of the mean inside the vb term: L_vlb trains only the variance.
             frozen = torch.cat([mean_out.detach(), v], dim=1) if v is not None else output.detach()
             vb = self.vb_terms_bpd(frozen, x0, xt, t)["output"]
-            loss = mse + vb * (self.num_timesteps / 1000.0)
+            loss = weighted + vb * (self.num_timesteps / 1000.0)
         else:  # vlb: T * E_t[L_t] estimates the whole bound in bits/dim
             vb = self.vb_terms_bpd(output, x0, xt, t)["output"]
             loss = vb * self.num_timesteps

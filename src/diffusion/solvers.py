@@ -47,6 +47,16 @@ class Level:
 CLEAN = Level(time=None, log_snr=math.inf, alpha=1.0, sigma=0.0)
 
 
+def check_finite_log_snr(base: GaussianDiffusion) -> None:
+    """The solvers start from a finite lambda_T: a zero-terminal-SNR schedule (alpha_bar_T = 0) is a one-line error."""
+    if float(base.alphas_cumprod[-1]) == 0:
+        from .samplers import SAMPLERS  # the registry imports this module
+
+        working = [f"sampler={name}" for name, s in SAMPLERS.items() if not s.continuous]
+        raise ValueError(f"the ODE / SDE solvers need a finite log-SNR at t = T, but alpha_bar_T = 0 (zero terminal "
+                         f"SNR); use {' or '.join(working)}")
+
+
 def _level(time: float, lam: float) -> Level:
     # alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda), computed without overflow for |lambda| large
     return Level(time=float(time), log_snr=float(lam), alpha=math.sqrt(1.0 / (1.0 + math.exp(-2.0 * lam))),
@@ -68,6 +78,7 @@ class SolverSchedule:
     """
 
     def __init__(self, base: GaussianDiffusion, times, log_snrs=None):
+        check_finite_log_snr(base)
         self.base = base
         self.table = log_snr(base.alphas_cumprod)
         steps = np.arange(self.table.size, dtype=np.float64)

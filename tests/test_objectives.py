@@ -320,3 +320,66 @@ def test_old_run_configs_without_the_new_keys_still_load_and_resume(compose_trai
     check_resume_compatible(upgraded(old), cfg, tmp_path / "last.ckpt")
     diff = build_diffusion(OmegaConf.create(upgraded(old)))
     assert diff.loss_weighting == "none" and diff.alphas_cumprod[-1].item() > 0
+
+
+# --- thresholding -----------------------------------------------------------------------------------
+def test_dynamic_threshold_matches_diffusers():
+    """Imagen's dynamic thresholding against DDPMScheduler._threshold_sample (s unbounded above: sample_max_value
+    large; with sample_max_value=1 diffusers clamps s to 1, i.e. clipping, which is threshold=clip)."""
+    from src.diffusion import Threshold
+
+    x0 = torch.randn(4, 3, 8, 8) * torch.tensor([0.3, 1.0, 2.0, 5.0]).view(-1, 1, 1, 1)
+    for p in (0.995, 0.9):
+        scheduler = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=1e6)
+        np.testing.assert_allclose(Threshold("dynamic", p)(x0).numpy(), scheduler._threshold_sample(x0).numpy(),
+                                   atol=1e-6)
+    clipping = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+    np.testing.assert_allclose(Threshold("clip")(x0).numpy(), clipping._threshold_sample(x0).numpy(), atol=1e-6)
+    assert torch.equal(Threshold("dynamic")(x0[:1]), x0[:1])  # within [-1, 1]: s = 1 and nothing changes
+
+
+def test_dynamic_threshold_closed_form():
+    from src.diffusion import Threshold
+
+    x0 = torch.linspace(-4.0, 2.0, 1001).view(1, 1, 7, 143)
+    s = float(np.quantile(np.abs(x0.numpy()), 0.995))
+    np.testing.assert_allclose(Threshold("dynamic")(x0).numpy(), np.clip(x0.numpy(), -s, s) / s, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "euler"])
+def test_every_sampler_applies_the_threshold_to_its_x0(sampler):
+    """The recorded pred_x0 of a run is the network's x0 prediction thresholded: within [-1, 1] with dynamic
+    thresholding (rescaled, so not simply clipped), and untouched with none."""
+    from src.diffusion import SamplerOptions, sample_trajectory
+
+    diff = GaussianDiffusion(torch.from_numpy(linear_betas(T)), mean_type="x0")
+    model = lambda xt, t: 3.0 * torch.ones_like(xt) + torch.linspace(0, 1, xt[0].numel()).view(xt[0].shape)
+    runs = {kind: sample_trajectory(diff, model, (1, 1, 4, 4), SamplerOptions(sampler, steps=4, threshold=kind),
+                                    generator=torch.Generator().manual_seed(0)).pred_x0 for kind in ("none", "clip", "dynamic")}
+    raw = model(torch.zeros(1, 1, 4, 4), None)
+    assert torch.allclose(runs["none"][0, 0], raw)
+    assert torch.allclose(runs["clip"][0, 0], raw.clamp(-1, 1))
+    s = torch.quantile(raw.flatten(), 0.995)
+    assert torch.allclose(runs["dynamic"][0, 0], raw.clamp(-s, s) / s)
+
+
+def test_threshold_options():
+    from src.diffusion import SamplerOptions
+
+    assert SamplerOptions().thresholding.kind == "clip"
+    assert SamplerOptions(clip_denoised=False).thresholding.kind == "none"
+    assert SamplerOptions(threshold="dynamic", threshold_percentile=0.9).thresholding.percentile == 0.9
+    with pytest.raises(ValueError, match=r"clip_denoised=false contradicts threshold=dynamic"):
+        SamplerOptions(clip_denoised=False, threshold="dynamic")
+    with pytest.raises(ValueError, match=r"unknown threshold 'imagen'; choose one of none, clip, dynamic"):
+        SamplerOptions(threshold="imagen")
+    with pytest.raises(ValueError, match=r"threshold_percentile must be a number in \(0, 1\]"):
+        SamplerOptions(threshold="dynamic", threshold_percentile=99.5)
+
+
+def test_threshold_recorded_only_when_set():
+    from src.diffusion import SamplerOptions
+
+    assert "threshold" not in SamplerOptions("ddim").as_dict()
+    recorded = SamplerOptions("ddim", threshold="dynamic").as_dict()
+    assert (recorded["threshold"], recorded["threshold_percentile"]) == ("dynamic", 0.995)

@@ -3,6 +3,7 @@
 Notation follows Ho et al. 2020 and Nichol & Dhariwal 2021; timesteps are 0-based (t = 0..T-1 stands
 for the papers' 1..T). Pure torch: the network is an argument (`model(x_t, t, **model_kwargs)`).
 """
+from dataclasses import dataclass
 from typing import Callable, Literal, get_args
 
 import torch
@@ -14,6 +15,7 @@ MeanType = Literal["eps", "x0", "mu", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "vlb", "hybrid"]
 LossWeighting = Literal["none", "min_snr", "p2"]
+ThresholdType = Literal["none", "clip", "dynamic"]
 Model = Callable[..., torch.Tensor]
 
 
@@ -21,6 +23,38 @@ def _check_choice(name: str, value: str, literal) -> None:
     choices = get_args(literal)
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """How a sampler bounds each predicted x_0 [N x C x ...]: "none"; "clip" to [-1, 1]; "dynamic" (Imagen,
+    Saharia et al. 2022, Sec. 2.3): per sample s = max(1, the `percentile` quantile of |x_0|), x_0 clipped to
+    [-s, s] and divided by s."""
+
+    kind: ThresholdType = "clip"
+    percentile: float = 0.995
+
+    def __post_init__(self):
+        _check_choice("threshold", self.kind, ThresholdType)
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 0 < self.percentile <= 1:
+            raise ValueError(f"threshold_percentile must be a number in (0, 1], got {self.percentile!r}")
+
+    @classmethod
+    def of(cls, clip_denoised: "bool | Threshold") -> "Threshold":
+        """A Threshold as given, or the bool clip_denoised: True is "clip", False "none"."""
+        return clip_denoised if isinstance(clip_denoised, Threshold) else cls("clip" if clip_denoised else "none")
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return x0
+        if self.kind == "clip":
+            return x0.clamp(-1.0, 1.0)
+        # 1. s = the percentile of |x_0| per sample, at least 1 (images already in range are left as they are)
+        s = torch.quantile(x0.flatten(1).abs(), self.percentile, dim=1).clamp(min=1.0)
+        s = s.view(-1, *([1] * (x0.ndim - 1)))
+        # 2. clip to [-s, s] and rescale to [-1, 1]
+        return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 class GaussianDiffusion(nn.Module):
@@ -231,9 +265,10 @@ class GaussianDiffusion(nn.Module):
         return output, None
 
     def p_mean_variance_from_output(
-        self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+        self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool | Threshold = True
     ) -> dict:
-        """p(x_{t-1} | x_t) given the raw network output [N x C(2C) x ...].
+        """p(x_{t-1} | x_t) given the raw network output [N x C(2C) x ...]. clip_denoised: a Threshold applied to
+        the predicted x_0, or True ("clip" to [-1, 1]) / False ("none").
 
         Returns dict(mean, variance, log_variance, pred_x0, pred_eps). Computed in float32 or better
         so the log variance is safe under mixed precision.
@@ -255,8 +290,8 @@ class GaussianDiffusion(nn.Module):
             variance = self.extract("posterior_variance", t, xt).expand_as(xt)
             log_variance = self.extract("posterior_log_variance_clipped", t, xt).expand_as(xt)
 
-        # 2. predicted x_0 (eq. 15 for eps; x_0 = alpha_t x_t - sigma_t v for v), clipped to the data range when
-        #    sampling
+        # 2. predicted x_0 (eq. 15 for eps; x_0 = alpha_t x_t - sigma_t v for v), thresholded to the data range when
+        #    sampling (clip or dynamic)
         if self.mean_type == "eps":
             pred_x0 = self.predict_x0_from_eps(xt, t, mean_out)
         elif self.mean_type == "x0":
@@ -265,8 +300,7 @@ class GaussianDiffusion(nn.Module):
             pred_x0 = self.predict_x0_from_v(xt, t, mean_out)
         else:  # mu
             pred_x0 = self.predict_x0_from_mu(xt, t, mean_out)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        pred_x0 = Threshold.of(clip_denoised)(pred_x0)
 
         # 3. mean: the posterior mean at the predicted x_0 (eq. 7), or the network's mu directly
         if self.mean_type == "mu":

@@ -13,8 +13,8 @@ Every parameterisation gives the data prediction x_theta (eps: (x - sigma eps) /
 alpha x - sigma v; mu:
 inverting the training posterior mean with its coefficients interpolated in t); a learned variance is
 ignored (the ODE and the SDE fix their own noise). Classifier guidance shifts eps by -sigma_t grad log p(y|x_t)
-(Dhariwal & Nichol 2021, Alg. 2); clip_denoised clips x_theta to [-1, 1] (DPM-Solver++'s thresholding at
-ratio 1), after guidance.
+(Dhariwal & Nichol 2021, Alg. 2); the options' threshold bounds x_theta after guidance (clip: DPM-Solver++'s
+thresholding at ratio 1; dynamic: Imagen's).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion, Model
+from .gaussian_diffusion import GaussianDiffusion, Model, Threshold
 from .guidance import CondFn
 from .respace import log_snr, time_of_log_snr
 
@@ -108,7 +108,7 @@ class SolverSchedule:
         lam = max(-math.log(noise), float(self.table[-1]))
         return _level(float(time_of_log_snr(lam, self.table)), lam)
 
-    def denoise(self, model: Model, x: torch.Tensor, level: Level, *, clip_denoised: bool,
+    def denoise(self, model: Model, x: torch.Tensor, level: Level, *, clip_denoised: bool | Threshold,
                 model_kwargs: dict | None, cond_fn: CondFn | None) -> dict:
         """The network's prediction at x [N x C x H x W] on `level`: dict(pred_x0, pred_eps, t), with t [N]
         the timestep the network (and the classifier) received."""
@@ -135,14 +135,13 @@ class SolverSchedule:
         if cond_fn is not None:
             eps = (x - alpha * x0) / sigma - sigma * cond_fn(x, t)
             x0 = (x - sigma * eps) / alpha
-        # 4. clip to the data range
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        # 4. bound it to the data range (clip or dynamic thresholding)
+        x0 = Threshold.of(clip_denoised)(x0)
         return {"pred_x0": x0, "pred_eps": (x - alpha * x0) / sigma, "t": t}
 
 
 def _denoise(schedule: SolverSchedule, model, x, level, options, model_kwargs, cond_fn) -> torch.Tensor:
-    return schedule.denoise(model, x, level, clip_denoised=options.clip_denoised, model_kwargs=model_kwargs,
+    return schedule.denoise(model, x, level, clip_denoised=options.thresholding, model_kwargs=model_kwargs,
                             cond_fn=cond_fn)["pred_x0"]
 
 

@@ -383,3 +383,14 @@ def test_threshold_recorded_only_when_set():
     assert "threshold" not in SamplerOptions("ddim").as_dict()
     recorded = SamplerOptions("ddim", threshold="dynamic").as_dict()
     assert (recorded["threshold"], recorded["threshold_percentile"]) == ("dynamic", 0.995)
+
+
+def test_threshold_from_the_command_line_reaches_the_options(compose_train, compose_sample):
+    from omegaconf import OmegaConf
+
+    from src.evaluation.context import sampler_options
+
+    trained = OmegaConf.create(OmegaConf.to_container(compose_train(), resolve=True))
+    options = sampler_options(trained, compose_sample("threshold=dynamic", "threshold_percentile=0.99"))
+    assert (options.thresholding.kind, options.thresholding.percentile) == ("dynamic", 0.99)
+    assert sampler_options(trained, compose_sample()).thresholding.kind == "clip"

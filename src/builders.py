@@ -58,7 +58,16 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
     """The GaussianDiffusion of the config's schedule and objective."""
     with config_errors("schedule"):
         betas = instantiate(cfg.schedule)
-    if not bool(((betas > 0) & (betas < 1)).all()):
+    zero_terminal_snr = bool(cfg.schedule.get("zero_terminal_snr", False))
+    if zero_terminal_snr and cfg.objective.get("mean_type") in ("eps", "mu"):
+        # abar_T = 0: x_0 = (x_t - sigma_T eps) / alpha_T divides by zero (SNR 0), the loss is NaN at t = T
+        raise ConfigError(f"schedule.zero_terminal_snr=true makes alpha_bar_T = 0, where "
+                          f"objective.mean_type={cfg.objective.get('mean_type')} is undefined; use objective=v_simple "
+                          f"(objective.mean_type=v) or objective.mean_type=x0")
+    inside = (betas > 0) & (betas < 1)
+    if zero_terminal_snr:
+        inside[-1] = betas[-1] == 1  # the rescaled schedule's last beta is exactly 1
+    if not bool(inside.all()):
         # beta > 1 is rejected by GaussianDiffusion without naming the setting; beta = 1 passes there but
         # zeroes alpha_bar, so predicting x0 divides by zero and the loss is NaN from the first step.
         raise ConfigError(f"schedule={cfg.schedule.get('name')} with schedule.num_timesteps={len(betas)} gives betas "

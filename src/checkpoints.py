@@ -7,6 +7,7 @@ same builders train.py uses, without any model flags on the command line.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -32,6 +33,21 @@ WRONG_TASK = {
     "diffusion": "give a diffusion checkpoint as ckpt_path (a classifier goes to classifier.ckpt_path=...)",
     "classifier": "train one with python train.py task=classifier",
 }
+
+# Run-config keys added after checkpoints were first written, with the values that reproduce what a run without
+# them did: an older checkpoint reads as if it had them (when it is rebuilt, and when a resume is checked).
+ADDED_KEYS = {"objective.loss_weighting": "none", "objective.min_snr_gamma": 5.0, "objective.p2_gamma": 1.0,
+              "objective.p2_k": 1.0, "schedule.zero_terminal_snr": False}
+
+
+def upgraded(run_config: dict) -> dict:
+    """A copy of a stored run config with the ADDED_KEYS it lacks (in the sections it has)."""
+    config = copy.deepcopy(run_config)
+    for dotted, value in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(config.get(section), dict):
+            config[section].setdefault(key, value)
+    return config
 
 
 def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
@@ -61,8 +77,8 @@ def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
 
 
 def run_config(ckpt: dict) -> DictConfig:
-    """The resolved train config stored in a checkpoint."""
-    return OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
+    """The resolved train config stored in a checkpoint (with the keys added since, see ADDED_KEYS)."""
+    return OmegaConf.create(upgraded(ckpt["hyper_parameters"]["run_config"]))
 
 
 def task_of(ckpt: dict) -> str:

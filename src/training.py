@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from src.builders import build_task_module, config_errors, instantiate_group
-from src.checkpoints import read_checkpoint
+from src.checkpoints import read_checkpoint, upgraded
 from src.config_diff import UNSET, differences
 from src.errors import CheckpointError, ConfigError
 from src.lit import AtomicCheckpointIO
@@ -144,7 +144,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     resume_step = None
     if ckpt_path is not None:
         ckpt = read_checkpoint(ckpt_path)  # memory-mapped: only the config and the step are read here
-        check_resume_compatible(ckpt["hyper_parameters"]["run_config"], cfg, ckpt_path)
+        check_resume_compatible(upgraded(ckpt["hyper_parameters"]["run_config"]), cfg, ckpt_path)
         resume_step = int(ckpt.get("global_step", 0))
         del ckpt
         check_steps_left(cfg, ckpt_path, resume_step)

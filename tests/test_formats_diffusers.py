@@ -220,7 +220,8 @@ def test_round_trip_is_bit_identical(tmp_path, config):
     ["schedule=linear", "schedule.num_timesteps=30", "objective=hybrid"],  # learned range, 2C outputs
     ["schedule=cosine", "schedule.num_timesteps=10", "objective=simple", "objective.var_type=fixed_small",
      "objective.mean_type=x0", "model.num_heads=2", "+model.downsample_padding=same"],
-], ids=["cosine-fixed-large", "linear-learned-range", "x0-fixed-small-heads"])
+    ["schedule=cosine", "schedule.num_timesteps=10", "objective=v_simple", "objective.var_type=fixed_small"],
+], ids=["cosine-fixed-large", "linear-learned-range", "x0-fixed-small-heads", "v-fixed-small"])
 def test_exported_pipeline_samples_what_we_sample(compose_train, tmp_path, overrides):
     from src.builders import build_module
 
@@ -294,12 +295,19 @@ def test_unsupported_diffusers_options_are_named(change, match):
 @pytest.mark.parametrize("change,match", [
     ({"beta_schedule": "scaled_linear"}, r"beta_schedule='scaled_linear'"),
     ({"beta_start": 0.001}, r"beta_start=0.001.*1e-4 to 0.02"),
-    ({"prediction_type": "v_prediction"}, r"prediction_type='v_prediction'"),
+    ({"prediction_type": "flow_prediction"}, r"prediction_type='flow_prediction'"),
     ({"variance_type": "learned"}, r"variance_type='learned'"),
 ])
 def test_unsupported_scheduler_options_are_named(change, match):
     with pytest.raises(ConversionError, match=match):
         diffusers_format.train_overrides({**DDPM_SCHEDULER, **change}, 3, 3)
+
+
+@pytest.mark.parametrize("prediction_type,mean_type", [("epsilon", "eps"), ("sample", "x0"),
+                                                     ("v_prediction", "v")])
+def test_scheduler_prediction_type_is_the_mean_type(prediction_type, mean_type):
+    overrides = diffusers_format.train_overrides({**DDPM_SCHEDULER, "prediction_type": prediction_type}, 3, 3)
+    assert f"objective.mean_type={mean_type}" in overrides
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -376,7 +376,7 @@ def test_learned_range_needs_twice_the_channels():
 
 
 @pytest.mark.parametrize("kwarg,bad,choices", [
-    ("mean_type", "v", ["eps", "x0", "mu"]),
+    ("mean_type", "velocity", ["eps", "x0", "mu", "v"]),
     ("var_type", "learned", ["fixed_small", "fixed_large", "learned_range"]),
     ("loss_type", "kl", ["simple", "vlb", "hybrid"]),
 ])

@@ -397,7 +397,8 @@ def test_every_sampler_yaml_builds_its_options():
     assert names == sorted(SAMPLERS)
     for name in names:
         values = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
-        assert set(values) == {"sampler", "steps", "spacing", "eta", "clip_denoised", "order", "s_churn"}
+        assert set(values) == {"sampler", "steps", "spacing", "eta", "clip_denoised", "order", "s_churn",
+                               "threshold", "threshold_percentile"}
         options = SamplerOptions.from_mapping(values)
         assert options.sampler == name and options.nfe(T) >= 1
 

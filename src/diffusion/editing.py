@@ -107,7 +107,7 @@ def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor,
                 progress: bool = False) -> torch.Tensor:
     """Encode images x0 [N x C x H x W] in [-1, 1] to DDIM latents x_T (the ODE run forward, eta=0).
 
-    Only the options' steps, spacing and clip_denoised apply (the encoder is DDIM with eta=0).
+    Only the options' steps, spacing and threshold (clip_denoised) apply (the encoder is DDIM with eta=0).
     Over the kept timesteps s_0 < ... < s_{K-1} of `respaced_for(diffusion, options)`:
     1. the image sits at abar = 1; the first step moves it to s_0 with the network's eps at s_0
        (as diffusers' DDIMInverseScheduler does);
@@ -117,7 +117,7 @@ def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor,
     Returns the latent at s_{K-1} [N x C x H x W].
     """
     diff = on_device(respaced_for(diffusion, options), x0.device)
-    clip_denoised = options.clip_denoised
+    clip_denoised = options.thresholding
     n = x0.shape[0]
     first = torch.zeros(n, device=x0.device, dtype=torch.long)
     # 1. x_{s_0} = sqrt(abar_{s_0}) x0 + sqrt(1 - abar_{s_0}) eps(x0, s_0)   (DDIM eq. 12 with sigma = 0)

@@ -3,6 +3,7 @@
 Notation follows Ho et al. 2020 and Nichol & Dhariwal 2021; timesteps are 0-based (t = 0..T-1 stands
 for the papers' 1..T). Pure torch: the network is an argument (`model(x_t, t, **model_kwargs)`).
 """
+from dataclasses import dataclass
 from typing import Callable, Literal, get_args
 
 import torch
@@ -10,9 +11,11 @@ from torch import nn
 
 from .likelihoods import LOG2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
-MeanType = Literal["eps", "x0", "mu"]
+MeanType = Literal["eps", "x0", "mu", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "vlb", "hybrid"]
+LossWeighting = Literal["none", "min_snr", "p2"]
+ThresholdType = Literal["none", "clip", "dynamic"]
 Model = Callable[..., torch.Tensor]
 
 
@@ -22,13 +25,46 @@ def _check_choice(name: str, value: str, literal) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
+@dataclass(frozen=True)
+class Threshold:
+    """How a sampler bounds each predicted x_0 [N x C x ...]: "none"; "clip" to [-1, 1]; "dynamic" (Imagen,
+    Saharia et al. 2022, Sec. 2.3): per sample s = max(1, the `percentile` quantile of |x_0|), x_0 clipped to
+    [-s, s] and divided by s."""
+
+    kind: ThresholdType = "clip"
+    percentile: float = 0.995
+
+    def __post_init__(self):
+        _check_choice("threshold", self.kind, ThresholdType)
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 0 < self.percentile <= 1:
+            raise ValueError(f"threshold_percentile must be a number in (0, 1], got {self.percentile!r}")
+
+    @classmethod
+    def of(cls, clip_denoised: "bool | Threshold") -> "Threshold":
+        """A Threshold as given, or the bool clip_denoised: True is "clip", False "none"."""
+        return clip_denoised if isinstance(clip_denoised, Threshold) else cls("clip" if clip_denoised else "none")
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return x0
+        if self.kind == "clip":
+            return x0.clamp(-1.0, 1.0)
+        # 1. s = the percentile of |x_0| per sample, at least 1 (images already in range are left as they are)
+        s = torch.quantile(x0.flatten(1).abs(), self.percentile, dim=1).clamp(min=1.0)
+        s = s.view(-1, *([1] * (x0.ndim - 1)))
+        # 2. clip to [-s, s] and rescale to [-1, 1]
+        return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
 class GaussianDiffusion(nn.Module):
     """The diffusion math for a fixed beta schedule.
 
     Args:
         betas: [T] noise schedule (any float dtype; stored as float64).
-        mean_type: what the network predicts: the noise "eps", the clean image "x0", or the posterior
-            mean "mu" of q(x_{t-1} | x_t, x_0) (DDPM Table 2).
+        mean_type: what the network predicts: the noise "eps", the clean image "x0", the posterior
+            mean "mu" of q(x_{t-1} | x_t, x_0) (DDPM Table 2), or the velocity "v" = alpha_t eps - sigma_t x_0
+            with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) (Salimans & Ho 2022, Sec. 4).
         var_type: reverse-process variance: "fixed_small" (posterior variance beta~_t),
             "fixed_large" (beta_t, with beta~_1 at t=0 so the decoder likelihood is finite), or
             "learned_range" (the network outputs v in [-1, 1] per pixel as a second block of C
@@ -36,6 +72,15 @@ class GaussianDiffusion(nn.Module):
         loss_type: "simple" (MSE on the parameterised target), "vlb" (the variational bound, T times
             the per-step term so it estimates L_vlb in bits/dim), or "hybrid" (simple + T/1000 times
             the per-step vb term with the mean's gradient stopped, improved DDPM's lambda = 0.001).
+        loss_weighting: a per-timestep weight w_t of the MSE term of "simple" and "hybrid" (the vb term stays
+            unweighted), as a function of SNR_t = abar_t / (1 - abar_t) (`loss_weights` holds w_t [T]):
+            "none" (w_t = 1); "min_snr", min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR on eps,
+            min(SNR, gamma) on x0, min(SNR, gamma) / (SNR + 1) on v; "p2" (Choi et al. 2022, eq. 8 on L_simple):
+            1 / (k + SNR)^gamma on eps, times SNR on x0 and SNR / (SNR + 1) on v (the same loss: the squared eps
+            error is SNR times the x0 error and SNR / (SNR + 1) times the v error at fixed x_t). Both are
+            defined for eps, x0 and v; mean_type mu is refused.
+        min_snr_gamma: gamma of "min_snr" (> 0; the paper's 5).
+        p2_gamma, p2_k: gamma (>= 0) and k (> 0) of "p2" (the paper's 1 and 1).
 
     Schedule tensors are non-persistent float64 buffers: they follow the module's device, stay out of
     checkpoints (they are derived from the config) and never reach an EMA of the network.
@@ -47,15 +92,31 @@ class GaussianDiffusion(nn.Module):
         mean_type: MeanType = "eps",
         var_type: VarType = "fixed_large",
         loss_type: LossType = "simple",
+        loss_weighting: LossWeighting = "none",
+        min_snr_gamma: float = 5.0,
+        p2_gamma: float = 1.0,
+        p2_k: float = 1.0,
     ):
         super().__init__()
         _check_choice("mean_type", mean_type, MeanType)
         _check_choice("var_type", var_type, VarType)
         _check_choice("loss_type", loss_type, LossType)
+        _check_choice("loss_weighting", loss_weighting, LossWeighting)
+        if loss_weighting != "none" and loss_type == "vlb":
+            raise ValueError(f"loss_weighting={loss_weighting!r} weights the MSE term, which loss_type='vlb' does not "
+                             f"have; use loss_type='simple' or 'hybrid', or loss_weighting='none'")
+        if loss_weighting != "none" and mean_type == "mu":
+            raise ValueError(f"loss_weighting={loss_weighting!r} is defined for mean_type eps, x0 or v, not 'mu'; use "
+                             f"one of those or loss_weighting='none'")
+        if not min_snr_gamma > 0 or not p2_k > 0 or not p2_gamma >= 0:
+            raise ValueError(f"need min_snr_gamma > 0, p2_k > 0 and p2_gamma >= 0; got min_snr_gamma={min_snr_gamma}, "
+                             f"p2_k={p2_k}, p2_gamma={p2_gamma}")
         if loss_type == "simple" and var_type == "learned_range":
             raise ValueError("loss_type='simple' gives the learned variance no training signal; use "
                              "loss_type='hybrid' or 'vlb' with var_type='learned_range'")
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
+        self.p2_gamma, self.p2_k = float(p2_gamma), float(p2_k)
 
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or betas.numel() < 1:
@@ -70,8 +131,7 @@ class GaussianDiffusion(nn.Module):
             # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero where abar = 0 (SNR 0)
             first = int((alphas_cumprod == 0).nonzero()[0])
             raise ValueError(f"alphas_cumprod reaches 0 at t={first} (beta_t = 1): mean_type={mean_type!r} is undefined "
-                             f"at SNR 0; use betas below 1 (e.g. more timesteps for the linear schedule) or "
-                             f"mean_type='x0'")
+                             f"at SNR 0; use mean_type='v' or 'x0' (or betas below 1)")
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -100,9 +160,24 @@ class GaussianDiffusion(nn.Module):
             "large_variance": large_variance,
             "large_log_variance": torch.log(large_variance),
             "log_betas": torch.log(betas),
+            "loss_weights": self._loss_weights(alphas_cumprod),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
+
+    def _loss_weights(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """w_t [T] of `loss_weighting` for this mean_type; finite at abar_t = 0 (SNR 0) for x0 and v."""
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        if self.loss_weighting == "none":
+            return torch.ones_like(snr)
+        if self.loss_weighting == "min_snr":
+            # 1. min(SNR, gamma) on x0; divided by SNR on eps and by SNR + 1 on v (Hang et al. 2023, Sec. 3.4)
+            clipped = snr.clamp(max=self.min_snr_gamma)
+            return {"eps": clipped / snr, "x0": clipped, "v": clipped * (1.0 - alphas_cumprod)}[self.mean_type]
+        # 2. P2 (Choi et al. 2022, eq. 8): 1 / (k + SNR)^gamma on the eps MSE, converted to x0 (x SNR) and v
+        #    (x SNR / (SNR + 1) = abar)
+        p2 = (self.p2_k + snr) ** -self.p2_gamma
+        return {"eps": p2, "x0": snr * p2, "v": alphas_cumprod * p2}[self.mean_type]
 
     def _apply(self, fn, recurse=True):
         # Keep the schedule in float64 when the module is cast (e.g. .half() or precision="bf16-true"):
@@ -154,8 +229,23 @@ class GaussianDiffusion(nn.Module):
             "sqrt_recipm1_alphas_cumprod", t, xt) * eps
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return (self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self.extract(
+        """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1); at abar_t = 0 (zero terminal SNR) x_t is eps."""
+        eps = (self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self.extract(
             "sqrt_recipm1_alphas_cumprod", t, xt)
+        return torch.where(self.extract("alphas_cumprod", t, xt) == 0, xt, eps)
+
+    def predict_x0_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 = alpha_t x_t - sigma_t v (Salimans & Ho 2022, Sec. 4; finite at abar_t = 0)."""
+        return self.extract("sqrt_alphas_cumprod", t, xt) * xt - self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * v
+
+    def predict_eps_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sigma_t x_t + alpha_t v."""
+        return self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * xt + self.extract("sqrt_alphas_cumprod", t, xt) * v
+
+    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = alpha_t eps - sigma_t x_0, the velocity target of x_t = alpha_t x_0 + sigma_t eps: [N x C x ...]."""
+        return self.extract("sqrt_alphas_cumprod", t, x0) * noise - self.extract(
+            "sqrt_one_minus_alphas_cumprod", t, x0) * x0
 
     def predict_x0_from_mu(self, xt: torch.Tensor, t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """Invert the posterior mean: x_0 = (mu - coef2 x_t) / coef1."""
@@ -175,9 +265,10 @@ class GaussianDiffusion(nn.Module):
         return output, None
 
     def p_mean_variance_from_output(
-        self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+        self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool | Threshold = True
     ) -> dict:
-        """p(x_{t-1} | x_t) given the raw network output [N x C(2C) x ...].
+        """p(x_{t-1} | x_t) given the raw network output [N x C(2C) x ...]. clip_denoised: a Threshold applied to
+        the predicted x_0, or True ("clip" to [-1, 1]) / False ("none").
 
         Returns dict(mean, variance, log_variance, pred_x0, pred_eps). Computed in float32 or better
         so the log variance is safe under mixed precision.
@@ -199,15 +290,17 @@ class GaussianDiffusion(nn.Module):
             variance = self.extract("posterior_variance", t, xt).expand_as(xt)
             log_variance = self.extract("posterior_log_variance_clipped", t, xt).expand_as(xt)
 
-        # 2. predicted x_0 (eq. 15 for eps), clipped to the data range when sampling
+        # 2. predicted x_0 (eq. 15 for eps; x_0 = alpha_t x_t - sigma_t v for v), thresholded to the data range when
+        #    sampling (clip or dynamic)
         if self.mean_type == "eps":
             pred_x0 = self.predict_x0_from_eps(xt, t, mean_out)
         elif self.mean_type == "x0":
             pred_x0 = mean_out
+        elif self.mean_type == "v":
+            pred_x0 = self.predict_x0_from_v(xt, t, mean_out)
         else:  # mu
             pred_x0 = self.predict_x0_from_mu(xt, t, mean_out)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        pred_x0 = Threshold.of(clip_denoised)(pred_x0)
 
         # 3. mean: the posterior mean at the predicted x_0 (eq. 7), or the network's mu directly
         if self.mean_type == "mu":
@@ -296,8 +389,9 @@ class GaussianDiffusion(nn.Module):
                         noise: torch.Tensor | None = None, model_kwargs: dict | None = None) -> dict:
         """Per-example losses for x0 [N x C x H x W] in [-1, 1] at timesteps t [N].
 
-        Returns dict(loss [N], mse [N], vb [N]); vb is the per-step bound term in bits/dim (computed
-        without gradient when the loss does not use it, so it can always be logged).
+        Returns dict(loss [N], mse [N], vb [N]); mse is unweighted (loss holds w_t mse, see loss_weighting); vb is
+        the per-step bound term in bits/dim (computed without gradient when the loss does not use it, so it can
+        always be logged).
         """
         if noise is None:
             noise = torch.randn_like(x0)
@@ -310,19 +404,22 @@ class GaussianDiffusion(nn.Module):
             target = noise
         elif self.mean_type == "x0":
             target = x0
+        elif self.mean_type == "v":
+            target = self.v_target(x0, t, noise)
         else:  # mu
             target, _, _ = self.q_posterior_mean_variance(x0, xt, t)
         mse = mean_flat((target - mean_out) ** 2)
+        weighted = mse if self.loss_weighting == "none" else self.loss_weights[t].to(mse.dtype) * mse
 
         if self.loss_type == "simple":
             with torch.no_grad():
                 vb = self.vb_terms_bpd(output.detach(), x0, xt, t)["output"]
-            loss = mse
+            loss = weighted
         elif self.loss_type == "hybrid":
             # Stop the gradient of the mean inside the vb term: L_vlb trains only the variance.
             frozen = torch.cat([mean_out.detach(), v], dim=1) if v is not None else output.detach()
             vb = self.vb_terms_bpd(frozen, x0, xt, t)["output"]
-            loss = mse + vb * (self.num_timesteps / 1000.0)
+            loss = weighted + vb * (self.num_timesteps / 1000.0)
         else:  # vlb: T * E_t[L_t] estimates the whole bound in bits/dim
             vb = self.vb_terms_bpd(output, x0, xt, t)["output"]
             loss = vb * self.num_timesteps

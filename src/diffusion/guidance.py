@@ -43,8 +43,9 @@ class ClassifierFreeGuidance:
 
     The guided combination is applied to the first C channels only (the mean parameterisation);
     a learned variance (channels C..2C) is taken from the conditional pass, as in GLIDE and improved
-    diffusion's followers. For x0 or mu predictions the same affine combination equals guiding eps,
-    because eps is affine in x0 (and mu) at fixed x_t with coefficients that do not depend on y.
+    diffusion's followers. For x0, mu or v predictions the same affine combination equals guiding eps,
+    because eps is affine in each of them at fixed x_t (e.g. eps = sigma_t x_t + alpha_t v) with
+    coefficients that do not depend on y, and the weights (1 + w) and -w sum to 1.
     """
 
     def __init__(self, model: Model, guidance_scale: float):

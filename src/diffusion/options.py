@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .gaussian_diffusion import Threshold
 from .guidance import Classifier
 from .respace import CONTINUOUS_SPACINGS, NAMED_SPACINGS, SPACINGS, space_timesteps, spacing_count, spacing_kind
 from .samplers import SAMPLERS
@@ -26,7 +27,10 @@ class SamplerOptions:
         it takes precedence over steps. A bare name ("karras") takes its count from steps. A spacing the
         sampler cannot use is an error (respace.SPACINGS lists the kinds, SAMPLERS which sampler takes which).
     eta: DDIM's noise scale (0: deterministic, 1: the DDPM posterior variance); only for samplers that use it.
-    clip_denoised: clip each predicted x_0 to [-1, 1].
+    clip_denoised: clip each predicted x_0 to [-1, 1] (false: threshold=none); `threshold` supersedes it.
+    threshold: how each predicted x_0 is bounded: "clip" to [-1, 1], "dynamic" (Imagen's per-sample percentile
+        thresholding, threshold_percentile of |x_0|), "none"; None: clip_denoised decides.
+    threshold_percentile: the percentile p in (0, 1] of dynamic thresholding (Imagen's 0.995).
     order: the solver order of samplers that take one (unipc: 1-3, default 2); None: the sampler's default.
     s_churn: EDM's stochastic churn S_churn (Alg. 2; 0: the deterministic Alg. 1); euler and heun only.
     """
@@ -38,6 +42,8 @@ class SamplerOptions:
     clip_denoised: bool = True
     order: int | None = None
     s_churn: float = 0.0
+    threshold: str | None = None
+    threshold_percentile: float = 0.995
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -64,6 +70,12 @@ class SamplerOptions:
             raise ValueError(f"eta={self.eta} has no effect with sampler={self.sampler}; use eta=0 or sampler={users}")
         if not isinstance(self.clip_denoised, bool):
             raise ValueError(f"clip_denoised must be true or false, got {self.clip_denoised!r}")
+        if self.threshold is not None:
+            Threshold(self.threshold)  # an unknown name lists the choices
+            if not self.clip_denoised and self.threshold != "none":
+                raise ValueError(f"clip_denoised=false contradicts threshold={self.threshold}; give only threshold "
+                                 f"(none, clip or dynamic)")
+        Threshold("dynamic", self.threshold_percentile)  # checks the percentile
         self._check_solver_options()
         self._check_spacing()
 
@@ -137,6 +149,12 @@ class SamplerOptions:
         return self.explicit_spacing()
 
     @property
+    def thresholding(self) -> Threshold:
+        """What the samplers apply to each predicted x_0: `threshold`, else clip_denoised's clip or none."""
+        kind = self.threshold if self.threshold is not None else ("clip" if self.clip_denoised else "none")
+        return Threshold(kind, self.threshold_percentile)
+
+    @property
     def solver_order(self) -> int | None:
         """The order a solver runs with: `order`, else the sampler's default (None for fixed-order samplers)."""
         return self.order if self.order is not None else SAMPLERS[self.sampler].default_order
@@ -167,7 +185,8 @@ class SamplerOptions:
 
     def as_dict(self) -> dict:
         """Plain values for logs and metrics.json: every option that applies to the sampler (order and
-        s_churn only for the samplers that take them), the spacing as placed when the sampler chose it."""
+        s_churn only for the samplers that take them, threshold when set and its percentile when dynamic), the
+        spacing as placed when the sampler chose it."""
         values = dataclasses.asdict(self)
         if isinstance(self.spacing, tuple):
             values["spacing"] = list(self.spacing)
@@ -180,6 +199,10 @@ class SamplerOptions:
             del values["order"]
         if not entry.uses_churn:
             del values["s_churn"]
+        if self.threshold is None:  # clip_denoised says it
+            del values["threshold"]
+        if self.thresholding.kind != "dynamic":
+            del values["threshold_percentile"]
         return values
 
 

@@ -211,7 +211,8 @@ class SpacedDiffusion(GaussianDiffusion):
         kept = torch.tensor(sorted(timesteps), dtype=torch.long)
         abar_kept = abar[kept]
         abar_prev = torch.cat([abar.new_ones(1), abar_kept[:-1]])
-        super().__init__(1.0 - abar_kept / abar_prev, base.mean_type, base.var_type, base.loss_type)
+        super().__init__(1.0 - abar_kept / abar_prev, base.mean_type, base.var_type, base.loss_type,
+                         base.loss_weighting, base.min_snr_gamma, base.p2_gamma, base.p2_k)
         if isinstance(base, SpacedDiffusion):  # kept indexes base's steps: the network needs the original ones
             kept = base.timestep_map.cpu()[kept]
         self.register_buffer("timestep_map", kept, persistent=False)

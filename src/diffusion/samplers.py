@@ -63,14 +63,14 @@ class Sampler:
 
 def ddpm_step(diff, model, x, t, *, options, randn_like, model_kwargs, cond_fn, state) -> dict:
     # DDPM Algorithm 2: x_{t-1} = mu(x_t, t) + sigma_t z (no noise at the last step)
-    return diff.p_sample(model, x, t, randn_like(x), clip_denoised=options.clip_denoised, model_kwargs=model_kwargs,
+    return diff.p_sample(model, x, t, randn_like(x), clip_denoised=options.thresholding, model_kwargs=model_kwargs,
                          cond_fn=cond_fn)
 
 
 def ddim_step(diff, model, x, t, *, options, randn_like, model_kwargs, cond_fn, state) -> dict:
     # DDIM eq. 12; noise is drawn only when eta > 0, so eta=0 consumes no randomness
     z = randn_like(x) if options.eta > 0 else None
-    return diff.ddim_step(model, x, t, z, eta=options.eta, clip_denoised=options.clip_denoised,
+    return diff.ddim_step(model, x, t, z, eta=options.eta, clip_denoised=options.thresholding,
                           model_kwargs=model_kwargs, cond_fn=cond_fn)
 
 

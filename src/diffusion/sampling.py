@@ -16,7 +16,7 @@ from .guidance import guide
 from .options import NO_GUIDANCE, Guidance, SamplerOptions
 from .respace import SpacedDiffusion, log_snr_grid, space_timesteps, spacing_count
 from .samplers import SAMPLERS, RandnLike
-from .solvers import SolverSchedule
+from .solvers import SolverSchedule, check_finite_log_snr
 
 DEFAULT_OPTIONS = SamplerOptions()
 
@@ -50,6 +50,7 @@ def process_for(diffusion: GaussianDiffusion, options: SamplerOptions,
         kept = check_options(options, num_t, until)
         return diffusion if kept is None else SpacedDiffusion(diffusion, kept)
     until = num_t - 1 if until is None else until
+    check_finite_log_snr(diffusion)
     if options.is_continuous():
         check_options(options, num_t, until)
         times, lambdas = log_snr_grid(diffusion.alphas_cumprod, options.resolved_spacing(), until)

@@ -9,7 +9,8 @@ SCHEDULES = ("linear", "cosine")
 
 
 def make_beta_schedule(
-    name: ScheduleName, num_timesteps: int, cosine_s: float = 0.008, max_beta: float = 0.999
+    name: ScheduleName, num_timesteps: int, cosine_s: float = 0.008, max_beta: float = 0.999,
+    zero_terminal_snr: bool = False,
 ) -> torch.Tensor:
     """Return the betas of a named schedule as a float64 tensor [T].
 
@@ -17,7 +18,32 @@ def make_beta_schedule(
         1000/T (as improved-diffusion does) so the total noise added stays about the same.
     cosine: Nichol & Dhariwal 2021 eq. 17, alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2),
         beta_t = 1 - alpha_bar(t)/alpha_bar(t-1) clipped at max_beta to avoid the singularity at t=T.
+    zero_terminal_snr: rescale the schedule so alpha_bar_T = 0 exactly (`rescale_zero_terminal_snr`).
     """
+    if not isinstance(zero_terminal_snr, bool):
+        raise ValueError(f"zero_terminal_snr must be true or false, got {zero_terminal_snr!r}")
+    betas = _named_schedule(name, num_timesteps, cosine_s, max_beta)
+    return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas [T] whose alpha_bar ends at exactly 0 (SNR 0 at t = T) and starts where `betas`' does (Lin et al.
+    2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1); the last beta is 1."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if betas.numel() < 2:
+        raise ValueError("zero terminal SNR needs at least 2 timesteps (the first alpha_bar is kept)")
+    # 1. sqrt(alpha_bar) of the schedule
+    sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    # 2. shift so the last is 0, scale so the first is unchanged
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    # 3. back to betas: alpha_t = abar_t / abar_{t-1}, alpha_1 = abar_1
+    abar = sqrt_abar ** 2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+def _named_schedule(name: str, num_timesteps: int, cosine_s: float, max_beta: float) -> torch.Tensor:
     if not isinstance(num_timesteps, int) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     if name == "linear":

@@ -9,11 +9,12 @@ and ends at the clean image (lambda = +inf, sigma = 0), as diffusers' schedulers
 "zero". The network is called with the level's timestep: an integer (long) at training steps, a float
 between them (Karras sigmas, uniform logSNR).
 
-Every parameterisation gives the data prediction x_theta (eps: (x - sigma eps) / alpha; x0: itself; mu:
+Every parameterisation gives the data prediction x_theta (eps: (x - sigma eps) / alpha; x0: itself; v:
+alpha x - sigma v; mu:
 inverting the training posterior mean with its coefficients interpolated in t); a learned variance is
 ignored (the ODE and the SDE fix their own noise). Classifier guidance shifts eps by -sigma_t grad log p(y|x_t)
-(Dhariwal & Nichol 2021, Alg. 2); clip_denoised clips x_theta to [-1, 1] (DPM-Solver++'s thresholding at
-ratio 1), after guidance.
+(Dhariwal & Nichol 2021, Alg. 2); the options' threshold bounds x_theta after guidance (clip: DPM-Solver++'s
+thresholding at ratio 1; dynamic: Imagen's).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion, Model
+from .gaussian_diffusion import GaussianDiffusion, Model, Threshold
 from .guidance import CondFn
 from .respace import log_snr, time_of_log_snr
 
@@ -44,6 +45,16 @@ class Level:
 
 
 CLEAN = Level(time=None, log_snr=math.inf, alpha=1.0, sigma=0.0)
+
+
+def check_finite_log_snr(base: GaussianDiffusion) -> None:
+    """The solvers start from a finite lambda_T: a zero-terminal-SNR schedule (alpha_bar_T = 0) is a one-line error."""
+    if float(base.alphas_cumprod[-1]) == 0:
+        from .samplers import SAMPLERS  # the registry imports this module
+
+        working = [f"sampler={name}" for name, s in SAMPLERS.items() if not s.continuous]
+        raise ValueError(f"the ODE / SDE solvers need a finite log-SNR at t = T, but alpha_bar_T = 0 (zero terminal "
+                         f"SNR); use {' or '.join(working)}")
 
 
 def _level(time: float, lam: float) -> Level:
@@ -67,6 +78,7 @@ class SolverSchedule:
     """
 
     def __init__(self, base: GaussianDiffusion, times, log_snrs=None):
+        check_finite_log_snr(base)
         self.base = base
         self.table = log_snr(base.alphas_cumprod)
         steps = np.arange(self.table.size, dtype=np.float64)
@@ -96,7 +108,7 @@ class SolverSchedule:
         lam = max(-math.log(noise), float(self.table[-1]))
         return _level(float(time_of_log_snr(lam, self.table)), lam)
 
-    def denoise(self, model: Model, x: torch.Tensor, level: Level, *, clip_denoised: bool,
+    def denoise(self, model: Model, x: torch.Tensor, level: Level, *, clip_denoised: bool | Threshold,
                 model_kwargs: dict | None, cond_fn: CondFn | None) -> dict:
         """The network's prediction at x [N x C x H x W] on `level`: dict(pred_x0, pred_eps, t), with t [N]
         the timestep the network (and the classifier) received."""
@@ -113,6 +125,8 @@ class SolverSchedule:
             x0 = (x - sigma * mean_out) / alpha
         elif self.base.mean_type == "x0":
             x0 = mean_out
+        elif self.base.mean_type == "v":  # Salimans & Ho 2022, Sec. 4
+            x0 = alpha * x - sigma * mean_out
         else:  # mu = c1_t x_0 + c2_t x_t (DDPM eq. 7)
             c1 = float(np.interp(level.time, self._steps, self._coef1))
             c2 = float(np.interp(level.time, self._steps, self._coef2))
@@ -121,14 +135,13 @@ class SolverSchedule:
         if cond_fn is not None:
             eps = (x - alpha * x0) / sigma - sigma * cond_fn(x, t)
             x0 = (x - sigma * eps) / alpha
-        # 4. clip to the data range
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        # 4. bound it to the data range (clip or dynamic thresholding)
+        x0 = Threshold.of(clip_denoised)(x0)
         return {"pred_x0": x0, "pred_eps": (x - alpha * x0) / sigma, "t": t}
 
 
 def _denoise(schedule: SolverSchedule, model, x, level, options, model_kwargs, cond_fn) -> torch.Tensor:
-    return schedule.denoise(model, x, level, clip_denoised=options.clip_denoised, model_kwargs=model_kwargs,
+    return schedule.denoise(model, x, level, clip_denoised=options.thresholding, model_kwargs=model_kwargs,
                             cond_fn=cond_fn)["pred_x0"]
 
 

@@ -24,7 +24,7 @@ from .compiled import compile_for_sampling, compile_mode
 log = logging.getLogger(__name__)
 
 # Command-line keys that override single sampler options of the `sampler` group.
-SAMPLER_OVERRIDES = ("steps", "eta", "spacing", "order", "s_churn")
+SAMPLER_OVERRIDES = ("steps", "eta", "spacing", "order", "s_churn", "threshold", "threshold_percentile")
 
 
 def pick_device(name: str) -> torch.device:

@@ -28,6 +28,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_DIR = "pretrained"  # where the offline message tells to put a hub model: pretrained/<owner>--<name>
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")  # configs that hold the training schedule we read
 LINEAR_BETAS = (1e-4, 0.02)  # src.diffusion.make_beta_schedule("linear", 1000); both scaled by 1000 / T
+# diffusers' prediction_type -> objective.mean_type
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 # How a diffusers block type down- or up-samples: (attention, resampling) with None = the config's
 # downsample_type / upsample_type.
 DOWN_BLOCKS = {"DownBlock2D": (False, "conv"), "AttnDownBlock2D": (True, None), "ResnetDownsampleBlock2D": (False, "resnet")}
@@ -220,7 +222,7 @@ def train_overrides(s: dict, image_channels: int, out_channels: int) -> list[str
         overrides += ["objective=simple", f"objective.var_type={variance}"]
     else:
         raise _scheduler_unsupported(s, "variance_type")
-    mean = {"epsilon": "eps", "sample": "x0"}.get(s.get("prediction_type", "epsilon"))
+    mean = PREDICTION_TYPES.get(s.get("prediction_type", "epsilon"))
     if mean is None:
         raise _scheduler_unsupported(s, "prediction_type")
     clip = str(bool(s.get("clip_sample", True))).lower()
@@ -231,7 +233,7 @@ def train_overrides(s: dict, image_channels: int, out_channels: int) -> list[str
 def _scheduler_unsupported(s: dict, key: str) -> ConversionError:
     return ConversionError(f"{key}={s.get(key)!r} in the scheduler config has no counterpart in this project's "
                            f"diffusion (linear / squaredcos_cap_v2 betas, fixed_small / fixed_large / learned_range "
-                           f"variance, epsilon / sample prediction)")
+                           f"variance, epsilon / sample / v_prediction)")
 
 
 def import_model(src: str | os.PathLike) -> Imported:
@@ -285,8 +287,9 @@ def export_configs(cfg: DictConfig, net: UNet) -> tuple[dict, dict]:
                                  f"{sorted(attended)}; UNet2DModel takes one attention_head_dim (use num_head_channels)")
         head_dim = attended.pop() // m.num_heads
     diffusion = cfg.diffusion
-    if diffusion.mean_type not in ("eps", "x0"):
-        raise _cannot_export(f"objective.mean_type={diffusion.mean_type}", "DDPMScheduler predicts epsilon or the sample")
+    if diffusion.mean_type not in PREDICTION_TYPES.values():
+        raise _cannot_export(f"objective.mean_type={diffusion.mean_type}", "DDPMScheduler predicts epsilon, the "
+                                                                          "sample or v")
     schedule = cfg.schedule.name
     if schedule not in ("linear", "cosine"):
         raise _cannot_export(f"schedule={schedule}", "DDPMScheduler has linear and squaredcos_cap_v2 betas")
@@ -311,7 +314,7 @@ def export_configs(cfg: DictConfig, net: UNet) -> tuple[dict, dict]:
     num_t = int(cfg.schedule.num_timesteps)
     scale = 1000.0 / num_t
     scheduler = {"num_train_timesteps": num_t, "variance_type": diffusion.var_type,
-                 "prediction_type": "epsilon" if diffusion.mean_type == "eps" else "sample",
+                 "prediction_type": {m: p for p, m in PREDICTION_TYPES.items()}[diffusion.mean_type],
                  "clip_sample": bool(cfg.get("sampler", {}).get("clip_denoised", True))}
     if schedule == "linear":
         scheduler.update(beta_schedule="linear", beta_start=LINEAR_BETAS[0] * scale, beta_end=LINEAR_BETAS[1] * scale)

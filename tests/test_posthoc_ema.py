@@ -1,0 +1,112 @@
+"""Post-hoc EMA (EDM2, Karras et al. 2024, Sec. 3 and App. C) against its closed forms, and end to end.
+
+Closed forms used here (independent of src.lit.posthoc_ema's code):
+- sigma_rel(gamma)^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)); EDM2 quotes gamma = 16.97 for sigma_rel = 0.05
+  and 6.94 for 0.10.
+- The tracked EMA with beta_t = (1 - 1/t)^(gamma + 1) weighs theta_tau, after t updates, by
+  (1 - beta_tau) prod_{s > tau} beta_s = (tau / t)^(gamma + 1) - ((tau - 1) / t)^(gamma + 1).
+- A combination of profiles sum_i x_i p_i applied to a sequence theta (piecewise constant on (tau - 1, tau])
+  differs from the target profile's average by at most ||sum_i x_i p_i - p*|| ||theta|| (Cauchy-Schwarz), with
+  ||theta||^2 = sum_tau theta_tau^2 and ||p*||^2 = (gamma + 1)^2 / ((2 gamma + 1) t).
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from src.callbacks import PostHocEMA
+from src.errors import CheckpointError, ConfigError
+from src.lit import PowerFunctionEMA
+from src.lit.posthoc_ema import gamma_to_std, profile_inner_products, solve_coefficients, std_to_gamma
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def discrete_weights(gamma: float, t: int) -> np.ndarray:
+    tau = np.arange(1, t + 1, dtype=np.float64)
+    return (tau / t) ** (gamma + 1) - ((tau - 1) / t) ** (gamma + 1)
+
+
+class Scalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+
+# --- closed forms ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("std, gamma", [(0.05, 16.97), (0.10, 6.94)])
+def test_std_to_gamma_matches_the_papers_values(std, gamma):
+    assert std_to_gamma(std) == pytest.approx(gamma, abs=0.005)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 3.0, 6.94, 16.97, 50.0])
+def test_std_and_gamma_round_trip(gamma):
+    std = math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+    assert gamma_to_std(gamma) == pytest.approx(std, rel=1e-14)
+    assert std_to_gamma(std) == pytest.approx(gamma, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("std", [0.0, -0.1, 0.3, True])
+def test_std_outside_the_range_is_an_error(std):
+    with pytest.raises(ValueError, match=r"ema std must be a number in \(0, 0\.2887\]"):
+        std_to_gamma(std)
+
+
+def test_inner_products_are_the_integrals_of_the_profiles():
+    # integral_0^min(ta,tb) (a+1) tau^a / ta^(a+1) * (b+1) tau^b / tb^(b+1) d tau, by the midpoint rule
+    for (ta, a), (tb, b) in [((300.0, 2.0), (500.0, 7.0)), ((500.0, 7.0), (300.0, 2.0)), ((400.0, 3.0), (400.0, 3.0))]:
+        n = 200_000
+        tau = (np.arange(n) + 0.5) * min(ta, tb) / n
+        integrand = (a + 1) * tau ** a / ta ** (a + 1) * (b + 1) * tau ** b / tb ** (b + 1)
+        assert profile_inner_products(ta, a, tb, b) == pytest.approx(integrand.sum() * min(ta, tb) / n, rel=1e-6)
+
+
+@pytest.mark.parametrize("std", [0.05, 0.10])
+def test_tracked_power_ema_of_a_scalar_is_the_weighted_sum_with_the_profile_weights(std):
+    rng = np.random.default_rng(0)
+    thetas = rng.normal(size=60).cumsum()
+    net, gamma = Scalar(), std_to_gamma(std)
+    ema = PowerFunctionEMA(net, gamma)
+    with torch.no_grad():
+        net.theta.fill_(123.0)
+        ema.model.theta.fill_(-7.0)  # the initial copy gets weight 0 (beta_1 = 0)
+    for t, theta in enumerate(thetas, start=1):
+        with torch.no_grad():
+            net.theta.fill_(float(theta))
+        ema.update(net)
+        expected = float(discrete_weights(gamma, t) @ thetas[:t])
+        assert float(ema.model.theta) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_reconstruction_of_an_untracked_width_is_within_the_fit_bound():
+    # Two tracked widths, snapshots every 50 of 2000 steps, target 0.08 at the last step.
+    rng = np.random.default_rng(1)
+    t_end, every = 2000, 50
+    thetas = np.sin(np.arange(1, t_end + 1) / 150.0) + 0.05 * rng.normal(size=t_end).cumsum()
+    gammas = [std_to_gamma(0.05), std_to_gamma(0.10)]
+    steps, snap_gammas, values = [], [], []
+    for t in range(every, t_end + 1, every):
+        for g in gammas:
+            steps.append(t)
+            snap_gammas.append(g)
+            values.append(float(discrete_weights(g, t) @ thetas[:t]))
+    target = std_to_gamma(0.08)
+    x, fit_error = solve_coefficients(steps, snap_gammas, t_end, target)
+    exact = float(discrete_weights(target, t_end) @ thetas)
+    target_norm = (target + 1) / math.sqrt((2 * target + 1) * t_end)
+    bound = fit_error * target_norm * math.sqrt(float(thetas @ thetas))
+    assert fit_error < 0.01
+    assert abs(float(x @ values) - exact) <= bound + 1e-9
+    # and a visibly different answer from either tracked width
+    for g in gammas:
+        assert abs(float(discrete_weights(g, t_end) @ thetas) - exact) > 10 * abs(float(x @ values) - exact)
+
+
+def test_a_tracked_width_is_reconstructed_exactly_from_its_own_final_snapshot():
+    steps, gammas = [10, 10, 20, 20], [std_to_gamma(0.05), std_to_gamma(0.10)] * 2
+    x, fit_error = solve_coefficients(steps, gammas, 20, std_to_gamma(0.10))
+    np.testing.assert_allclose(x, [0, 0, 0, 1], atol=1e-6)
+    assert fit_error < 1e-6

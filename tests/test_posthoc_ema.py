@@ -15,12 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_OVERRIDES
+from test_resume import assert_identical
 from torch import nn
 
 from src.callbacks import PostHocEMA
 from src.errors import CheckpointError, ConfigError
+from src.evaluation.posthoc_ema import reconstruct, snapshots_folder
 from src.lit import PowerFunctionEMA
 from src.lit.posthoc_ema import gamma_to_std, profile_inner_products, solve_coefficients, std_to_gamma
+from src.training import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -110,3 +114,77 @@ def test_a_tracked_width_is_reconstructed_exactly_from_its_own_final_snapshot():
     x, fit_error = solve_coefficients(steps, gammas, 20, std_to_gamma(0.10))
     np.testing.assert_allclose(x, [0, 0, 0, 1], atol=1e-6)
     assert fit_error < 1e-6
+
+
+# --- training with the snapshots -------------------------------------------------------------------
+# A tiny CPU run: snapshots every 4 steps of 24, no validation, no sample grids.
+PHEMA = ["posthoc_ema.enabled=true", "posthoc_ema.stds=[0.05,0.10]", "posthoc_ema.every_n_steps=4",
+         "callbacks.sample_grid=null", "+trainer.limit_val_batches=0", "trainer.deterministic=true",
+         "+trainer.limit_train_batches=5", "trainer.log_every_n_steps=1",
+         "callbacks.model_checkpoint.every_n_train_steps=5"]
+
+
+def tracked(run) -> PostHocEMA:
+    _, objects = run
+    return next(c for c in objects["trainer"].callbacks if isinstance(c, PostHocEMA))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, compose_config):
+
+    folder = tmp_path_factory.mktemp("phema")
+    cfg = compose_config("train", *FAST_OVERRIDES, *PHEMA, "trainer.max_steps=24", output_dir=folder / "run",
+                         data_dir=folder / "data")
+    return folder / "run", train(cfg)
+
+
+def test_snapshots_are_written_every_n_steps_with_their_step_and_gamma(trained_run):
+    run_dir, run = trained_run
+    files = sorted(p.name for p in (run_dir / "checkpoints" / "phema").iterdir())
+    assert files == [f"phema-{s:07d}-{std:.4f}.pt" for s in range(4, 25, 4) for std in (0.05, 0.10)]
+    snapshot = torch.load(run_dir / "checkpoints" / "phema" / "phema-0000024-0.1000.pt", weights_only=True)
+    assert snapshot["step"] == 24 and snapshot["std"] == 0.10
+    assert snapshot["gamma"] == pytest.approx(6.94, abs=0.005)
+    callback = tracked(run)
+    assert [e.num_updates for e in callback.emas] == [24, 24]
+    for name, value in callback.emas[1].model.named_parameters():
+        assert torch.equal(snapshot["parameters"][name], value)
+
+
+def test_reconstructing_a_tracked_width_reproduces_the_tracked_ema(trained_run):
+    run_dir, run = trained_run
+    callback = tracked(run)
+    folder = snapshots_folder(run_dir / "checkpoints" / "last.ckpt")
+    rebuilt = reconstruct(folder, 0.10, 24)
+    assert rebuilt.snapshot_steps.count(24) == 2 and len(rebuilt.snapshot_steps) == 12
+    live = dict(run[1]["module"].net.named_parameters())
+    other = dict(callback.emas[0].model.named_parameters())
+    for name, value in callback.emas[1].model.named_parameters():
+        error = (rebuilt.state[name] - value).norm()
+        assert error <= 1e-3 * value.norm(), name
+        # the two tracked widths and the live weights are all farther apart than that
+        assert (other[name] - value).norm() > 0 or (live[name] - value).norm() == 0
+    total = lambda a, b: sum(float((a[n] - b[n]).pow(2).sum()) for n in a) ** 0.5  # noqa: E731
+    tracked_10 = dict(callback.emas[1].model.named_parameters())
+    assert total({n: rebuilt.state[n] for n in tracked_10}, tracked_10) < 1e-2 * total(other, tracked_10)
+
+
+def test_resume_continues_the_tracked_profiles_and_snapshots_bit_for_bit(trained_run, compose_config, tmp_path):
+
+    run_dir, straight = trained_run
+    first = compose_config("train", *FAST_OVERRIDES, *PHEMA, "trainer.max_steps=12", output_dir=tmp_path / "run",
+                           data_dir=run_dir.parent / "data")
+    train(first)
+    second = compose_config("train", *FAST_OVERRIDES, *PHEMA, "trainer.max_steps=24", "ckpt_path=last",
+                            output_dir=tmp_path / "run", data_dir=run_dir.parent / "data")
+    resumed = train(second)
+    for a, b in zip(tracked(straight).emas, tracked(resumed).emas):
+        assert a.num_updates == b.num_updates == 24
+        assert_identical(a.state_dict(), b.state_dict(), "tracked EMA")
+    names = sorted(p.name for p in (run_dir / "checkpoints" / "phema").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "phema").iterdir())
+    for name in names:
+        assert_identical(torch.load(run_dir / "checkpoints" / "phema" / name, weights_only=True),
+                         torch.load(tmp_path / "run" / "checkpoints" / "phema" / name, weights_only=True), name)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["callbacks"]["PostHocEMA"]["stds"] == [0.05, 0.10]

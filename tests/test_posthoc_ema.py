@@ -188,3 +188,133 @@ def test_resume_continues_the_tracked_profiles_and_snapshots_bit_for_bit(trained
                          torch.load(tmp_path / "run" / "checkpoints" / "phema" / name, weights_only=True), name)
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["callbacks"]["PostHocEMA"]["stds"] == [0.05, 0.10]
+
+
+# --- evaluate.py / sample.py ema_std --------------------------------------------------------------------
+def test_evaluate_sweeps_ema_std_with_one_row_each_and_a_figure(trained_run, compose_config, tmp_path, capsys):
+    from src.evaluation import run as evaluate_run
+
+    run_dir, _ = trained_run
+    cfg = compose_config("evaluate", f"ckpt_path={run_dir}/checkpoints/last.ckpt", "ema_std=[0.05,0.08]",
+                         "num_samples=4", "batch_size=4", "extractor=digits", "reference=val", "kid_subset_size=4",
+                         "sampler=ddim", "steps=2", "metrics=[fid]", output_dir=tmp_path / "eval",
+                         data_dir=run_dir.parent / "data")
+    metrics = evaluate_run(cfg)
+    runs = metrics["posthoc_ema"]["runs"]
+    assert [r["ema_std"] for r in runs] == [0.05, 0.08]
+    assert all(isinstance(r["fd_digits-mlp64"], float) for r in runs)
+    assert runs[0]["posthoc_ema"]["snapshot_steps"] == [4, 8, 12, 16, 20, 24]
+    assert metrics["protocol"]["ema_std"] == [0.05, 0.08]
+    assert [p["ema_std"] for p in metrics["protocol"]["posthoc_ema"]] == [0.05, 0.08]
+    assert metrics["protocol"]["posthoc_ema"][1]["step"] == 24 and metrics["weights"] == "posthoc_ema"
+    assert (tmp_path / "eval" / "quality_vs_ema_std.png").stat().st_size > 0
+    assert (tmp_path / "eval" / "ema_std0.08" / "samples_grid.png").is_file()
+    table = capsys.readouterr().out
+    assert "ema_std=0.05 fd_digits-mlp64" in table and "ema_std=0.08 fd_digits-mlp64" in table
+
+
+def test_sample_with_ema_std_uses_the_reconstructed_weights(trained_run, compose_config, tmp_path):
+    from src.evaluation.context import load_checkpoint
+
+    run_dir, run = trained_run
+    cfg = compose_config("sample", f"ckpt_path={run_dir}/checkpoints/last.ckpt", "ema_std=0.1", "device=cpu",
+                         output_dir=tmp_path / "sample", data_dir=run_dir.parent / "data")
+    loaded, _ = load_checkpoint(cfg)
+    tracked_10 = tracked(run).emas[1].model
+    for name, value in tracked_10.named_parameters():
+        assert (loaded.net.get_parameter(name) - value).norm() <= 1e-3 * value.norm(), name
+    classic = compose_config("sample", f"ckpt_path={run_dir}/checkpoints/last.ckpt", "device=cpu",
+                             output_dir=tmp_path / "sample", data_dir=run_dir.parent / "data")
+    loaded, _ = load_checkpoint(classic)
+    assert loaded.posthoc is None
+    assert all(torch.equal(p, q) for p, q in zip(loaded.net.parameters(), run[1]["module"].ema.model.parameters()))
+
+
+# --- errors and atomic writes -------------------------------------------------------------------------
+def one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_checkpoint_without_snapshots_names_the_fix(trained_run, compose_config, tmp_path):
+    from src.evaluation.context import load_checkpoint
+
+    run_dir, _ = trained_run
+    lonely = tmp_path / "other" / "checkpoints" / "last.ckpt"
+    lonely.parent.mkdir(parents=True)
+    lonely.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
+    cfg = compose_config("sample", f"ckpt_path={lonely}", "ema_std=0.08", "device=cpu", output_dir=tmp_path / "s",
+                         data_dir=run_dir.parent / "data")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(cfg)
+    assert "no post-hoc EMA snapshots" in one_line(err) and "train with posthoc_ema.enabled=true" in one_line(err)
+
+
+def test_too_few_snapshots_for_an_ema_std_names_the_fix(tmp_path):
+    # one snapshot, of the 0.10 profile at step 24: 0.05 is far from anything it can represent
+    folder = tmp_path / "phema"
+    folder.mkdir()
+    torch.save({"step": 24, "std": 0.10, "gamma": std_to_gamma(0.10), "parameters": {"w": torch.ones(2)},
+                "buffers": {}}, folder / "phema-0000024-0.1000.pt")
+    assert reconstruct(folder, 0.10, 24).fit_error < 1e-9
+    with pytest.raises(ConfigError) as err:
+        reconstruct(folder, 0.05, 24)
+    assert "represent it only to" in one_line(err) and "train with posthoc_ema.enabled=true" in one_line(err)
+    with pytest.raises(CheckpointError, match="no post-hoc EMA snapshots for the checkpoint's step 20"):
+        reconstruct(folder, 0.10, 20)  # the snapshot is later than the checkpoint
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0.5", r"ema_std must be a number in \(0, 0\.2887\]"),
+    ("[0.05,0.05]", "ema_std must be a number or distinct numbers"),
+])
+def test_bad_ema_std_is_one_line(value, message):
+    from src.evaluation.posthoc_ema import checked_stds
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ConfigError, match=message) as err:
+        checked_stds(OmegaConf.create({"v": OmegaConf.create(value) if value.startswith("[") else float(value)}).v)
+    one_line(err)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("posthoc_ema.stds=[0.05,0.5]", r"posthoc_ema.stds values must be a number in \(0, 0\.2887\]"),
+    ("posthoc_ema.every_n_steps=0", "posthoc_ema.every_n_steps must be a positive integer"),
+])
+def test_bad_posthoc_settings_are_one_line(compose_train, override, message):
+    from src.builders import instantiate_group
+
+    cfg = compose_train("posthoc_ema.enabled=true", override)
+    with pytest.raises(ConfigError, match=message) as err:
+        instantiate_group(cfg.callbacks)
+    one_line(err)
+
+
+def test_resuming_a_run_trained_without_post_hoc_ema_is_refused(compose_train):
+    base = [*PHEMA[1:], "posthoc_ema.enabled=false"]
+    train(compose_train(*base, "trainer.max_steps=2"))
+    with pytest.raises(ConfigError) as err:
+        train(compose_train(*PHEMA, "trainer.max_steps=3", "ckpt_path=last"))
+    assert "trained without it" in one_line(err) and "posthoc_ema.enabled=false" in one_line(err)
+
+
+def test_a_failed_snapshot_write_leaves_no_file(tmp_path, monkeypatch):
+    from src.lit import checkpoint_io
+
+    target = tmp_path / "phema" / "phema-0000004-0.0500.pt"
+    checkpoint_io.atomic_torch_save({"step": 4}, target)
+    real_save = torch.save
+
+    def half_written(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_io.atomic_torch_save({"step": 8}, target)
+    with pytest.raises(OSError):
+        checkpoint_io.atomic_torch_save({"step": 8}, tmp_path / "phema" / "phema-0000008-0.0500.pt")
+    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp file, no new name
+    assert torch.load(target, weights_only=True) == {"step": 4}  # the earlier content intact

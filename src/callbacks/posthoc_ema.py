@@ -107,7 +107,10 @@ class PostHocEMA(L.Callback):
         self._written_step = step
         if not trainer.is_global_zero:
             return
-        buffers = {name: b.detach().to("cpu", copy=True) for name, b in self.emas[0].model.named_buffers()}
+        # the persistent buffers (the state_dict's entries that are not parameters), copied from the live net
+        names = {name for name, _ in self.emas[0].model.named_parameters()}
+        buffers = {name: b.detach().to("cpu", copy=True) for name, b in self.emas[0].model.state_dict().items()
+                   if name not in names}
         for std, ema in zip(self.stds, self.emas):
             atomic_torch_save({"step": step, "std": std, "gamma": ema.gamma, "parameters": ema.averaged_state(),
                                "buffers": buffers}, self.dirpath / snapshot_name(step, std))

@@ -48,7 +48,8 @@ class PostHocEMA(L.Callback):
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if not self.stds or len(set(self.stds)) != len(self.stds):
-            raise ConfigError(f"posthoc_ema.stds must be distinct relative widths such as [0.05,0.10], got {list(stds)}")
+            raise ConfigError(f"posthoc_ema.stds must be distinct relative widths such as [0.05,0.10], "
+                              f"got {list(stds)}")
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
             raise ConfigError(f"posthoc_ema.every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.gammas = [std_to_gamma(s) for s in self.stds]

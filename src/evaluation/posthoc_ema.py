@@ -53,7 +53,8 @@ def checked_stds(value) -> list[float] | None:
     except ValueError as err:
         raise ConfigError(f"{err}; or ema_std=null for the classic EMA") from None
     if not stds or len(set(stds)) != len(stds):
-        raise ConfigError(f"ema_std must be a number or distinct numbers such as ema_std=[0.05,0.08,0.12], got {value!r}")
+        raise ConfigError(f"ema_std must be a number or distinct numbers such as ema_std=[0.05,0.08,0.12], "
+                          f"got {value!r}")
     return stds
 
 

@@ -276,11 +276,12 @@ def guided_runs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptio
         log.warning("%s", note)
         report.content["protocol"]["notes"].append(note)
     runs = []
-    report.updater(entry)(guidance={"num_classes": num_classes, "labels": "every class equally often" if note is None else
-                            "classes in turn 0, 1, ..., K-1, 0, ... (unequal: see protocol.notes)",
-                            "classifier": None if classifier_path is None else
-                            {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
-                            "runs": runs})
+    report.updater(entry)(guidance={
+        "num_classes": num_classes, "labels": "every class equally often" if note is None else
+        "classes in turn 0, 1, ..., K-1, 0, ... (unequal: see protocol.notes)",
+        "classifier": None if classifier_path is None else
+        {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
+        "runs": runs})
     for w in scales:
         runs.append({"guidance_scale": w})
         guidance = Guidance(scale=w, classifier=classifier, classifier_scale=float(cfg.classifier.scale))

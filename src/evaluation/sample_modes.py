@@ -188,7 +188,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
              options.as_dict(), len(kept), options.nfe(loaded.diffusion.num_timesteps),
              kept if len(kept) <= 12 else f"{kept[:3]} ... {kept[-3:]}",
              "raw" if not loaded.use_ema else "EMA" if loaded.posthoc is None else
-             f"post-hoc EMA std {loaded.posthoc.std:g} (snapshots of steps {sorted(set(loaded.posthoc.snapshot_steps))})",
+             f"post-hoc EMA std {loaded.posthoc.std:g} (snapshots of steps "
+             f"{sorted(set(loaded.posthoc.snapshot_steps))})",
              loaded.device)
     start = time.perf_counter()
     written = MODES[cfg.mode](cfg, loaded, options)

@@ -1,5 +1,5 @@
 """Sample from a checkpoint: python sample.py ckpt_path=PATH [mode=grid|trajectory|interpolate|invert]
-[num_samples=N] [sampler=ddpm|ddim] [steps=S] [spacing=ddim50] [eta=E] [seed=K] [guidance_scale=W]
+[num_samples=N] [sampler=ddpm|ddim] [steps=S] [spacing=ddim50] [eta=E] [seed=K] [ema_std=S] [guidance_scale=W]
 [class_label=K] [classifier.ckpt_path=PATH classifier.scale=S]; PNG grids go to the run folder.
 The modes live in src/evaluation/sample_modes.py."""
 import hydra

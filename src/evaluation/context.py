@@ -20,6 +20,7 @@ from src.errors import ConfigError
 from src.lit import DiffusionModule
 
 from .compiled import compile_for_sampling, compile_mode
+from .posthoc_ema import Reconstruction, checked_stds, load_into, reconstruct, snapshots_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,17 @@ class LoadedCheckpoint:
     use_ema: bool
     device: torch.device
     data_overrides: DictConfig
+    posthoc: Reconstruction | None = None  # the post-hoc EMA in `module.ema.model`, if one was asked for
     _datamodules: dict = field(default_factory=dict, repr=False)
+
+    def use_posthoc_ema(self, std: float) -> Reconstruction:
+        """Put the EMA of relative width `std` at this checkpoint's step, rebuilt from the run's post-hoc EMA
+        snapshots (<run>/checkpoints/phema), into `module.ema.model` (the weights sampled with use_ema)."""
+        if not self.use_ema:
+            raise ConfigError("ema_std picks EMA weights but use_ema=false; drop one of them")
+        self.posthoc = reconstruct(snapshots_folder(self.path), std, int(self.global_step or 0))
+        load_into(self.module.ema.model, self.posthoc)
+        return self.posthoc
 
     @property
     def net(self) -> nn.Module:
@@ -115,12 +126,14 @@ class LoadedCheckpoint:
 def load_checkpoint(cfg: DictConfig, until: int | None = None) -> tuple[LoadedCheckpoint, SamplerOptions]:
     """Read cfg.ckpt_path, check the sampler options against its schedule (a reverse run from timestep
     `until`, default from noise), then build the module on cfg.device with the weights of cfg.use_ema
-    (default EMA) and compile its network when cfg.compile asks."""
+    (default EMA; with cfg.ema_std the post-hoc EMA of that width, the first of a list) and compile its network
+    when cfg.compile asks."""
     try:
         ckpt_path = Path(str(cfg.ckpt_path)).expanduser()
     except MissingMandatoryValue:
         raise ConfigError("ckpt_path is required: give ckpt_path=PATH/TO/last.ckpt") from None
     compile_mode(cfg.get("compile"))
+    stds = checked_stds(cfg.get("ema_std"))
     device = pick_device(cfg.device)
     ckpt = read_checkpoint(ckpt_path)
     trained = run_config(ckpt)
@@ -134,5 +147,7 @@ def load_checkpoint(cfg: DictConfig, until: int | None = None) -> tuple[LoadedCh
                               module=module, use_ema=bool(cfg.get("use_ema", True)), device=device,
                               data_overrides=cfg.get("data") or OmegaConf.create({}))
     del ckpt
+    if stds is not None:  # a sweep (evaluate.py) sets each in turn; the first one now
+        loaded.use_posthoc_ema(stds[0])
     compile_for_sampling(loaded.net, cfg.get("compile"))
     return loaded, options

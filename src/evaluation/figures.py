@@ -91,3 +91,34 @@ def write_figures(terms: dict, out_dir: Path, suffix: str, rate_distortion_too: 
         atomic_write_text(out_dir / f"rate_distortion{suffix}.json", json.dumps(data) + "\n")
         written["rate_distortion"] = str(plot_rate_distortion(data, out_dir / f"rate_distortion{suffix}.png"))
     return written
+
+
+def plot_quality_vs_ema_std(runs: list[dict], keys: list[str], path: Path) -> Path:
+    """Post-hoc EMA sweep (EDM2 Fig. 5 style): each metric against the EMA's relative width, one panel per metric;
+    with several seeds the mean and the min..max band. `runs` are metrics.json's posthoc_ema.runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def values(run: dict, key: str) -> tuple[float, float, float] | None:
+        if "summary" in run:
+            s = run["summary"].get(key)
+            return None if s is None else (s["mean"], s["min"], s["max"])
+        value = run.get(key)
+        return (value, value, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    panels = [k for k in keys if any(values(r, k) is not None for r in runs)] or ["(no metrics)"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        points = [(r["ema_std"], *v) for r in runs if (v := values(r, key)) is not None]
+        if points:
+            std, mean, low, high = map(np.asarray, zip(*sorted(points)))
+            ax.plot(std, mean, "o-")
+            if np.any(high > low):
+                ax.fill_between(std, low, high, alpha=0.25)
+        ax.set_xlabel("EMA std (sigma_rel)")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle("sample quality against the post-hoc EMA width")
+    return _save_png(fig, path)

@@ -7,7 +7,7 @@ from pathlib import Path
 from .atomic import write_text as atomic_write_text
 
 # Float entries of a sample set that are not metric values.
-_NOT_METRICS = {"metrics_seconds", "guidance_scale"}
+_NOT_METRICS = {"metrics_seconds", "guidance_scale", "ema_std"}
 
 
 class Report:
@@ -77,10 +77,9 @@ def _metric_rows(entry: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def print_table(content: dict, path: Path) -> None:
+def _sample_rows(content: dict) -> list[tuple[str, str]]:
+    """The rows of an entry's sample sets: per guidance scale when guided, else per seed."""
     rows = []
-    if "checkpoint" in content:
-        rows.append(("checkpoint", f"{content['checkpoint']} (step {content['global_step']})"))
     if "guidance" in content:
         g = content["guidance"]
         classifier = g["classifier"]
@@ -90,6 +89,18 @@ def print_table(content: dict, path: Path) -> None:
             rows.extend((f"w={run_entry['guidance_scale']:g} {key}", value) for key, value in _metric_rows(run_entry))
     else:
         rows.extend(_metric_rows(content))
+    return rows
+
+
+def print_table(content: dict, path: Path) -> None:
+    rows = []
+    if "checkpoint" in content:
+        rows.append(("checkpoint", f"{content['checkpoint']} (step {content['global_step']})"))
+    if "posthoc_ema" in content:  # an ema_std sweep: each width's rows
+        for run_entry in content["posthoc_ema"]["runs"]:
+            rows.extend((f"ema_std={run_entry['ema_std']:g} {key}", value) for key, value in _sample_rows(run_entry))
+    else:
+        rows.extend(_sample_rows(content))
     for key in ("nll", "nll_null_label"):
         if key in content:
             n = content[key]

@@ -20,13 +20,14 @@ from src.errors import ConfigError
 
 from .context import LoadedCheckpoint, load_checkpoint
 from .extractors import extractor_name
-from .figures import write_figures
+from .figures import plot_quality_vs_ema_std, write_figures
 from .guidance import (balanced_labels, check_classifier_classes, check_guidance, guidance_scales, load_classifier,
                        per_class_rows)
 from .interrupt import STOPS, sigterm_raises, stop_name
 from .log_results import log_results
 from .metrics import dataset_name
 from .nll import nll_terms, save_terms, summarize
+from .posthoc_ema import checked_stds
 from .protocol import checked_seeds, checkpoint_hash, class_balance_note, image_seed_range, sample_count_notes, summary
 from .provenance import git_info
 from .quality import Scorer, metric_keys, not_requested, score_settings
@@ -140,6 +141,9 @@ def check_settings(cfg: DictConfig) -> None:
         checked_seeds(cfg.get("seeds"), cfg.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    stds = checked_stds(cfg.get("ema_std"))
+    if stds is not None and len(stds) > 1 and (cfg.nll or cfg.rate_distortion):
+        raise ConfigError("nll / rate_distortion with several ema_std values: give one ema_std for the NLL pass")
     settings = score_settings(cfg)
     extractor_name(cfg.extractor)
     if cfg.fid and "is" in settings.metrics and cfg.num_samples < cfg.isc_splits and cfg.get("samples") is None:
@@ -157,8 +161,17 @@ def protocol(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions,
             "metrics": list(score_settings(cfg).metrics) if scorer is not None else [],
             "extractor": extractor_name(cfg.extractor) if scorer is not None else None,
             "reference": scorer.spec if scorer is not None else None,
-            "checkpoint_sha256_prefix": checkpoint_hash(loaded.path), "weights": "ema" if loaded.use_ema else "raw",
+            "checkpoint_sha256_prefix": checkpoint_hash(loaded.path), "weights": weights_name(loaded),
+            # the EMA widths asked for and, per width, the snapshots (steps, stds) its weights were rebuilt from
+            "ema_std": checked_stds(cfg.get("ema_std")),
+            "posthoc_ema": None if loaded.posthoc is None else [loaded.posthoc.protocol()],
             "notes": sample_count_notes(cfg.num_samples) if scorer is not None else []}
+
+
+def weights_name(loaded: LoadedCheckpoint) -> str:
+    if loaded.posthoc is not None:
+        return "posthoc_ema"
+    return "ema" if loaded.use_ema else "raw"
 
 
 def run(cfg: DictConfig) -> dict:
@@ -185,7 +198,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
                  "channels": loaded.image_shape[0]},
         "diffusion": {"num_timesteps": diffusion.num_timesteps, "var_type": diffusion.var_type,
                       "mean_type": diffusion.mean_type, "schedule": OmegaConf.to_container(loaded.trained.schedule)},
-        "weights": "ema" if loaded.use_ema else "raw",
+        "weights": weights_name(loaded),
         "protocol": protocol(cfg, loaded, options, scorer),
     })
     try:
@@ -208,14 +221,27 @@ def stages(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, o
     guided = num_classes is not None or classifier_path is not None
     seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
     labels = [f"w={w:g} " for w in scales] if guided else [""]
-    report.expect([f"{part} {label}seed {s}" for label in labels for s in seeds
+    stds = checked_stds(cfg.get("ema_std"))
+    sweep = [f"ema_std={std:g} " for std in stds] if stds is not None and len(stds) > 1 else [""]
+    report.expect([f"{part} {std}{label}seed {s}" for std in sweep for label in labels for s in seeds
                    for part in ("samples", *(("metrics",) if scorer is not None else ()))])
     nll_modes = nll_conditionings(loaded) if cfg.nll or cfg.rate_distortion else []
     report.expect([key for key, _, _ in nll_modes])
-    if not guided:
-        sample_and_score(cfg, loaded, options, out_dir, report, report.content, scorer, "")
-    else:
-        guided_runs(cfg, loaded, options, out_dir, report, scales, classifier_path, scorer)
+    if sweep == [""]:
+        sample_sets(cfg, loaded, options, out_dir, report, report.content, scorer, scales, classifier_path)
+    else:  # one entry per EMA width, each as a plain run would be, with the reconstruction it used
+        runs = []
+        report.update(posthoc_ema={"runs": runs})
+        for i, (std, label) in enumerate(zip(stds, sweep)):
+            if i > 0:  # the first one was loaded with the checkpoint
+                report.content["protocol"]["posthoc_ema"].append(loaded.use_posthoc_ema(std).protocol())
+            runs.append({"ema_std": std, "posthoc_ema": loaded.posthoc.protocol()})
+            sample_sets(cfg, loaded, options, out_dir / f"ema_std{std:g}", report, runs[-1], scorer, scales,
+                        classifier_path, label)
+        if scorer is not None:
+            keys = metric_keys(score_settings(cfg), cfg.extractor)
+            report.updater(report.content["posthoc_ema"])(
+                figure=str(plot_quality_vs_ema_std(runs, keys, out_dir / "quality_vs_ema_std.png")))
     # 3. NLL bound on the validation split, full T (with the data's labels and / or the null label), and the
     # figures of its per-timestep terms
     for key, conditioning, with_labels in nll_modes:
@@ -225,29 +251,42 @@ def stages(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, o
         report.done(key)
 
 
+def sample_sets(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, report: Report,
+                entry: dict, scorer: Scorer | None, scales: list[float], classifier_path, label: str = "") -> None:
+    """The sample sets of the checkpoint's current weights into `entry`: per seed, or per guidance scale and seed."""
+    if loaded.num_classes is None and classifier_path is None:
+        sample_and_score(cfg, loaded, options, out_dir, report, entry, scorer, label)
+    else:
+        guided_runs(cfg, loaded, options, out_dir, report, scales, classifier_path, scorer, entry, label)
+
+
 def guided_runs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, report: Report,
-                scales: list[float], classifier_path, scorer: Scorer | None) -> None:
-    """One sample set (and its metrics) per guidance scale, every class equally often, under guidance.runs."""
+                scales: list[float], classifier_path, scorer: Scorer | None, entry: dict | None = None,
+                label: str = "") -> None:
+    """One sample set (and its metrics) per guidance scale, every class equally often, under guidance.runs of
+    `entry` (default the report itself)."""
+    entry = report.content if entry is None else entry
     classifier, num_classes = None, loaded.num_classes
     if classifier_path is not None:
         classifier = load_classifier(classifier_path, loaded.diffusion, loaded.image_shape, loaded.device)
         num_classes = check_classifier_classes(classifier, num_classes, None)
     labels = balanced_labels(cfg.num_samples, num_classes)
     note = class_balance_note(labels, num_classes)
-    if note is not None:
+    if note is not None and note not in report.content["protocol"]["notes"]:
         log.warning("%s", note)
         report.content["protocol"]["notes"].append(note)
     runs = []
-    report.update(guidance={"num_classes": num_classes, "labels": "every class equally often" if note is None else
-                            "classes in turn 0, 1, ..., K-1, 0, ... (unequal: see protocol.notes)",
-                            "classifier": None if classifier_path is None else
-                            {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
-                            "runs": runs})
+    report.updater(entry)(guidance={
+        "num_classes": num_classes, "labels": "every class equally often" if note is None else
+        "classes in turn 0, 1, ..., K-1, 0, ... (unequal: see protocol.notes)",
+        "classifier": None if classifier_path is None else
+        {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
+        "runs": runs})
     for w in scales:
         runs.append({"guidance_scale": w})
         guidance = Guidance(scale=w, classifier=classifier, classifier_scale=float(cfg.classifier.scale))
         sample_and_score(cfg, loaded, options, out_dir / f"guidance_w{w:g}", report, runs[-1], scorer,
-                         f"w={w:g} ", labels=labels, guidance=guidance)
+                         f"{label}w={w:g} ", labels=labels, guidance=guidance)
 
 
 def nll_conditionings(loaded: LoadedCheckpoint) -> list[tuple[str, str, bool]]:

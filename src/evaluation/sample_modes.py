@@ -160,6 +160,9 @@ def check_settings(cfg: DictConfig) -> int | None:
         raise ConfigError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     _count(cfg)
     _positive(cfg.batch_size, "batch_size")
+    if OmegaConf.is_list(cfg.get("ema_std")):
+        raise ConfigError(f"sample.py takes one ema_std, got {cfg.ema_std}; sweep widths with evaluate.py "
+                          f"ema_std=[...] or a multirun (-m ema_std=0.05,0.10)")
     labelled = cfg.classifier.ckpt_path is not None or cfg.get("class_label") is not None
     if cfg.mode != "grid" and (labelled or any(guidance_scales(cfg.guidance_scale, None))):
         raise ConfigError(f"class_label, guidance_scale and classifier apply to mode=grid, not mode={cfg.mode}")
@@ -184,7 +187,10 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     log.info("mode=%s, sampler %s (%d steps, %d NFE from noise at timesteps %s), %s weights, on %s", cfg.mode,
              options.as_dict(), len(kept), options.nfe(loaded.diffusion.num_timesteps),
              kept if len(kept) <= 12 else f"{kept[:3]} ... {kept[-3:]}",
-             "EMA" if loaded.use_ema else "raw", loaded.device)
+             "raw" if not loaded.use_ema else "EMA" if loaded.posthoc is None else
+             f"post-hoc EMA std {loaded.posthoc.std:g} (snapshots of steps "
+             f"{sorted(set(loaded.posthoc.snapshot_steps))})",
+             loaded.device)
     start = time.perf_counter()
     written = MODES[cfg.mode](cfg, loaded, options)
     log.info("done in %.1f s; outputs in %s", time.perf_counter() - start, Path(cfg.paths.output_dir).resolve())

@@ -4,6 +4,8 @@ import copy
 import torch
 from torch import nn
 
+from .posthoc_ema import power_beta
+
 
 class EMA(nn.Module):
     """Keeps `self.model`, a frozen copy of the network whose parameters track an EMA of the live ones.
@@ -72,3 +74,28 @@ class EMA(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.num_updates = int(state["num_updates"])
         self._float32 = state.get("float32_average")
+
+
+class PowerFunctionEMA(EMA):
+    """A power-function EMA (EDM2, Karras et al. 2024, Eq. 3): update t (1-based) decays with
+    beta_t = (1 - 1/t)^(gamma + 1), so after t updates the average weighs the parameters of update tau by
+    (tau / t)^(gamma + 1) - ((tau - 1) / t)^(gamma + 1), the profile (gamma + 1) tau^gamma / t^(gamma + 1)
+    integrated over (tau - 1, tau] (src.lit.posthoc_ema). Its length grows with training; its relative width
+    is fixed by gamma. The first update copies the parameters (beta_1 = 0), whatever the initial copy held.
+    """
+
+    def __init__(self, model: nn.Module, gamma: float):
+        super().__init__(model, decay=1.0, warmup=False)
+        if not gamma >= 0.0:
+            raise ValueError(f"power-function EMA exponent gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+
+    def current_decay(self) -> float:
+        return power_beta(self.gamma, self.num_updates + 1)
+
+    def averaged_state(self) -> dict[str, torch.Tensor]:
+        """The averaged parameters by name, in float32 where the network is not (the average itself, not its
+        rounding), cloned to the CPU."""
+        names = [name for name, _ in self.model.named_parameters()]
+        values = self._float32 if self._float32 is not None else [p.detach() for p in self.model.parameters()]
+        return {name: value.detach().to("cpu", copy=True) for name, value in zip(names, values)}

@@ -50,7 +50,7 @@ def process_for(diffusion: GaussianDiffusion, options: SamplerOptions,
         kept = check_options(options, num_t, until)
         return diffusion if kept is None else SpacedDiffusion(diffusion, kept)
     until = num_t - 1 if until is None else until
-    check_finite_log_snr(diffusion)
+    check_finite_log_snr(diffusion, tuple(name for name, entry in SAMPLERS.items() if not entry.continuous))
     if options.is_continuous():
         check_options(options, num_t, until)
         times, lambdas = log_snr_grid(diffusion.alphas_cumprod, options.resolved_spacing(), until)

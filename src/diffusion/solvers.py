@@ -47,14 +47,13 @@ class Level:
 CLEAN = Level(time=None, log_snr=math.inf, alpha=1.0, sigma=0.0)
 
 
-def check_finite_log_snr(base: GaussianDiffusion) -> None:
-    """The solvers start from a finite lambda_T: a zero-terminal-SNR schedule (alpha_bar_T = 0) is a one-line error."""
+def check_finite_log_snr(base: GaussianDiffusion, alternatives: tuple[str, ...] = ()) -> None:
+    """The solvers start from a finite lambda_T: a zero-terminal-SNR schedule (alpha_bar_T = 0) is a one-line error
+    that names the `alternatives` (the samplers that can run it, from the registry, which imports this module)."""
     if float(base.alphas_cumprod[-1]) == 0:
-        from .samplers import SAMPLERS  # the registry imports this module
-
-        working = [f"sampler={name}" for name, s in SAMPLERS.items() if not s.continuous]
+        fix = f"; use {' or '.join(f'sampler={name}' for name in alternatives)}" if alternatives else ""
         raise ValueError(f"the ODE / SDE solvers need a finite log-SNR at t = T, but alpha_bar_T = 0 (zero terminal "
-                         f"SNR); use {' or '.join(working)}")
+                         f"SNR){fix}")
 
 
 def _level(time: float, lam: float) -> Level:

@@ -224,3 +224,8 @@ def test_the_figures_and_numbers_go_to_tensorboard_at_the_checkpoints_step(evalu
     assert "eval/nll/bpd" in events.Tags()["scalars"]
     (bpd,) = events.Scalars("eval/nll/bpd")
     assert bpd.value == pytest.approx(metrics["nll"]["bpd"], rel=1e-6) and bpd.step == metrics["global_step"] == 2
+
+
+def test_use_ema_false_is_an_evaluate_option_and_samples_the_trained_weights(evaluate):
+    metrics, _ = evaluate("use_ema=false", "fid=false")
+    assert metrics["weights"] == "raw" and metrics["protocol"]["weights"] == "raw"

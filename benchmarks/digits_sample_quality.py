@@ -23,6 +23,7 @@ between the two.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ from src.evaluation.scores import SampleFeatures, ScoreSettings, score  # noqa: 
 
 COUNT = REFERENCE_IMAGES  # images scored per set
 # evaluate.py's metrics (src.evaluation.scores), with the digit IS over the whole set (one split) and KID on
-# subsets of half the set.
+# subsets of half the set (of all of it, for sets smaller than that).
 SETTINGS = ScoreSettings(metrics=("fid", "is", "kid", "prc"), isc_splits=1, kid_subset_size=COUNT // 2)
 
 
@@ -66,7 +67,8 @@ class DigitsJudge:
         features, logits = self.extractor(images)
         stats = FeatureStats(dim=features.shape[1])
         stats.update(features)
-        values, _ = score(SampleFeatures(stats, logits, features), self.reference, SETTINGS, self.extractor.name)
+        settings = dataclasses.replace(SETTINGS, kid_subset_size=min(SETTINGS.kid_subset_size, len(images)))
+        values, _ = score(SampleFeatures(stats, logits, features), self.reference, settings, self.extractor.name)
         value = lambda metric: values[metric_key(metric, self.extractor.name)]  # noqa: E731
         probs = torch.softmax(logits.double(), dim=1).numpy()
         agreement = None if labels is None else float((probs.argmax(1) == labels).mean())

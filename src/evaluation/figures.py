@@ -108,6 +108,7 @@ def plot_quality_vs_ema_std(runs: list[dict], keys: list[str], path: Path) -> Pa
         value = run.get(key)
         return (value, value, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
+    keys = [k for k in keys if "_std" not in k]  # is_std / kid_std: spreads, not qualities of their own
     panels = [k for k in keys if any(values(r, k) is not None for r in runs)] or ["(no metrics)"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, key in zip(axes[0], panels):

@@ -38,6 +38,8 @@ WRONG_TASK = {
 # them did: an older checkpoint reads as if it had them (when it is rebuilt, and when a resume is checked).
 ADDED_KEYS = {"objective.loss_weighting": "none", "objective.min_snr_gamma": 5.0, "objective.p2_gamma": 1.0,
               "objective.p2_k": 1.0, "schedule.zero_terminal_snr": False}
+# The same for the model section, by the class it builds (other classes do not take these keys).
+ADDED_MODEL_KEYS = {"src.models.UNet": {"patch_size": 1}}
 
 
 def upgraded(run_config: dict) -> dict:
@@ -47,6 +49,10 @@ def upgraded(run_config: dict) -> dict:
         section, key = dotted.split(".")
         if isinstance(config.get(section), dict):
             config[section].setdefault(key, value)
+    model = config.get("model")
+    if isinstance(model, dict):
+        for key, value in ADDED_MODEL_KEYS.get(model.get("_target_"), {}).items():
+            model.setdefault(key, value)
     return config
 
 

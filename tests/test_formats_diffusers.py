@@ -317,7 +317,8 @@ def test_scheduler_prediction_type_is_the_mean_type(prediction_type, mean_type):
      r"model.num_heads=4: a head count over attention widths \[32, 64\]"),
     (["+model.timestep_scale=0.25"], r"model.timestep_scale=0.25"),
     (["objective=mu_mse"], r"objective.mean_type=mu"),
-], ids=["class-labels", "narrow", "head-count", "timestep-scale", "mu"])
+    (["model.patch_size=2", "model.attention_resolutions=[4]"], r"model.patch_size=2: .*no patchified first layer"),
+], ids=["class-labels", "narrow", "head-count", "timestep-scale", "mu", "patches"])
 def test_unexportable_models_are_named(compose_train, tmp_path, overrides, match):
     from test_samplers import write_checkpoint
 

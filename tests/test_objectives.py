@@ -315,11 +315,15 @@ def test_old_run_configs_without_the_new_keys_still_load_and_resume(compose_trai
     for key in ("loss_weighting", "min_snr_gamma", "p2_gamma", "p2_k"):
         del old["objective"][key], old["diffusion"][key]
     del old["schedule"]["zero_terminal_snr"], old["diffusion"]["betas"]["zero_terminal_snr"]
-    with pytest.raises(ConfigError, match="objective.loss_weighting"):
+    del old["model"]["patch_size"]
+    with pytest.raises(ConfigError, match=r"objective.loss_weighting.*model.patch_size"):
         check_resume_compatible(old, cfg, tmp_path / "last.ckpt")
     check_resume_compatible(upgraded(old), cfg, tmp_path / "last.ckpt")
     diff = build_diffusion(OmegaConf.create(upgraded(old)))
     assert diff.loss_weighting == "none" and diff.alphas_cumprod[-1].item() > 0
+    assert upgraded(old)["model"]["patch_size"] == 1
+    classifier = {"model": {"_target_": "src.models.NoisyClassifier", "base_channels": 32}}
+    assert "patch_size" not in upgraded(classifier)["model"]
 
 
 # --- thresholding -----------------------------------------------------------------------------------

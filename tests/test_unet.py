@@ -147,6 +147,8 @@ def test_labels_rejected_when_unconditional():
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
     (dict(channel_mult=[]), r"channel_mult must be a non-empty"),
     (dict(num_classes=0), r"num_classes must be >= 1"),
+    (dict(patch_size=3), r"patch_size must be a positive divisor of image_size=16, got 3"),
+    (dict(patch_size=2, attention_resolutions=[16]), r"never visited.*resolutions \[8, 4\]"),
 ])
 def test_constructor_validation(change, match):
     with pytest.raises(ValueError, match=match):
@@ -301,3 +303,33 @@ def test_released_model_configs_build(name, channels, size, out):
     with torch.device("meta"):  # shapes only: the 296M net costs no memory or init time here
         net = instantiate(cfg, **derived)
     assert net.image_shape == (channels, size, size)
+
+
+@pytest.mark.parametrize("out_channels", [1, 2])
+def test_patches_are_the_plain_net_on_pixel_unshuffled_images(out_channels):
+    """patch_size=2 on [B, 1, 16, 16] is the plain net on torch's pixel_unshuffle (4 channels at 8x8) followed
+    by pixel_shuffle of its 4 * out_channels outputs, with the very same weights."""
+    patched = UNet(**{**TINY, "out_channels": out_channels, "attention_resolutions": [4], "patch_size": 2})
+    plain = UNet(**{**TINY, "in_channels": 4, "out_channels": 4 * out_channels, "image_size": 8,
+                    "attention_resolutions": [4]})
+    perturb_zero_init(patched)
+    plain.load_state_dict(patched.state_dict())
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999])
+    out = patched(x, t)
+    assert out.shape == (3, out_channels, 16, 16)
+    expected = torch.nn.functional.pixel_shuffle(plain(torch.nn.functional.pixel_unshuffle(x, 2), t), 2)
+    torch.testing.assert_close(out, expected)
+    # every pixel of the output sees every pixel of its patch (no pixel is dropped by the folding)
+    x.requires_grad_(True)
+    patched(x, t)[:, 0, 5, 6].sum().backward()
+    assert (x.grad[:, 0, 4:6, 6:8] != 0).all()
+
+
+def test_patches_run_the_levels_at_the_patched_size():
+    net = UNet(**{**TINY, "channel_mult": [1, 2, 2], "attention_resolutions": [8], "patch_size": 2})
+    sizes = []
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    net(torch.randn(1, 1, 16, 16), torch.tensor([3]))
+    assert max(sizes) == 8 and min(sizes) == 2 and net.conv_in.in_channels == 4

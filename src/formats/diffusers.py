@@ -272,6 +272,8 @@ def export_configs(cfg: DictConfig, net: UNet) -> tuple[dict, dict]:
                                                                    "samples without class labels")
     if float(m.get("timestep_scale", 1.0)) != 1.0:
         raise _cannot_export(f"model.timestep_scale={m.timestep_scale}", "UNet2DModel embeds the timestep unscaled")
+    if int(m.get("patch_size", 1)) != 1:
+        raise _cannot_export(f"model.patch_size={m.patch_size}", "UNet2DModel has no patchified first layer")
     mult = [int(x) for x in m.channel_mult]
     widths = [m.base_channels * x for x in mult]
     if min(widths) < 32 or any(w % 32 for w in widths):

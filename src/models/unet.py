@@ -92,6 +92,11 @@ class UNet(nn.Module):
             (0.25 for its T=4000 CIFAR-10 models), so its nets see t on a 0..1000 scale.
         downsample_padding: "symmetric" (improved-diffusion) or "same" (DDPM's TensorFlow SAME padding: one
             row and column after the image) of the stride-2 downsampling conv.
+        patch_size: p > 1 folds every p x p pixel patch into channels (pixel_unshuffle) before the first conv
+            and unfolds the output (pixel_shuffle), so the levels run at S / p, S / 2p, ... (a "patchified"
+            first layer as in Hoogeboom et al. 2023, "simple diffusion"); attention_resolutions are sizes of
+            those levels. Lossless, about p**2 times cheaper per image; for images that carry little detail
+            at full size (the 8x8 digits upsampled to 16x16).
 
     Every option beyond num_classes defaults to this project's original net, so older configs and
     checkpoints build the same modules with the same seeded weights.
@@ -121,14 +126,20 @@ class UNet(nn.Module):
         timestep_freq_shift: int = 0,
         timestep_scale: float = 1.0,
         downsample_padding: DownsamplePadding = "symmetric",
+        patch_size: int = 1,
     ):
         super().__init__()
+        patch_size = int(patch_size)
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"patch_size must be a positive divisor of image_size={image_size}, got {patch_size}; "
+                             f"use patch_size=1 (no patches) or e.g. 2")
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
                                bool(resblock_updown), float(norm_eps), downsample_padding)
-        self._validate(in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                       attention_resolutions, options, num_classes, timestep_scale)
+        self._validate(in_channels, out_channels, image_size // patch_size, base_channels, channel_mult,
+                       num_res_blocks, attention_resolutions, options, num_classes, timestep_scale)
+        self.patch_size = patch_size
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.image_size = image_size
@@ -141,15 +152,15 @@ class UNet(nn.Module):
             self.label_embed = nn.Embedding(num_classes + 1 if self.null_label else num_classes, emb_dim)
         else:
             self.label_embed = None
-        encoder = build_encoder(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                                attention_resolutions, options)
+        encoder = build_encoder(in_channels * patch_size**2, image_size // patch_size, base_channels, channel_mult,
+                                num_res_blocks, attention_resolutions, options)
         self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
         skip_channels, ch, resolution = encoder.skip_channels, encoder.channels, encoder.resolution
 
         self.up, ch = self._build_up_path(skip_channels, ch, resolution, base_channels, channel_mult, num_res_blocks,
                                           attention_resolutions, options, emb_dim)
         self.norm_out = group_norm(ch, options.norm_eps)
-        self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.conv_out = zero_module(nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1))
 
     @staticmethod
     def _build_up_path(skip_channels: list[int], ch: int, resolution: int, base_channels: int, channel_mult,
@@ -282,6 +293,8 @@ class UNet(nn.Module):
         # Every ResBlock applies SiLU before its projection of emb; do it once here.
         emb = F.silu(emb)
 
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -291,7 +304,8 @@ class UNet(nn.Module):
             h = layer(h, emb)
         for layer in self.up:
             h = layer(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
 
 
 def timestep_mlp(base_channels: int, freq_shift: int = 0, scale: float = 1.0) -> nn.Sequential:

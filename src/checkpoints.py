@@ -39,7 +39,7 @@ WRONG_TASK = {
 ADDED_KEYS = {"objective.loss_weighting": "none", "objective.min_snr_gamma": 5.0, "objective.p2_gamma": 1.0,
               "objective.p2_k": 1.0, "schedule.zero_terminal_snr": False}
 # The same for the model section, by the class it builds (other classes do not take these keys).
-ADDED_MODEL_KEYS = {"src.models.UNet": {"patch_size": 1}}
+ADDED_MODEL_KEYS = {"src.models.UNet": {"patch_size": 1}, "src.models.NoisyClassifier": {"patch_size": 1}}
 
 
 def upgraded(run_config: dict) -> dict:

@@ -323,7 +323,9 @@ def test_old_run_configs_without_the_new_keys_still_load_and_resume(compose_trai
     assert diff.loss_weighting == "none" and diff.alphas_cumprod[-1].item() > 0
     assert upgraded(old)["model"]["patch_size"] == 1
     classifier = {"model": {"_target_": "src.models.NoisyClassifier", "base_channels": 32}}
-    assert "patch_size" not in upgraded(classifier)["model"]
+    assert upgraded(classifier)["model"]["patch_size"] == 1
+    other = {"model": {"_target_": "my_package.MyNet", "base_channels": 32}}
+    assert "patch_size" not in upgraded(other)["model"]
 
 
 # --- thresholding -----------------------------------------------------------------------------------

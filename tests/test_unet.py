@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.models import UNet
+from src.models import NoisyClassifier, UNet
 
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -323,6 +323,21 @@ def test_patches_are_the_plain_net_on_pixel_unshuffled_images(out_channels):
     x.requires_grad_(True)
     patched(x, t)[:, 0, 5, 6].sum().backward()
     assert (x.grad[:, 0, 4:6, 6:8] != 0).all()
+
+
+def test_patched_classifier_is_the_plain_classifier_on_pixel_unshuffled_images():
+    """The classifier task reuses the U-Net's model config, patch_size included: the encoder folds the same way."""
+    kwargs = dict(num_classes=10, base_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4])
+    patched = NoisyClassifier(in_channels=1, image_size=16, patch_size=2, **kwargs)
+    plain = NoisyClassifier(in_channels=4, image_size=8, **kwargs)
+    perturb_zero_init(patched)
+    plain.load_state_dict(patched.state_dict())
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999])
+    logits = patched(x, t)
+    assert logits.shape == (3, 10) and logits.abs().max() > 0
+    torch.testing.assert_close(logits, plain(torch.nn.functional.pixel_unshuffle(x, 2), t))
+    with pytest.raises(ValueError, match=r"patch_size must be a positive divisor of image_size=16, got 3"):
+        NoisyClassifier(in_channels=1, image_size=16, patch_size=3, **kwargs)
 
 
 def test_patches_run_the_levels_at_the_patched_size():

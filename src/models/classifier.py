@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import NORM_EPS, AttentionPool, DownsamplePadding, group_norm, zero_module
-from .unet import LayerOptions, UNet, build_encoder, timestep_mlp
+from .unet import LayerOptions, UNet, build_encoder, checked_patch_size, timestep_mlp
 
 Pool = Literal["adaptive", "attention"]
 
@@ -23,7 +23,7 @@ class NoisyClassifier(nn.Module):
     pool: "adaptive" averages over positions (guided-diffusion's "adaptive" head); "attention" is ADM's
         attention pooling (AttentionPool, heads of num_head_channels, which it requires), as in the
         released noisy ImageNet classifiers. The layer options (num_head_channels, scale_shift_norm,
-        resblock_updown, norm_eps, timestep_freq_shift, timestep_scale, downsample_padding) are UNet's.
+        resblock_updown, norm_eps, timestep_freq_shift, timestep_scale, downsample_padding, patch_size) are UNet's.
     """
 
     def __init__(
@@ -45,6 +45,7 @@ class NoisyClassifier(nn.Module):
         timestep_scale: float = 1.0,
         downsample_padding: DownsamplePadding = "symmetric",
         pool: Pool = "adaptive",
+        patch_size: int = 1,
     ):
         super().__init__()
         if num_classes < 1:
@@ -53,16 +54,18 @@ class NoisyClassifier(nn.Module):
             raise ValueError(f"pool must be 'adaptive' or 'attention', got {pool!r}")
         if pool == "attention" and num_head_channels is None:
             raise ValueError("pool='attention' splits its heads by num_head_channels; set num_head_channels (ADM: 64)")
+        patch_size = checked_patch_size(patch_size, image_size)
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
                                bool(resblock_updown), float(norm_eps), downsample_padding)
-        UNet._validate(in_channels, num_classes, image_size, base_channels, channel_mult, num_res_blocks,
+        UNet._validate(in_channels, num_classes, image_size // patch_size, base_channels, channel_mult, num_res_blocks,
                        attention_resolutions, options, None, timestep_scale)
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.patch_size = patch_size
 
         self.time_embed = timestep_mlp(base_channels, timestep_freq_shift, timestep_scale)
-        encoder = build_encoder(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
+        encoder = build_encoder(in_channels * patch_size**2, image_size // patch_size, base_channels, channel_mult, num_res_blocks,
                                 attention_resolutions, options)
         self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
         ch = encoder.channels
@@ -83,7 +86,7 @@ class NoisyClassifier(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape [{x.shape[0]}] (one timestep per image), got {list(t.shape)}")
         emb = F.silu(self.time_embed(t))
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x)
         for layer in [*self.down, *self.mid]:
             h = layer(h, emb)
         h = F.silu(self.norm_out(h))

@@ -24,6 +24,15 @@ def test_every_recipe_is_listed():
             "celebahq256_ddpm", "lsun256_ddpm"} <= set(EXPERIMENTS)
 
 
+def test_the_default_run_is_the_digits_quickstart_recipe(compose_train):
+    """`python train.py` with no arguments and `experiment=digits_quickstart` are the same run (README)."""
+    from omegaconf import OmegaConf
+
+    default = OmegaConf.to_container(compose_train(fast=False), resolve=True)
+    named = OmegaConf.to_container(compose_train("experiment=digits_quickstart", fast=False), resolve=True)
+    assert default == named
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_recipe_trains_one_step(compose_train, image_dir, experiment):

@@ -183,8 +183,8 @@ def test_train_fine_tunes_a_converted_checkpoint(tmp_path, compose_train):
     assert load_module(ckpt).hparams["run_config"]["data"]["_target_"] == "src.data.DigitsDataModule"
     from src.training import train
 
-    cfg = compose_train(f"ckpt_path={ckpt}", "schedule.num_timesteps=1000", "model.attention_resolutions=[16]",
-                        "+model.timestep_freq_shift=1",
+    cfg = compose_train(f"ckpt_path={ckpt}", "objective=simple", "schedule.num_timesteps=1000",
+                        "model.attention_resolutions=[16]", "+model.timestep_freq_shift=1",
                         "+model.downsample_padding=same", "trainer.max_steps=2", "callbacks.sample_grid=null")
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 2

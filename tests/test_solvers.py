@@ -394,13 +394,14 @@ def test_every_sampler_yaml_builds_its_options():
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "sampler"
     names = sorted(p.stem for p in conf.glob("*.yaml"))
-    assert names == sorted(SAMPLERS)
+    assert set(SAMPLERS) <= set(names)  # every sampler has its file; presets of one (ddim_eta1) add more
     for name in names:
         values = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
         assert set(values) == {"sampler", "steps", "spacing", "eta", "clip_denoised", "order", "s_churn",
                                "threshold", "threshold_percentile"}
         options = SamplerOptions.from_mapping(values)
-        assert options.sampler == name and options.nfe(T) >= 1
+        assert name == options.sampler or name.startswith(f"{options.sampler}_"), name
+        assert options.nfe(T) >= 1
 
 
 # --- the oracle --------------------------------------------------------------------------------------

@@ -148,7 +148,9 @@ def test_labels_rejected_when_unconditional():
     (dict(channel_mult=[]), r"channel_mult must be a non-empty"),
     (dict(num_classes=0), r"num_classes must be >= 1"),
     (dict(patch_size=3), r"patch_size must be a positive divisor of image_size=16, got 3"),
-    (dict(patch_size=2, attention_resolutions=[16]), r"never visited.*resolutions \[8, 4\]"),
+    (dict(patch_size=2, attention_resolutions=[16]), r"image_size=16, patch_size=2 .*resolutions \[8, 4\]"),
+    (dict(image_size=20, patch_size=2, channel_mult=[1, 2, 2]),
+     r"image_size=20 must be divisible by patch_size \* 2\*\*\(len\(channel_mult\)-1\)=8.*such as 16 or 24"),
 ])
 def test_constructor_validation(change, match):
     with pytest.raises(ValueError, match=match):

@@ -59,8 +59,8 @@ class NoisyClassifier(nn.Module):
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
                                bool(resblock_updown), float(norm_eps), downsample_padding)
-        UNet._validate(in_channels, num_classes, image_size // patch_size, base_channels, channel_mult, num_res_blocks,
-                       attention_resolutions, options, None, timestep_scale)
+        UNet._validate(in_channels, num_classes, image_size, base_channels, channel_mult, num_res_blocks,
+                       attention_resolutions, options, None, timestep_scale, patch_size)
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.patch_size = patch_size
 

@@ -134,8 +134,8 @@ class UNet(nn.Module):
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
                                bool(resblock_updown), float(norm_eps), downsample_padding)
-        self._validate(in_channels, out_channels, image_size // patch_size, base_channels, channel_mult,
-                       num_res_blocks, attention_resolutions, options, num_classes, timestep_scale)
+        self._validate(in_channels, out_channels, image_size, base_channels, channel_mult,
+                       num_res_blocks, attention_resolutions, options, num_classes, timestep_scale, patch_size)
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -180,7 +180,8 @@ class UNet(nn.Module):
 
     @staticmethod
     def _validate(in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                  attention_resolutions, options: LayerOptions, num_classes, timestep_scale: float = 1.0) -> None:
+                  attention_resolutions, options: LayerOptions, num_classes, timestep_scale: float = 1.0,
+                  patch_size: int = 1) -> None:
         num_heads, dropout = options.num_heads, options.dropout
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("image_size", image_size), ("base_channels", base_channels),
@@ -206,28 +207,30 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 or None (unconditional), got {num_classes}")
-        UNet._validate_layout(image_size, base_channels, channel_mult, attention_resolutions, options)
+        UNet._validate_layout(image_size, base_channels, channel_mult, attention_resolutions, options, patch_size)
 
     @staticmethod
     def _validate_layout(image_size: int, base_channels: int, channel_mult, attention_resolutions,
-                         options: LayerOptions) -> None:
-        """The levels fit the image size, the attention sits at visited resolutions, and the widths suit the
-        group norm and the attention heads."""
+                         options: LayerOptions, patch_size: int = 1) -> None:
+        """The levels fit the image size (after p x p patches), the attention sits at visited resolutions, and
+        the widths suit the group norm and the attention heads. Messages name the image size as set."""
         num_heads = options.num_heads
-        factor = 2 ** (len(channel_mult) - 1)
+        factor = patch_size * 2 ** (len(channel_mult) - 1)
         if image_size % factor:
             lower = image_size // factor * factor
             options = " or ".join(str(s) for s in (lower, lower + factor) if s > 0)
+            patches = "patch_size * " if patch_size > 1 else ""
             raise ValueError(
-                f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1)={factor} "
+                f"image_size={image_size} must be divisible by {patches}2**(len(channel_mult)-1)={factor} "
                 f"(channel_mult={list(channel_mult)} halves the size {len(channel_mult) - 1} times); "
                 f"use an image_size such as {options}, or fewer levels in channel_mult")
 
-        visited = [image_size // 2**i for i in range(len(channel_mult))]
+        visited = [image_size // patch_size // 2**i for i in range(len(channel_mult))]
         unknown = [r for r in attention_resolutions if r not in visited]
         if unknown:
+            patches = f", patch_size={patch_size}" if patch_size > 1 else ""
             raise ValueError(
-                f"attention_resolutions {unknown} are never visited: with image_size={image_size} and "
+                f"attention_resolutions {unknown} are never visited: with image_size={image_size}{patches} and "
                 f"{len(channel_mult)} levels the net runs at resolutions {visited}; pick attention "
                 f"resolutions from those")
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import NORM_EPS, AttentionPool, DownsamplePadding, group_norm, zero_module
-from .unet import LayerOptions, UNet, build_encoder, checked_patch_size, timestep_mlp
+from .unet import LayerOptions, UNet, build_encoder, timestep_mlp
 
 Pool = Literal["adaptive", "attention"]
 
@@ -54,7 +54,7 @@ class NoisyClassifier(nn.Module):
             raise ValueError(f"pool must be 'adaptive' or 'attention', got {pool!r}")
         if pool == "attention" and num_head_channels is None:
             raise ValueError("pool='attention' splits its heads by num_head_channels; set num_head_channels (ADM: 64)")
-        patch_size = checked_patch_size(patch_size, image_size)
+        patch_size = int(patch_size)
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
@@ -65,8 +65,8 @@ class NoisyClassifier(nn.Module):
         self.patch_size = patch_size
 
         self.time_embed = timestep_mlp(base_channels, timestep_freq_shift, timestep_scale)
-        encoder = build_encoder(in_channels * patch_size**2, image_size // patch_size, base_channels, channel_mult, num_res_blocks,
-                                attention_resolutions, options)
+        encoder = build_encoder(in_channels * patch_size**2, image_size // patch_size, base_channels, channel_mult,
+                                num_res_blocks, attention_resolutions, options)
         self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
         ch = encoder.channels
         self.norm_out = group_norm(ch, options.norm_eps)

@@ -129,7 +129,7 @@ class UNet(nn.Module):
         patch_size: int = 1,
     ):
         super().__init__()
-        patch_size = checked_patch_size(patch_size, image_size)
+        patch_size = int(patch_size)
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
@@ -183,6 +183,9 @@ class UNet(nn.Module):
                   attention_resolutions, options: LayerOptions, num_classes, timestep_scale: float = 1.0,
                   patch_size: int = 1) -> None:
         num_heads, dropout = options.num_heads, options.dropout
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"patch_size must be a positive divisor of image_size={image_size}, got {patch_size}; "
+                             f"use patch_size=1 (no patches) or e.g. 2")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("image_size", image_size), ("base_channels", base_channels),
                             ("num_heads", num_heads)):
@@ -306,15 +309,6 @@ class UNet(nn.Module):
             h = layer(torch.cat([h, skips.pop()], dim=1), emb)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
-
-
-def checked_patch_size(patch_size: int, image_size: int) -> int:
-    """patch_size as an int, or a ValueError unless it divides image_size (the levels run at image_size / p)."""
-    patch_size = int(patch_size)
-    if patch_size < 1 or image_size % patch_size:
-        raise ValueError(f"patch_size must be a positive divisor of image_size={image_size}, got {patch_size}; "
-                         f"use patch_size=1 (no patches) or e.g. 2")
-    return patch_size
 
 
 def timestep_mlp(base_channels: int, freq_shift: int = 0, scale: float = 1.0) -> nn.Sequential:

@@ -11,8 +11,10 @@ from omegaconf import DictConfig, open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-# A fast CPU run: tiny schedule and net, one sample grid of a few images.
+# A fast CPU run: tiny schedule and unconditional net (the digits default is class-conditional: conf/labels;
+# test_conditional.py covers it), one sample grid of a few images.
 FAST_OVERRIDES = [
+    "model.num_classes=null",
     "trainer.accelerator=cpu",
     "schedule.num_timesteps=50",
     "model.base_channels=32",

@@ -150,6 +150,9 @@ def checkpoints(tmp_path_factory, compose_config):
 def test_conditional_digits_and_classifier_train_through_the_config(checkpoints):
     net = checkpoints["diffusion_module"].net
     assert isinstance(net, UNet) and net.num_classes == 10 and checkpoints["diffusion_module"].hparams.label_dropout == 0.1
+    # the training grid of a class-conditional net: one row per class (2 images asked for, so 1 per class)
+    raw = checkpoints["diffusion"].parents[1] / "samples" / "raw" / "step_0000001.png"
+    assert read_png(raw).shape[:2] == (2 + 10 * 10, 2 + 1 * 10)
     classifier = checkpoints["classifier_module"]
     assert isinstance(classifier.net, NoisyClassifier) and classifier.net.num_classes == 10
     assert classifier.global_step == 1 and classifier.ema.num_updates == 1
@@ -192,10 +195,15 @@ def test_sample_command_draws_one_row_per_class_per_guidance_scale(checkpoints, 
 def test_evaluate_sweeps_the_guidance_scale(checkpoints, compose_evaluate, tmp_path):
     from src.evaluation import run
 
+    common = [f"ckpt_path={checkpoints['diffusion']}", "num_samples=12", "batch_size=12", "fid=false", "sampler=ddim",
+              "steps=2", "grid_size=20", "min_image_size=null"]
+    # not configured: the run's own guidance_scale (the digits runs' 0), one set in the run folder itself
+    metrics = run(compose_evaluate(*common, output_dir=tmp_path / "own"))
+    assert [r["guidance_scale"] for r in metrics["guidance"]["runs"]] == [0.0]
+    assert (tmp_path / "own" / "samples_12x8x8x1.npz").is_file() and not list((tmp_path / "own").glob("guidance_w*"))
+
     out = tmp_path / "eval"
-    cfg = compose_evaluate(f"ckpt_path={checkpoints['diffusion']}", "num_samples=12", "batch_size=12",
-                           "fid=false", "sampler=ddim", "steps=2", "grid_size=20", "min_image_size=null", output_dir=out)
-    metrics = run(cfg)
+    metrics = run(compose_evaluate(*common, "guidance_scales=[0,1,3]", output_dir=out))
     runs = metrics["guidance"]["runs"]
     assert [r["guidance_scale"] for r in runs] == [0.0, 1.0, 3.0] and metrics["guidance"]["num_classes"] == 10
     for r in runs:

@@ -318,7 +318,7 @@ def test_evaluate_guides_a_converted_adm_with_its_converted_classifier(tmp_path,
         "fid=false", "guidance_scales=[0]", f"classifier.ckpt_path={written['classifier']}", "classifier.scale=1.0",
         output_dir=tmp_path / "eval"))
     assert metrics["guidance"]["num_classes"] == 4 and metrics["guidance"]["classifier"]["scale"] == 1.0
-    assert (tmp_path / "eval" / "guidance_w0" / "samples_4x32x32x3.npz").is_file()
+    assert (tmp_path / "eval" / "samples_4x32x32x3.npz").is_file()  # one guidance scale: in the run folder
 
 
 def test_state_dict_of_another_model_names_keys_and_flags(tmp_path):

@@ -56,6 +56,10 @@ def test_classifier_free_guidance_needs_a_null_label():
 
     assert guidance_scales(None, 1000, null_label=False) == [0.0]  # ADM's released nets: no sweep by default
     assert guidance_scales(None, 10) == [0.0, 1.0, 3.0]
+    # not configured: the run's own scale for a conditional net (evaluate.py / sample.py default), given: as given
+    assert guidance_scales(None, 10, run_scale=1.5) == [1.5] and guidance_scales([0, 2], 10, run_scale=1.5) == [0, 2]
+    assert guidance_scales(None, None, run_scale=1.5) == [0.0]  # unconditional nets cannot be guided this way
+    assert guidance_scales(None, 10, fallback=(0.0,)) == [0.0]  # sample.py's fallback: no sweep
     check_guidance(1000, [0.0], classifier=True, null_label=False)
     with pytest.raises(ConfigError, match="has none \\(model.null_label=false"):
         check_guidance(1000, [0.0, 1.0], classifier=False, null_label=False)

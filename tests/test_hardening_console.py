@@ -92,9 +92,12 @@ def test_the_default_digits_net_is_unchanged(compose_train):
     cfg, net = _default_net(compose_train)
     assert list(cfg.model.attention_resolutions) == [8]
     # The network of the same config with attention pinned at 8x8, as it was written before: same names, shapes
-    # and count (checkpoints carry their own model config, so older ones load with theirs).
+    # and count (checkpoints carry their own model config, so older ones load with theirs); class-conditional on
+    # the 10 digits (conf/labels/digits.yaml), so with a label embedding of 10 + the null label.
+    assert cfg.model.num_classes == 10 and cfg.guidance_scale == 0.0
     before = UNet(in_channels=1, out_channels=1, image_size=16, base_channels=32, channel_mult=[1, 2, 2],
-                  num_res_blocks=cfg.model.num_res_blocks, attention_resolutions=[8], dropout=0.0, num_heads=4)
+                  num_res_blocks=cfg.model.num_res_blocks, attention_resolutions=[8], dropout=0.0, num_heads=4,
+                  num_classes=10)
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in before.state_dict().items()}
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in before.parameters())
     net.load_state_dict(before.state_dict())

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
-from src.diffusion import SamplerOptions
+from src.diffusion import Guidance, SamplerOptions
 from src.evaluation.grids import display_scale, save_grid_png
 from src.loggers import log_png
 
@@ -25,13 +25,16 @@ class SampleGridCallback(L.Callback):
     grid at the images' own size (min_image_size null: only the raw-size grid, under the first name).
 
     `sampler` holds the sampler options (src.diffusion.SamplerOptions: sampler, steps, spacing, eta, ...).
+    A class-conditional net draws one row per class (num_samples // classes images each), guided with
+    `guidance_scale` (classifier-free; None: 0).
     Runs on rank zero only; `every_n_steps <= 0` keeps only the final grid. A stop signal (SIGTERM, SIGUSR1,
     Ctrl+C) during the sampling ends it at once (src.callbacks.preemption.interruptible_sampling); after one,
     no grid is started.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int, num_samples: int, seed: int, sampler: dict | None,
-                 min_image_size: int | None, on_train_end: bool, nrow: int | None = None):
+                 min_image_size: int | None, on_train_end: bool, nrow: int | None = None,
+                 guidance_scale: float | None = None):
         super().__init__()
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -41,6 +44,7 @@ class SampleGridCallback(L.Callback):
         self.at_train_end = on_train_end
         self.min_image_size = min_image_size
         self.options = SamplerOptions.from_mapping(sampler)
+        self.guidance_scale = 0.0 if guidance_scale is None else guidance_scale
         self.last_path: Path | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -52,6 +56,14 @@ class SampleGridCallback(L.Callback):
         if self.at_train_end:
             self.write_grid(trainer, pl_module)
 
+    def _layout(self, num_classes: int | None, device) -> tuple[int, int, Guidance]:
+        """(images, images per row, guidance): a square grid, or one row per class of a class-conditional net."""
+        if num_classes is None:
+            return self.num_samples, self.nrow, Guidance()
+        per_class = max(1, self.num_samples // num_classes)
+        labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+        return len(labels), per_class, Guidance(y=labels, scale=self.guidance_scale)
+
     @rank_zero_only
     def write_grid(self, trainer: L.Trainer, pl_module) -> Path | None:
         step = trainer.global_step
@@ -62,9 +74,10 @@ class SampleGridCallback(L.Callback):
             log.info("stopping: no sample grid at step %d", step)
             return None
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        num_samples, nrow, guidance = self._layout(getattr(pl_module.net, "num_classes", None), pl_module.device)
         with interruptible_sampling(trainer):
-            images = pl_module.sample(self.num_samples, self.options, generator=generator)
-        grid = make_grid((images + 1) / 2, nrow=self.nrow, padding=2, pad_value=1.0)
+            images = pl_module.sample(num_samples, self.options, guidance, generator=generator)
+        grid = make_grid((images + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
         raw = self.dirpath / "raw" / path.name if display_scale(images.shape[-1], self.min_image_size) > 1 else None
         grid = save_grid_png(grid, path, images.shape[-1], self.min_image_size, raw_path=raw)
         self.last_path = path

@@ -101,6 +101,11 @@ class LoadedCheckpoint:
         return getattr(self.net, "num_classes", None)
 
     @property
+    def guidance_scale(self) -> float | None:
+        """The run's own classifier-free guidance weight (train config `guidance_scale`; None: not set)."""
+        return self.trained.get("guidance_scale")
+
+    @property
     def null_label(self) -> bool:
         """Whether the net has the null label that classifier-free guidance samples the unconditional model with."""
         return bool(getattr(self.net, "null_label", True))

@@ -79,11 +79,15 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_samples) % num_classes
 
 
-def guidance_scales(value, num_classes: int | None, null_label: bool = True) -> list[float]:
-    """The sweep's scales: the configured list (a number counts as one), or [0, 1, 3] for a class-conditional
-    checkpoint with a null label and [0] otherwise when not configured."""
+def guidance_scales(value, num_classes: int | None, null_label: bool = True, run_scale: float | None = None,
+                    fallback: tuple[float, ...] = (0.0, 1.0, 3.0)) -> list[float]:
+    """The scales to sample with: the configured list (a number counts as one); when not configured, the run's
+    own `guidance_scale` (its train config, e.g. the digits quickstart's) if it set one, else `fallback` for a
+    class-conditional checkpoint with a null label and [0] otherwise."""
     if value is None:
-        return [0.0, 1.0, 3.0] if num_classes is not None and null_label else [0.0]
+        if num_classes is not None and run_scale is not None:
+            return [float(run_scale)]
+        return list(fallback) if num_classes is not None and null_label else [0.0]
     values = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
     try:
         return [float(w) for w in values]

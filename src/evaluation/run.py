@@ -215,7 +215,7 @@ def stages(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, o
     # 1-2. samples (npz + PNG grid) and their metrics; class-conditional checkpoints and classifier guidance:
     # one sample set per guidance scale, every class equally often
     num_classes = loaded.num_classes
-    scales = guidance_scales(cfg.get("guidance_scales"), num_classes, loaded.null_label)
+    scales = guidance_scales(cfg.get("guidance_scales"), num_classes, loaded.null_label, loaded.guidance_scale)
     classifier_path = cfg.get("classifier", {}).get("ckpt_path")
     check_guidance(num_classes, scales, classifier_path is not None, null_label=loaded.null_label)
     guided = num_classes is not None or classifier_path is not None
@@ -264,7 +264,7 @@ def guided_runs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptio
                 scales: list[float], classifier_path, scorer: Scorer | None, entry: dict | None = None,
                 label: str = "") -> None:
     """One sample set (and its metrics) per guidance scale, every class equally often, under guidance.runs of
-    `entry` (default the report itself)."""
+    `entry` (default the report itself); in out_dir/guidance_w<w> for several scales, in out_dir for one."""
     entry = report.content if entry is None else entry
     classifier, num_classes = None, loaded.num_classes
     if classifier_path is not None:
@@ -285,7 +285,8 @@ def guided_runs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptio
     for w in scales:
         runs.append({"guidance_scale": w})
         guidance = Guidance(scale=w, classifier=classifier, classifier_scale=float(cfg.classifier.scale))
-        sample_and_score(cfg, loaded, options, out_dir / f"guidance_w{w:g}", report, runs[-1], scorer,
+        folder = out_dir if len(scales) == 1 else out_dir / f"guidance_w{w:g}"
+        sample_and_score(cfg, loaded, options, folder, report, runs[-1], scorer,
                          f"{label}w={w:g} ", labels=labels, guidance=guidance)
 
 

@@ -80,7 +80,7 @@ def grid(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> 
     per_class = _positive(cfg.num_samples if cfg.get("num_samples") is not None else cfg.grid.per_class,
                           "grid.per_class")
     labels = grid_labels(num_classes, per_class, cfg.get("class_label"))
-    scales = guidance_scales(cfg.guidance_scale, loaded.num_classes, loaded.null_label)
+    scales = _scales(cfg, loaded)
     written = {}
     for w in scales:
         guidance = Guidance(scale=w, classifier=classifier, classifier_scale=cfg.classifier.scale)
@@ -90,11 +90,17 @@ def grid(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> 
     return written
 
 
+def _scales(cfg: DictConfig, loaded: LoadedCheckpoint) -> list[float]:
+    """guidance_scale as given, or (null) the run's own guidance_scale, or 0."""
+    return guidance_scales(cfg.guidance_scale, loaded.num_classes, loaded.null_label, loaded.guidance_scale,
+                           fallback=(0.0,))
+
+
 def _labels_and_classifier(cfg: DictConfig, loaded: LoadedCheckpoint):
     """(number of classes to draw rows of, or None for a plain grid; the classifier of classifier guidance or
     None), after checking the guidance settings against the checkpoint."""
     num_classes = loaded.num_classes
-    scales = guidance_scales(cfg.guidance_scale, num_classes, loaded.null_label)
+    scales = _scales(cfg, loaded)
     with_classifier = cfg.classifier.ckpt_path is not None
     check_guidance(num_classes, scales, with_classifier, cfg.get("class_label"), loaded.null_label)
     if not with_classifier:

@@ -300,9 +300,24 @@ def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_t
     assert cache.stat().st_mtime_ns == written and np.isfinite(metrics_again["eval/fid"])
 
 
+def test_fid_callback_draws_every_class_equally_often_over_all_processes(compose_train):
+    from hydra.utils import instantiate
+
+    from src.callbacks.fid import share
+
+    cfg = compose_train("callbacks=fid", "callbacks.fid.extractor=digits", "guidance_scale=1.5")
+    callback = instantiate(cfg.callbacks.fid)
+    counts = [share(8, 3, r) for r in range(3)]  # 3, 3, 2
+    parts = [callback._labels(3, counts, r) for r in range(3)]
+    assert torch.cat([labels for labels, _ in parts]).tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert all(guidance.scale == 1.5 for _, guidance in parts)
+    assert callback._labels(None, counts, 0)[0] is None  # unconditional nets: no labels
+
+
 @pytest.mark.slow
 def test_fid_callback_with_the_digits_extractor_logs_named_curves(compose_train, tmp_path):
-    cfg = compose_train("callbacks=fid", "sampler.steps=5", "callbacks.fid.extractor=digits",
+    # the digits default's class-conditional net (the fast test config is unconditional)
+    cfg = compose_train("model.num_classes=10", "callbacks=fid", "sampler.steps=5", "callbacks.fid.extractor=digits",
                         "callbacks.fid.metrics=[fid,is,kid,prc]", "callbacks.fid.num_samples=8",
                         "callbacks.fid.batch_size=8", "callbacks.fid.isc_splits=2", "callbacks.fid.reference=judge",
                         f"callbacks.fid.cache_dir={tmp_path}/fid_stats", "callbacks.sample_grid=null",

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from src.diffusion import SamplerOptions
+from src.diffusion import Guidance, SamplerOptions
 from src.evaluation import atomic
 from src.evaluation.extractors import ExtractorRequest, build_extractor
 from src.evaluation.metrics import (FeatureStats, MissingWeightsError, ReferenceStats, dataset_name,
@@ -47,6 +47,8 @@ class FIDCallback(L.Callback):
         batch_size: images per sampling / Inception batch on each process.
         seed: sampling seed of rank 0 (rank r uses seed + r); the same noise at every evaluation.
         sampler: the sampler options (src.diffusion.SamplerOptions: sampler, steps, spacing, eta, ...), usually the run's.
+        guidance_scale: classifier-free guidance weight for a class-conditional net, whose samples are drawn
+            for every class equally often over all processes, as evaluate.py does (None: 0).
         metrics: which of fid, is, kid, prc (src.evaluation.scores.METRICS).
         extractor: inception or digits (src.evaluation.extractors.EXTRACTORS).
         feature_extractor_weights_path: local Inception weights (torch-fidelity's
@@ -68,7 +70,7 @@ class FIDCallback(L.Callback):
                  feature_extractor_weights_path: str | None, cache_dir: str, reference: str,
                  num_reference_images: int | None, isc_splits: int, on_train_end: bool, save_samples: bool,
                  samples_dir: str | None, metrics: list[str], extractor: str, kid_subsets: int,
-                 kid_subset_size: int | None, prc_num_images: int | None):
+                 kid_subset_size: int | None, prc_num_images: int | None, guidance_scale: float | None = None):
         super().__init__()
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")
@@ -78,6 +80,7 @@ class FIDCallback(L.Callback):
             raise ValueError(f"num_samples={num_samples} is below isc_splits={isc_splits}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.guidance_scale = 0.0 if guidance_scale is None else guidance_scale
         if save_samples and samples_dir is None:
             raise ValueError("save_samples=true needs samples_dir")
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
@@ -181,6 +184,14 @@ class FIDCallback(L.Callback):
 
     # --- the evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
+    def _labels(self, num_classes: int | None, counts: list[int], rank: int) -> tuple[torch.Tensor | None, Guidance]:
+        """This process's labels (None for an unconditional net): image i of the whole set is of class
+        i % num_classes, so every class is drawn equally often over all processes."""
+        if num_classes is None:
+            return None, Guidance()
+        first = sum(counts[:rank])
+        return (torch.arange(first, first + counts[rank]) % num_classes), Guidance(scale=self.guidance_scale)
+
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict:
         """Sample, extract and reduce on every process; the metrics are computed on rank zero and
         returned on every process."""
@@ -196,9 +207,11 @@ class FIDCallback(L.Callback):
         generator = torch.Generator(device=device).manual_seed(self.seed + rank)
 
         stats, logits_list, rows_list, kept = FeatureStats(self.feature_dim, device=device), [], [], []
+        labels, guidance = self._labels(getattr(pl_module.net, "num_classes", None), counts, rank)
         if counts[rank] > 0:
             for images in interruptible_batches(trainer, sample_uint8_batches(  # a stop signal ends it at once
-                    pl_module, counts[rank], self.batch_size, self.options, generator=generator)):
+                    pl_module, counts[rank], self.batch_size, self.options, guidance, generator=generator,
+                    labels=labels)):
                 pool, logits = self.extractor(images)
                 stats.update(pool)
                 logits_list.append(logits)

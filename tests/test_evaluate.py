@@ -16,7 +16,8 @@ from src.training import train
 from test_fid import write_random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_TRAIN = ["trainer.accelerator=cpu", "schedule.num_timesteps=50", "model.base_channels=32",
+# an unconditional digits run (the class-conditional digits default is evaluated in test_eval_conditional.py)
+TINY_TRAIN = ["model.num_classes=null", "trainer.accelerator=cpu", "schedule.num_timesteps=50", "model.base_channels=32",
               "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=1", "data.batch_size=16",
               "trainer.max_steps=2", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
               "sampler=ddpm", "sampler.steps=null"]

@@ -311,7 +311,7 @@ def test_scheduler_prediction_type_is_the_mean_type(prediction_type, mean_type):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["model.num_classes=10"], r"cannot export to diffusers: model.num_classes=10: .*without class labels"),
+    (["model.num_classes=10"], r"cannot export to diffusers: model.num_classes=10: .*without class labels \(train with model.num_classes=null"),
     (["model.base_channels=16", "model.channel_mult=[1,1]"], r"model.base_channels=16 .*32 GroupNorm groups"),
     (["model.num_heads=4", "model.attention_resolutions=[16,8]"],
      r"model.num_heads=4: a head count over attention widths \[32, 64\]"),

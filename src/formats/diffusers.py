@@ -269,7 +269,8 @@ def export_configs(cfg: DictConfig, net: UNet) -> tuple[dict, dict]:
                                                                       "has no classifier)")
     if m.get("num_classes") is not None:
         raise _cannot_export(f"model.num_classes={m.num_classes}", "a class-conditional net; diffusers' DDPMPipeline "
-                                                                   "samples without class labels")
+                                                                   "samples without class labels (train with "
+                                                                   "model.num_classes=null to export)")
     if float(m.get("timestep_scale", 1.0)) != 1.0:
         raise _cannot_export(f"model.timestep_scale={m.timestep_scale}", "UNet2DModel embeds the timestep unscaled")
     if int(m.get("patch_size", 1)) != 1:

@@ -91,6 +91,22 @@ def check_num_classes(cfg: DictConfig, data_num_classes: int | None) -> None:
                           f"{data_num_classes - 1}); set model.num_classes={data_num_classes}")
 
 
+def check_guidance_scale(cfg: DictConfig) -> None:
+    """The run's guidance_scale (its grids, and evaluate.py's default) needs a class-conditional net that also
+    learns the unconditional model."""
+    w = cfg.get("guidance_scale")
+    if w is None:
+        return
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise ConfigError(f"guidance_scale must be a number or null, got {w!r}")
+    if w != 0 and cfg.model.get("num_classes") is None:
+        raise ConfigError(f"guidance_scale={w} needs a class-conditional net: set model.num_classes, or "
+                          f"guidance_scale=null")
+    if w != 0 and not cfg.get("module", {}).get("label_dropout"):
+        raise ConfigError(f"guidance_scale={w} needs the unconditional model, which module.label_dropout=0 never "
+                          f"trains: set module.label_dropout=0.1, or guidance_scale=0")
+
+
 def build_module(cfg: DictConfig, channels: int, image_size: int,
                  data_num_classes: int | None = None) -> DiffusionModule:
     """Network + diffusion + timestep sampler -> DiffusionModule. The network's shape comes from the
@@ -98,6 +114,7 @@ def build_module(cfg: DictConfig, channels: int, image_size: int,
     class-conditional net (model.num_classes) must cover the data's labels."""
     diffusion = build_diffusion(cfg)
     check_num_classes(cfg, data_num_classes)
+    check_guidance_scale(cfg)
     out_channels = channels * (2 if diffusion.learns_variance else 1)
     derived = {"in_channels": channels, "out_channels": out_channels, "image_size": image_size}
     _check_derived_model_shape(cfg, derived, diffusion.var_type)

@@ -131,6 +131,20 @@ def test_model_num_classes_below_the_data_classes_is_a_config_error(compose_trai
         train(cfg)
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (["model.num_classes=null", "guidance_scale=2"], r"guidance_scale=2 needs a class-conditional net: set model.num_classes"),
+    (["guidance_scale=2", "module.label_dropout=0"], r"module.label_dropout=0 never trains: set module.label_dropout=0.1"),
+    (["guidance_scale=high"], r"guidance_scale must be a number or null, got 'high'"),
+])
+def test_a_guidance_scale_the_run_cannot_use_is_a_config_error(compose_train, overrides, match):
+    from src.builders import check_guidance_scale
+
+    check_guidance_scale(compose_train(fast=False))  # the digits default: conditional, w = 0
+    check_guidance_scale(compose_train("guidance_scale=2", fast=False))
+    with pytest.raises(ConfigError, match=match):
+        check_guidance_scale(compose_train(*overrides, fast=False))
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, compose_config):
     """One-step runs on digits, T=50: a class-conditional denoiser and a noisy-image classifier."""

@@ -183,7 +183,6 @@ class FIDCallback(L.Callback):
             self.evaluate(trainer, pl_module)
 
     # --- the evaluation ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def _labels(self, num_classes: int | None, counts: list[int], rank: int) -> tuple[torch.Tensor | None, Guidance]:
         """This process's labels (None for an unconditional net): image i of the whole set is of class
         i % num_classes, so every class is drawn equally often over all processes."""
@@ -192,6 +191,7 @@ class FIDCallback(L.Callback):
         first = sum(counts[:rank])
         return (torch.arange(first, first + counts[rank]) % num_classes), Guidance(scale=self.guidance_scale)
 
+    @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict:
         """Sample, extract and reduce on every process; the metrics are computed on rank zero and
         returned on every process."""

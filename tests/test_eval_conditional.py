@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def conditional(tmp_path_factory, compose_config):
     root = tmp_path_factory.mktemp("conditional")
-    cfg = compose_config("train", "experiment=digits_conditional", *TINY_TRAIN, output_dir=root / "run",
-                         data_dir=root / "data")
+    # TINY_TRAIN's net is unconditional; this one is the digits' class-conditional net
+    cfg = compose_config("train", "experiment=digits_conditional", *TINY_TRAIN, "model.num_classes=10",
+                         output_dir=root / "run", data_dir=root / "data")
     train(cfg)
     return root / "run" / "checkpoints" / "last.ckpt"
 

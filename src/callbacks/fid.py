@@ -11,6 +11,7 @@ import torch
 from src.diffusion import Guidance, SamplerOptions
 from src.evaluation import atomic
 from src.evaluation.extractors import ExtractorRequest, build_extractor
+from src.evaluation.guidance import balanced_labels
 from src.evaluation.metrics import (FeatureStats, MissingWeightsError, ReferenceStats, dataset_name,
                                     load_reference, reference_cache_path, reference_meta, resolve_weights,
                                     save_reference)
@@ -189,7 +190,7 @@ class FIDCallback(L.Callback):
         if num_classes is None:
             return None, Guidance()
         first = sum(counts[:rank])
-        return (torch.arange(first, first + counts[rank]) % num_classes), Guidance(scale=self.guidance_scale)
+        return balanced_labels(first + counts[rank], num_classes)[first:], Guidance(scale=self.guidance_scale)
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict:

@@ -9,6 +9,7 @@ from torchvision.utils import make_grid
 
 from src.diffusion import Guidance, SamplerOptions
 from src.evaluation.grids import display_scale, save_grid_png
+from src.evaluation.guidance import grid_labels
 from src.loggers import log_png
 
 from .preemption import interruptible_sampling
@@ -61,7 +62,7 @@ class SampleGridCallback(L.Callback):
         if num_classes is None:
             return self.num_samples, self.nrow, Guidance()
         per_class = max(1, self.num_samples // num_classes)
-        labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+        labels = grid_labels(num_classes, per_class).to(device)
         return len(labels), per_class, Guidance(y=labels, scale=self.guidance_scale)
 
     @rank_zero_only

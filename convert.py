@@ -2,6 +2,7 @@
 [direction=export] [+data.root=PATH] [overwrite=true]. diffusers folders / hub ids and openai .pt files become
 checkpoints of this project; direction=export writes one of ours as a diffusers DDPMPipeline folder.
 The formats live in src/formats/ (conf/convert.yaml, conf/preset/)."""
+
 import hydra
 from omegaconf import DictConfig
 

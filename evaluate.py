@@ -1,6 +1,7 @@
 """Evaluate a checkpoint: python evaluate.py ckpt_path=PATH [num_samples=N] [sampler=ddim steps=50] [nll=true]
 [extractor=digits] [seeds=[0,1,2]] [ema_std=[0.05,0.1]] [reference=val|judge|FOLDER|FILE.npz]; or score a file of samples:
 python evaluate.py samples=FILE.npz [reference=...] [extractor=...]"""
+
 import hydra
 from omegaconf import DictConfig
 

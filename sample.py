@@ -2,6 +2,7 @@
 [num_samples=N] [sampler=ddpm|ddim] [steps=S] [spacing=ddim50] [eta=E] [seed=K] [ema_std=S] [guidance_scale=W]
 [class_label=K] [classifier.ckpt_path=PATH classifier.scale=S]; PNG grids go to the run folder.
 The modes live in src/evaluation/sample_modes.py."""
+
 import hydra
 from omegaconf import DictConfig
 

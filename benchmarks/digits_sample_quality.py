@@ -20,6 +20,7 @@ Two rows of real images come first: the 500 held-out digits (the floor a perfect
 same digits blurred by a cross filter 5 pixels wide (a visibly worse "model"), so each number can be read
 between the two.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ class DigitsJudge:
         self.extractor, self.split = DigitsFeatures(image_size), judge_split(image_size)
         features, _ = self.extractor(self.split.reference)
         ref = features.double().numpy()
-        self.reference = ReferenceStats(mu=ref.mean(0), sigma=np.cov(ref, rowvar=False), meta={"reference": "judge"},
-                                        features=ref)
+        self.reference = ReferenceStats(
+            mu=ref.mean(0), sigma=np.cov(ref, rowvar=False), meta={"reference": "judge"}, features=ref
+        )
 
     def score(self, images: torch.Tensor, labels: np.ndarray | None = None) -> dict:
         features, logits = self.extractor(images)
@@ -72,14 +74,23 @@ class DigitsJudge:
         value = lambda metric: values[metric_key(metric, self.extractor.name)]  # noqa: E731
         probs = torch.softmax(logits.double(), dim=1).numpy()
         agreement = None if labels is None else float((probs.argmax(1) == labels).mean())
-        return {"n": len(images), "fd": value("fd"), "kid_x1000": 1000 * value("kid"), "digit_is": value("is"),
-                "precision": value("precision"), "recall": value("recall"), "confidence": float(probs.max(1).mean()),
-                "class_agreement": agreement}
+        return {
+            "n": len(images),
+            "fd": value("fd"),
+            "kid_x1000": 1000 * value("kid"),
+            "digit_is": value("is"),
+            "precision": value("precision"),
+            "recall": value("recall"),
+            "confidence": float(probs.max(1).mean()),
+            "class_agreement": agreement,
+        }
 
     def real_rows(self) -> list[tuple[str, dict]]:
         """The floor (held-out real digits) and a visibly worse set (the same digits blurred)."""
-        return [("real held-out digits (floor)", self.score(self.split.held_out)),
-                ("real held-out digits, blurred", self.score(blurred(self.split.held_out)))]
+        return [
+            ("real held-out digits (floor)", self.score(self.split.held_out)),
+            ("real held-out digits, blurred", self.score(blurred(self.split.held_out))),
+        ]
 
 
 def load_npz(path: Path) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -88,9 +99,13 @@ def load_npz(path: Path) -> tuple[torch.Tensor, np.ndarray | None]:
         images = data["arr_0"]
         labels = data["arr_1"] if "arr_1" in data.files else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 1 or images.shape[1] != images.shape[2]:
-        raise SystemExit(f"error: {path} is not a uint8 NHWC npz of square 1-channel images (evaluate.py on a digits run)")
+        raise SystemExit(
+            f"error: {path} is not a uint8 NHWC npz of square 1-channel images (evaluate.py on a digits run)"
+        )
     if len(images) < COUNT:
-        raise SystemExit(f"error: {path} holds {len(images)} images; the judge scores {COUNT} (evaluate.py num_samples={COUNT})")
+        raise SystemExit(
+            f"error: {path} holds {len(images)} images; the judge scores {COUNT} (evaluate.py num_samples={COUNT})"
+        )
     images = torch.from_numpy(images[:COUNT]).permute(0, 3, 1, 2).contiguous()
     return images, None if labels is None else labels[:COUNT]
 
@@ -104,22 +119,39 @@ def main(argv: list[str] | None = None) -> None:
     samples = {path: load_npz(path) for path in args.npz}
     sizes = {images.shape[-1] for images, _ in samples.values()} or {args.image_size}
     if len(sizes) != 1:
-        raise SystemExit(f"error: the npz files hold images of different sizes {sorted(sizes)}; score one size at a time")
+        raise SystemExit(
+            f"error: the npz files hold images of different sizes {sorted(sizes)}; score one size at a time"
+        )
     size = sizes.pop()
     judge = DigitsJudge(size)
     rows = judge.real_rows() + [(str(path), judge.score(images, labels)) for path, (images, labels) in samples.items()]
-    print(f"digits judge {judge.extractor.name} at {size}x{size} (held-out accuracy "
-          f"{100 * judge.extractor.accuracy:.1f}%), {COUNT} images per row against {len(judge.split.reference)} "
-          "reference digits")
-    print("| images | n | FD (digit features) | KID x 1000 | digit IS | precision | recall | confidence | class agreement |")
+    print(
+        f"digits judge {judge.extractor.name} at {size}x{size} (held-out accuracy "
+        f"{100 * judge.extractor.accuracy:.1f}%), {COUNT} images per row against {len(judge.split.reference)} "
+        "reference digits"
+    )
+    print(
+        "| images | n | FD (digit features) | KID x 1000 | digit IS | precision | recall | confidence | class agreement |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, s in rows:
         agreement = "" if s["class_agreement"] is None else f"{100 * s['class_agreement']:.1f}%"
-        print(f"| {name} | {s['n']} | {s['fd']:.2f} | {s['kid_x1000']:.2f} | {s['digit_is']:.2f} | "
-              f"{s['precision']:.3f} | {s['recall']:.3f} | {s['confidence']:.3f} | {agreement} |")
+        print(
+            f"| {name} | {s['n']} | {s['fd']:.2f} | {s['kid_x1000']:.2f} | {s['digit_is']:.2f} | "
+            f"{s['precision']:.3f} | {s['recall']:.3f} | {s['confidence']:.3f} | {agreement} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"extractor": judge.extractor.name, "image_size": size,
-                                         "rows": [{"images": name, **s} for name, s in rows]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "extractor": judge.extractor.name,
+                    "image_size": size,
+                    "rows": [{"images": name, **s} for name, s in rows],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ FD falls with the count, so compare rows of equal counts only). Writes <out>/sam
 row per configuration: sampler options, NFE, FD, digit IS, confidence, seconds per image) and
 <out>/sampler_quality.png (FD against NFE, one line per sampler, the floor dashed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def configurations(samplers: list[str], nfes: list[int], ddim_steps: list[int]) 
         elif name == "ddim":
             grid += [SamplerOptions("ddim", steps=n) for n in ddim_steps]
         else:  # the most steps whose calls fit in the budget: N steps cost calls_per_step * N - (calls_per_step - 1)
-            grid += [SamplerOptions(name, steps=max(1, (nfe + entry.calls_per_step - 1) // entry.calls_per_step))
-                     for nfe in nfes]
+            grid += [
+                SamplerOptions(name, steps=max(1, (nfe + entry.calls_per_step - 1) // entry.calls_per_step))
+                for nfe in nfes
+            ]
     return grid
 
 
@@ -59,15 +62,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
-def measure(module, options: SamplerOptions, num_samples: int, batch_size: int, seed: int,
-            device: torch.device) -> tuple[torch.Tensor, float]:
+def measure(
+    module, options: SamplerOptions, num_samples: int, batch_size: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, float]:
     """(uint8 images [N, C, H, W], seconds) of num_samples samples drawn with `options` from `seed`."""
     generator = torch.Generator(device=device).manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    images = torch.cat([b.cpu() for b in sample_uint8_batches(module, num_samples, batch_size, options,
-                                                              generator=generator)])
+    images = torch.cat(
+        [b.cpu() for b in sample_uint8_batches(module, num_samples, batch_size, options, generator=generator)]
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -128,20 +133,38 @@ def main(argv: list[str] | None = None) -> dict:
     for options in grid:
         x, seconds = measure(module, options, args.num_samples, args.batch_size, args.seed, device)
         s = judge.score(x)
-        rows.append({"sampler": options.sampler, "options": options.as_dict(), "nfe": options.nfe(num_timesteps),
-                     "num_samples": args.num_samples, "fd": s["fd"], "kid_x1000": s["kid_x1000"], "digit_is": s["digit_is"],
-                     "confidence": s["confidence"], "seconds_per_image": seconds / args.num_samples})
-        print(f"{options.sampler:>13} {options.resolved_spacing() or options.steps or num_timesteps!s:>12} "
-              f"NFE {rows[-1]['nfe']:>4}: FD {s['fd']:8.3f}  digit IS {s['digit_is']:5.2f}  "
-              f"{1e3 * rows[-1]['seconds_per_image']:8.2f} ms/image", flush=True)
+        rows.append(
+            {
+                "sampler": options.sampler,
+                "options": options.as_dict(),
+                "nfe": options.nfe(num_timesteps),
+                "num_samples": args.num_samples,
+                "fd": s["fd"],
+                "kid_x1000": s["kid_x1000"],
+                "digit_is": s["digit_is"],
+                "confidence": s["confidence"],
+                "seconds_per_image": seconds / args.num_samples,
+            }
+        )
+        print(
+            f"{options.sampler:>13} {options.resolved_spacing() or options.steps or num_timesteps!s:>12} "
+            f"NFE {rows[-1]['nfe']:>4}: FD {s['fd']:8.3f}  digit IS {s['digit_is']:5.2f}  "
+            f"{1e3 * rows[-1]['seconds_per_image']:8.2f} ms/image",
+            flush=True,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": str(args.ckpt.resolve()), "global_step": ckpt.get("global_step"),
-              "num_timesteps": num_timesteps, "device": str(device), "seed": args.seed,
-              "weights": "ema", "judge": judge.extractor.name,
-              "floor": {"what": "real held-out digits", "n": floor["n"], "fd": floor["fd"],
-                                          "digit_is": floor["digit_is"]},
-              "rows": rows}
+    result = {
+        "checkpoint": str(args.ckpt.resolve()),
+        "global_step": ckpt.get("global_step"),
+        "num_timesteps": num_timesteps,
+        "device": str(device),
+        "seed": args.seed,
+        "weights": "ema",
+        "judge": judge.extractor.name,
+        "floor": {"what": "real held-out digits", "n": floor["n"], "fd": floor["fd"], "digit_is": floor["digit_is"]},
+        "rows": rows,
+    }
     (args.out / "sampler_quality.json").write_text(json.dumps(result, indent=2))
     plot(rows, floor["fd"], args.out / "sampler_quality.png")
     print(f"wrote {args.out / 'sampler_quality.json'} and {args.out / 'sampler_quality.png'}")

@@ -6,6 +6,7 @@ kernels, so the ratio can only move by the other groups.
 
     python benchmarks/step_breakdown.py [--model unet_small] [--device cpu] [--steps 5] [--threads 1]
 """
+
 import argparse
 import contextlib
 import sys
@@ -73,8 +74,10 @@ def main() -> None:
         impl = make(build(args.model, device), x0, contextlib.nullcontext)
         results[key] = breakdown(impl.train_step, device, args.steps)
 
-    print(f"{args.model}, batch {batch}, {device} ({torch.get_num_threads()} threads), fp32: "
-          f"ms of self time per training step")
+    print(
+        f"{args.model}, batch {batch}, {device} ({torch.get_num_threads()} threads), fp32: "
+        f"ms of self time per training step"
+    )
     print("| group | ours | peer | ours share | peer share |")
     print("|---|---|---|---|---|")
     total = {k: sum(v.values()) for k, v in results.items()}
@@ -83,8 +86,10 @@ def main() -> None:
         print(f"| {group} | {o:.1f} | {p:.1f} | {o / total['ours']:.0%} | {p / total['peer']:.0%} |")
     print(f"| total | {total['ours']:.1f} | {total['peer']:.1f} | | |")
     conv = results["ours"]["convolution"]
-    print(f"peer total / ours total = {total['peer'] / total['ours']:.2f}; "
-          f"even with every non-convolution op free, ours could reach {total['peer'] / conv:.2f}x the peer")
+    print(
+        f"peer total / ours total = {total['peer'] / total['ours']:.2f}; "
+        f"even with every non-convolution op free, ours could reach {total['peer'] / conv:.2f}x the peer"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ also computes the vb term for logging), the configured optimizer (conf/train.yam
 Peer: diffusers' UNet2DModel + DDPMScheduler (add_noise, step), MSE, torch.optim.Adam (torch's default
 kernel choice) and diffusers' EMAModel, i.e. what diffusers' own training example does.
 """
+
 import argparse
 import contextlib
 import ctypes
@@ -28,9 +29,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +81,19 @@ def build_peer(name: str, device: torch.device) -> torch.nn.Module:
     # attention runs at a single level and in the middle, which have the same width in these configs.
     head_dim = None if heads == 1 else ch * mult[attn.index(True)] // heads
     return UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels,
-        block_out_channels=tuple(ch * m for m in mult), layers_per_block=cfg.num_res_blocks,
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(ch * m for m in mult),
+        layers_per_block=cfg.num_res_blocks,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        dropout=cfg.dropout, attention_head_dim=head_dim, norm_num_groups=min(32, ch), norm_eps=1e-6,
-        flip_sin_to_cos=False, freq_shift=1,
+        dropout=cfg.dropout,
+        attention_head_dim=head_dim,
+        norm_num_groups=min(32, ch),
+        norm_eps=1e-6,
+        flip_sin_to_cos=False,
+        freq_shift=1,
     ).to(device)
 
 
@@ -96,6 +104,7 @@ def num_params(net: torch.nn.Module) -> int:
 @dataclass
 class Impl:
     """One implementation's training and sampling step on a fixed batch."""
+
     name: str
     net: torch.nn.Module
     train_step: Callable[[], None]
@@ -270,8 +279,11 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
 
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     x0 = torch.rand(batch, channels, size, size, device=device).mul(2).sub(1).contiguous(memory_format=memory_format)
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == torch.bfloat16
-                else contextlib.nullcontext)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if dtype == torch.bfloat16
+        else contextlib.nullcontext
+    )
     impls = {}
     for key, make in (("ours", ours), ("peer", peer)):
         net = nets[key].to(memory_format=memory_format)
@@ -298,8 +310,11 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
                 rate, peak = timed(step, batch, device, args.min_seconds)
                 samples[key, mode].append(rate)
                 memory[key, mode].append(peak)
-        print(f"  repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-            f"{k} {m} {samples[k, m][-1]:.1f}" for k in impls for m in ("train", "sample")), flush=True)
+        print(
+            f"  repeat {repeat + 1}/{args.repeats}: "
+            + ", ".join(f"{k} {m} {samples[k, m][-1]:.1f}" for k in impls for m in ("train", "sample")),
+            flush=True,
+        )
 
     def med(values):
         values = [v for v in values if v is not None]
@@ -307,9 +322,13 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
 
     rows = {}
     for key in impls:
-        rows[key] = {"params": counts[key], "batch": batch, "flops": impls[key].flops,
-                     **{m: med(samples[key, m]) for m in ("train", "sample")},
-                     **{f"mem_{m}": med(memory[key, m]) for m in ("train", "sample")}}
+        rows[key] = {
+            "params": counts[key],
+            "batch": batch,
+            "flops": impls[key].flops,
+            **{m: med(samples[key, m]) for m in ("train", "sample")},
+            **{f"mem_{m}": med(memory[key, m]) for m in ("train", "sample")},
+        }
     return rows
 
 
@@ -328,17 +347,29 @@ def ratio(a, b) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per step (default: 32 for unet_small, 8 for unet_ddpm_cifar10 on CPU; 128 on GPU)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per step (default: 32 for unet_small, 8 for unet_ddpm_cifar10 on CPU; 128 on GPU)",
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, as bf16-mixed")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs for both")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind first")
-    parser.add_argument("--min-seconds", type=float, default=None,
-                        help="each timed run repeats its step until this long (default 2.0 CPU, 0.5 GPU)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: torch's choice); 1 is steadier on a machine shared with other jobs")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=None,
+        help="each timed run repeats its step until this long (default 2.0 CPU, 0.5 GPU)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's choice); 1 is steadier on a machine shared with other jobs",
+    )
     parser.add_argument("--models", default="unet_small,unet_ddpm_cifar10", help="comma-separated conf/model names")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -352,28 +383,36 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; precision {args.precision}, compile {args.compile}, "
-          f"channels_last {args.channels_last}, {args.repeats} repeats")
+    print(
+        f"torch {torch.__version__}, {where}; precision {args.precision}, compile {args.compile}, "
+        f"channels_last {args.channels_last}, {args.repeats} repeats"
+    )
     matmul = matmul_flops_per_second(device, dtype, 2048 if on_cpu else 8192)
     print(f"plain matmul: {matmul / 1e9:.1f} GFLOP/s")
 
     results = {name: bench_model(name, args, device, dtype) for name in args.models.split(",")}
     mem_name = "peak RSS growth (MiB)" if on_cpu else "peak allocated (MiB)"
     print()
-    print(f"| model | impl | params | batch | train img/s | sample img-steps/s | train {mem_name} | "
-          f"sample {mem_name} | GFLOP/img train (fwd+bwd) | GFLOP/img sample | train FLOP rate / matmul | "
-          f"sample FLOP rate / matmul |")
+    print(
+        f"| model | impl | params | batch | train img/s | sample img-steps/s | train {mem_name} | "
+        f"sample {mem_name} | GFLOP/img train (fwd+bwd) | GFLOP/img sample | train FLOP rate / matmul | "
+        f"sample FLOP rate / matmul |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
         for key, r in rows.items():
             f = r["flops"]
-            print(f"| {name} | {key} | {r['params'] / 1e6:.2f}M | {r['batch']} | {fmt_rate(r['train'])} | {fmt_rate(r['sample'])} | "
-                  f"{fmt_mem(r['mem_train'])} | {fmt_mem(r['mem_sample'])} | {f['train'] / 1e9:.2f} | "
-                  f"{f['sample'] / 1e9:.2f} | {f['train'] * r['train'] / matmul:.0%} | "
-                  f"{f['sample'] * r['sample'] / matmul:.0%} |")
+            print(
+                f"| {name} | {key} | {r['params'] / 1e6:.2f}M | {r['batch']} | {fmt_rate(r['train'])} | {fmt_rate(r['sample'])} | "
+                f"{fmt_mem(r['mem_train'])} | {fmt_mem(r['mem_sample'])} | {f['train'] / 1e9:.2f} | "
+                f"{f['sample'] / 1e9:.2f} | {f['train'] * r['train'] / matmul:.0%} | "
+                f"{f['sample'] * r['sample'] / matmul:.0%} |"
+            )
         o, p = rows["ours"], rows["peer"]
-        print(f"| {name} | **ours/peer** | | | **{ratio(o['train'], p['train'])}** | **{ratio(o['sample'], p['sample'])}** | "
-              f"{ratio(o['mem_train'], p['mem_train'])} | {ratio(o['mem_sample'], p['mem_sample'])} | | | | |")
+        print(
+            f"| {name} | **ours/peer** | | | **{ratio(o['train'], p['train'])}** | **{ratio(o['sample'], p['sample'])}** | "
+            f"{ratio(o['mem_train'], p['mem_train'])} | {ratio(o['mem_sample'], p['mem_sample'])} | | | | |"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and the EMA update as one foreach lerp (src.lit.EMA) against a loop over tensors
 
     python benchmarks/update_kernels.py [--model unet_ddpm_cifar10] [--device cpu] [--repeats 10]
 """
+
 import argparse
 import statistics
 import sys
@@ -44,8 +45,10 @@ def main() -> None:
     params = list(net.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    print(f"{args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters in {len(params)} tensors, "
-          f"torch {torch.__version__}, {device}")
+    print(
+        f"{args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters in {len(params)} tensors, "
+        f"torch {torch.__version__}, {device}"
+    )
     print("| update | implementation | ms per step |\n|---|---|---|")
     for impl in ("for-loop", "foreach", "fused"):
         try:
@@ -65,7 +68,9 @@ def main() -> None:
             e.mul_(decay).add_(p, alpha=1 - decay)
 
     print(f"| EMA update | loop (mul_ + add_ per tensor) | {median_ms(loop_update, device, args.repeats):.1f} |")
-    print(f"| EMA update | foreach lerp (src.lit.EMA) | {median_ms(lambda: ema.update(net), device, args.repeats):.1f} |")
+    print(
+        f"| EMA update | foreach lerp (src.lit.EMA) | {median_ms(lambda: ema.update(net), device, args.repeats):.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Config -> objects: the diffusion, the task's LightningModule (one registry of tasks), callbacks and
 loggers. train.py and the checkpoint reader both build through here, so a checkpoint is rebuilt exactly
 as it was trained. Errors raised while building name the config entry to change."""
+
 import contextlib
 from collections.abc import Callable, Iterator
 
@@ -21,12 +22,15 @@ def sizes_at_downsample(image_size: int, *factors: int) -> list[int]:
     fits every image size. Each factor must divide image_size."""
     for factor in factors:
         if int(factor) < 1 or int(image_size) % int(factor):
-            raise ConfigError(f"attention at downsampling factor {factor} does not fit image_size={image_size}; "
-                              f"use an image_size divisible by {factor} or set model.attention_resolutions=[...]")
+            raise ConfigError(
+                f"attention at downsampling factor {factor} does not fit image_size={image_size}; "
+                f"use an image_size divisible by {factor} or set model.attention_resolutions=[...]"
+            )
     return [int(image_size) // int(factor) for factor in factors]
 
 
 OmegaConf.register_new_resolver("sizes_at_downsample", sizes_at_downsample, replace=True)
+
 
 @contextlib.contextmanager
 def config_errors(key: str) -> Iterator[None]:
@@ -61,24 +65,30 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
     zero_terminal_snr = bool(cfg.schedule.get("zero_terminal_snr", False))
     if zero_terminal_snr and cfg.objective.get("mean_type") in ("eps", "mu"):
         # abar_T = 0: x_0 = (x_t - sigma_T eps) / alpha_T divides by zero (SNR 0), the loss is NaN at t = T
-        raise ConfigError(f"schedule.zero_terminal_snr=true makes alpha_bar_T = 0, where "
-                          f"objective.mean_type={cfg.objective.get('mean_type')} is undefined; use objective=v_simple "
-                          f"(objective.mean_type=v) or objective.mean_type=x0")
+        raise ConfigError(
+            f"schedule.zero_terminal_snr=true makes alpha_bar_T = 0, where "
+            f"objective.mean_type={cfg.objective.get('mean_type')} is undefined; use objective=v_simple "
+            f"(objective.mean_type=v) or objective.mean_type=x0"
+        )
     inside = (betas > 0) & (betas < 1)
     if zero_terminal_snr:
         inside[-1] = betas[-1] == 1  # the rescaled schedule's last beta is exactly 1
     if not bool(inside.all()):
         # beta > 1 is rejected by GaussianDiffusion without naming the setting; beta = 1 passes there but
         # zeroes alpha_bar, so predicting x0 divides by zero and the loss is NaN from the first step.
-        raise ConfigError(f"schedule={cfg.schedule.get('name')} with schedule.num_timesteps={len(betas)} gives betas "
-                          f"outside (0, 1) (largest {betas.max().item():.4g}); use a larger schedule.num_timesteps "
-                          f"(the linear schedule scales its betas by 1000/T) or schedule=cosine")
+        raise ConfigError(
+            f"schedule={cfg.schedule.get('name')} with schedule.num_timesteps={len(betas)} gives betas "
+            f"outside (0, 1) (largest {betas.max().item():.4g}); use a larger schedule.num_timesteps "
+            f"(the linear schedule scales its betas by 1000/T) or schedule=cosine"
+        )
     if cfg.objective.get("loss_type") == "hybrid" and cfg.objective.get("var_type") != "learned_range":
         # L_hybrid's vb term trains only the variance (the mean is stop-gradiented in it): with a fixed variance
         # it is a constant, and the run would be L_simple while its config says L_hybrid.
-        raise ConfigError(f"objective=hybrid needs objective.var_type=learned_range (with "
-                          f"{cfg.objective.get('var_type')} its vb term has no gradient); use objective=simple for "
-                          f"a fixed variance")
+        raise ConfigError(
+            f"objective=hybrid needs objective.var_type=learned_range (with "
+            f"{cfg.objective.get('var_type')} its vb term has no gradient); use objective=simple for "
+            f"a fixed variance"
+        )
     with config_errors("diffusion (objective)"):
         return instantiate(cfg.diffusion)
 
@@ -87,8 +97,10 @@ def check_num_classes(cfg: DictConfig, data_num_classes: int | None) -> None:
     """A class-conditional model needs an embedding for every label of the data."""
     num_classes = cfg.model.get("num_classes")
     if num_classes is not None and data_num_classes is not None and num_classes < data_num_classes:
-        raise ConfigError(f"model.num_classes={num_classes} but the data has {data_num_classes} classes (labels 0.."
-                          f"{data_num_classes - 1}); set model.num_classes={data_num_classes}")
+        raise ConfigError(
+            f"model.num_classes={num_classes} but the data has {data_num_classes} classes (labels 0.."
+            f"{data_num_classes - 1}); set model.num_classes={data_num_classes}"
+        )
 
 
 def check_guidance_scale(cfg: DictConfig) -> None:
@@ -100,15 +112,19 @@ def check_guidance_scale(cfg: DictConfig) -> None:
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         raise ConfigError(f"guidance_scale must be a number or null, got {w!r}")
     if w != 0 and cfg.model.get("num_classes") is None:
-        raise ConfigError(f"guidance_scale={w} needs a class-conditional net: set model.num_classes, or "
-                          f"guidance_scale=null")
+        raise ConfigError(
+            f"guidance_scale={w} needs a class-conditional net: set model.num_classes, or guidance_scale=null"
+        )
     if w != 0 and not cfg.get("module", {}).get("label_dropout"):
-        raise ConfigError(f"guidance_scale={w} needs the unconditional model, which module.label_dropout=0 never "
-                          f"trains: set module.label_dropout=0.1, or guidance_scale=0")
+        raise ConfigError(
+            f"guidance_scale={w} needs the unconditional model, which module.label_dropout=0 never "
+            f"trains: set module.label_dropout=0.1, or guidance_scale=0"
+        )
 
 
-def build_module(cfg: DictConfig, channels: int, image_size: int,
-                 data_num_classes: int | None = None) -> DiffusionModule:
+def build_module(
+    cfg: DictConfig, channels: int, image_size: int, data_num_classes: int | None = None
+) -> DiffusionModule:
     """Network + diffusion + timestep sampler -> DiffusionModule. The network's shape comes from the
     data (channels, image size) and the objective (2C outputs when the variance is learned); a
     class-conditional net (model.num_classes) must cover the data's labels."""
@@ -119,16 +135,22 @@ def build_module(cfg: DictConfig, channels: int, image_size: int,
     derived = {"in_channels": channels, "out_channels": out_channels, "image_size": image_size}
     _check_derived_model_shape(cfg, derived, diffusion.var_type)
     # The size and channels come from the data, so the message says where to change them.
-    with config_errors(f"model (built for the data's {image_size}x{image_size} images with {channels} channel(s); "
-                       f"data.image_size sets the size)"):
+    with config_errors(
+        f"model (built for the data's {image_size}x{image_size} images with {channels} channel(s); "
+        f"data.image_size sets the size)"
+    ):
         net = instantiate(cfg.model, **derived)
     with config_errors("objective.timestep_sampler"):
         timestep_sampler = instantiate(cfg.objective.timestep_sampler)
     # Partial first: the run config passed afterwards must not be instantiated itself.
     with config_errors("module"):
         make_module = instantiate(cfg.module, _partial_=True)
-        return make_module(net=net, diffusion=diffusion, timestep_sampler=timestep_sampler,
-                           run_config=OmegaConf.to_container(cfg, resolve=True))
+        return make_module(
+            net=net,
+            diffusion=diffusion,
+            timestep_sampler=timestep_sampler,
+            run_config=OmegaConf.to_container(cfg, resolve=True),
+        )
 
 
 def _check_derived_model_shape(cfg: DictConfig, derived: dict, var_type: str) -> None:
@@ -138,12 +160,16 @@ def _check_derived_model_shape(cfg: DictConfig, derived: dict, var_type: str) ->
     for key, value in derived.items():
         given = cfg.model.get(key)
         if given is not None and given != value:
-            why = {"in_channels": f"the data has {derived['in_channels']} channels",
-                   "out_channels": f"objective var_type={var_type} with {derived['in_channels']}-channel images "
-                                   f"needs {value} ({'2C: mean and variance' if value != derived['in_channels'] else 'C'})",
-                   "image_size": f"data.image_size is {value}"}[key]
-            raise ConfigError(f"model.{key}={given} but {why}; remove model.{key} from the model config "
-                              f"(it is derived from the data and the objective)")
+            why = {
+                "in_channels": f"the data has {derived['in_channels']} channels",
+                "out_channels": f"objective var_type={var_type} with {derived['in_channels']}-channel images "
+                f"needs {value} ({'2C: mean and variance' if value != derived['in_channels'] else 'C'})",
+                "image_size": f"data.image_size is {value}",
+            }[key]
+            raise ConfigError(
+                f"model.{key}={given} but {why}; remove model.{key} from the model config "
+                f"(it is derived from the data and the objective)"
+            )
 
 
 def instantiate_group(group: DictConfig | None, name: str = "callbacks") -> list:
@@ -155,7 +181,9 @@ def instantiate_group(group: DictConfig | None, name: str = "callbacks") -> list
         if entry is None:
             continue
         if "_target_" not in entry:
-            raise ConfigError(f"config entry {name}.{key} has no _target_; set it or remove the entry with ~{name}.{key}")
+            raise ConfigError(
+                f"config entry {name}.{key} has no _target_; set it or remove the entry with ~{name}.{key}"
+            )
         with config_errors(f"{name}.{key}"):
             objects.append(instantiate(entry))
     return objects
@@ -174,8 +202,10 @@ def build_classifier_module(cfg: DictConfig, datamodule) -> ClassifierModule:
     check_num_classes(cfg, datamodule.num_classes)
     num_classes = cfg.model.get("num_classes") or datamodule.num_classes
     derived = {"in_channels": datamodule.channels, "image_size": datamodule.image_size, "num_classes": num_classes}
-    with config_errors(f"model (the classifier, built for the data's {datamodule.image_size}x{datamodule.image_size} "
-                       f"images with {datamodule.channels} channel(s) and {num_classes} classes)"):
+    with config_errors(
+        f"model (the classifier, built for the data's {datamodule.image_size}x{datamodule.image_size} "
+        f"images with {datamodule.channels} channel(s) and {num_classes} classes)"
+    ):
         net = instantiate(cfg.model, **derived)
     with config_errors("module"):
         make_module = instantiate(cfg.module, _partial_=True)

@@ -5,6 +5,7 @@ A checkpoint written by train.py holds the resolved run config (`hyper_parameter
 full state_dict (network, EMA network, ...), so a module is rebuilt exactly as it was trained, through the
 same builders train.py uses, without any model flags on the command line.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,13 @@ WRONG_TASK = {
 
 # Run-config keys added after checkpoints were first written, with the values that reproduce what a run without
 # them did: an older checkpoint reads as if it had them (when it is rebuilt, and when a resume is checked).
-ADDED_KEYS = {"objective.loss_weighting": "none", "objective.min_snr_gamma": 5.0, "objective.p2_gamma": 1.0,
-              "objective.p2_k": 1.0, "schedule.zero_terminal_snr": False}
+ADDED_KEYS = {
+    "objective.loss_weighting": "none",
+    "objective.min_snr_gamma": 5.0,
+    "objective.p2_gamma": 1.0,
+    "objective.p2_k": 1.0,
+    "schedule.zero_terminal_snr": False,
+}
 # The same for the model section, by the class it builds (other classes do not take these keys).
 ADDED_MODEL_KEYS = {"src.models.UNet": {"patch_size": 1}, "src.models.NoisyClassifier": {"patch_size": 1}}
 
@@ -61,8 +67,9 @@ def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
     CheckpointError line for every way it can be missing, unreadable or not a train.py checkpoint."""
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file; give a .ckpt file such as "
-                              f"{path}/checkpoints/last.ckpt")
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file; give a .ckpt file such as {path}/checkpoints/last.ckpt"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -72,13 +79,14 @@ def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
         siblings = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
         other = f"; other checkpoints in {path.parent}: {', '.join(siblings)}" if siblings else ""
         reason = " ".join(str(err).split()).split(". ")[0]  # torch appends paragraphs of advice
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason}); it is incomplete or "
-                              f"not a checkpoint: use another one with ckpt_path=<file>{other}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {reason}); it is incomplete or "
+            f"not a checkpoint: use another one with ckpt_path=<file>{other}"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
     if not isinstance(ckpt.get("hyper_parameters", {}).get("run_config"), dict):
-        raise CheckpointError(f"{path} has no run config (hyper_parameters.run_config): it was not written by "
-                              f"train.py")
+        raise CheckpointError(f"{path} has no run config (hyper_parameters.run_config): it was not written by train.py")
     return ckpt
 
 
@@ -91,7 +99,9 @@ def task_of(ckpt: dict) -> str:
     return run_config(ckpt).get("task", "diffusion")
 
 
-def module_from_checkpoint(ckpt: dict, task: str | None = "diffusion", source: str = "the checkpoint") -> L.LightningModule:
+def module_from_checkpoint(
+    ckpt: dict, task: str | None = "diffusion", source: str = "the checkpoint"
+) -> L.LightningModule:
     """Rebuild the module of the checkpoint's task (which must be `task` unless None) from its run config and
     load all its weights strictly; in eval mode, on the CPU. `source` names the file in messages."""
     cfg = run_config(ckpt)
@@ -108,8 +118,9 @@ def module_from_checkpoint(ckpt: dict, task: str | None = "diffusion", source: s
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"the weights in {source} do not fit the model rebuilt from its config "
-                              f"({str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"the weights in {source} do not fit the model rebuilt from its config ({str(err).splitlines()[0]})"
+        ) from None
     return module.eval()
 
 
@@ -118,8 +129,9 @@ def load_module(ckpt_path: str | os.PathLike, task: str | None = "diffusion") ->
     return module_from_checkpoint(read_checkpoint(ckpt_path), task, source=str(ckpt_path))
 
 
-def load_pretrained(source: str | os.PathLike, preset: str | DictConfig | None = None, use_ema: bool = True,
-                    data: dict | None = None) -> tuple[nn.Module, GaussianDiffusion, DictConfig]:
+def load_pretrained(
+    source: str | os.PathLike, preset: str | DictConfig | None = None, use_ema: bool = True, data: dict | None = None
+) -> tuple[nn.Module, GaussianDiffusion, DictConfig]:
     """(net, diffusion, run config) of a checkpoint of ours (train.py's or convert.py's), a diffusers folder, a
     Hugging Face hub id (e.g. google/ddpm-cifar10-32, from the local cache when offline), or with `preset` (a
     conf/preset name or config) an openai .pt file; in eval mode, on the CPU.
@@ -130,8 +142,9 @@ def load_pretrained(source: str | os.PathLike, preset: str | DictConfig | None =
     """
     path = Path(source).expanduser()
     if preset is not None:
-        ckpt, module = import_checkpoint("openai", path, load_preset(preset) if isinstance(preset, str) else preset,
-                                         data_overrides=data)
+        ckpt, module = import_checkpoint(
+            "openai", path, load_preset(preset) if isinstance(preset, str) else preset, data_overrides=data
+        )
     elif diffusers_format.is_source(source):
         ckpt, module = import_checkpoint("diffusers", source, data_overrides=data)
     elif path.is_file():
@@ -139,11 +152,14 @@ def load_pretrained(source: str | os.PathLike, preset: str | DictConfig | None =
             ckpt = read_checkpoint(path)
         except CheckpointError as err:
             if path.suffix == ".pt":
-                raise CheckpointError(f"{err}; an openai .pt state dict needs preset=<name> (one of "
-                                      f"{', '.join(presets())})") from None
+                raise CheckpointError(
+                    f"{err}; an openai .pt state dict needs preset=<name> (one of {', '.join(presets())})"
+                ) from None
             raise
         module = module_from_checkpoint(ckpt, task=None, source=str(source))
     else:
-        raise CheckpointError(f"{source} is neither a checkpoint file, a diffusers folder (config.json) nor a hub id "
-                              f"such as google/ddpm-cifar10-32")
+        raise CheckpointError(
+            f"{source} is neither a checkpoint file, a diffusers folder (config.json) nor a hub id "
+            f"such as google/ddpm-cifar10-32"
+        )
     return (module.ema.model if use_ema else module.net), module.diffusion, run_config(ckpt)

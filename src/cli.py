@@ -1,10 +1,12 @@
 """What the three entry scripts share: problems with the inputs end as one `error:` line, not a traceback."""
+
 from __future__ import annotations
 
 import os
 import signal
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig

@@ -1,4 +1,5 @@
 """Which values of two configs differ, as flat dotted names (model.base_channels, schedule.name, ...)."""
+
 from __future__ import annotations
 
 UNSET = "<unset>"

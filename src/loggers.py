@@ -3,6 +3,7 @@ written PNG to every logger that takes images (W&B, TensorBoard), and closing th
 
 Used by training (src.training, src.callbacks.sample_grid) and by evaluate.py (src.evaluation.log_results).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Training: resolve what to resume from, build the run through src.builders and fit it. Entry point:
 `run(cfg)` (train.py calls it); `train(cfg)` returns the objects too, for tests."""
+
 import csv
 import logging
 import re
@@ -45,8 +46,10 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
     if ckpt_path is None and not resume:
         if last.is_file() and not cfg.get("overwrite", False):
             # A fresh run here would replace the trained checkpoint with step-0 weights at its first save.
-            raise CheckpointError(f"{last} already holds a trained run; resume it with ckpt_path=last, choose "
-                                  f"another folder (hydra.run.dir=...), or replace it with overwrite=true")
+            raise CheckpointError(
+                f"{last} already holds a trained run; resume it with ckpt_path=last, choose "
+                f"another folder (hydra.run.dir=...), or replace it with overwrite=true"
+            )
         return None
     if ckpt_path is None or str(ckpt_path) == "last":
         if last.is_file():
@@ -57,14 +60,19 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
         raise CheckpointError(
             f"ckpt_path=last but {last} does not exist; to resume a run pass its folder: "
             f"hydra.run.dir=<run folder> ckpt_path=last (or ckpt_path=<file.ckpt>), or use resume=true to start "
-            f"at step 0 when there is nothing to resume")
+            f"at step 0 when there is nothing to resume"
+        )
     path = Path(str(ckpt_path)).expanduser()
     if path.is_dir():
-        raise CheckpointError(f"ckpt_path={ckpt_path} is a folder; give a .ckpt file such as "
-                              f"{path}/checkpoints/last.ckpt, or ckpt_path=last with hydra.run.dir={path}")
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} is a folder; give a .ckpt file such as "
+            f"{path}/checkpoints/last.ckpt, or ckpt_path=last with hydra.run.dir={path}"
+        )
     if not path.is_file():
-        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file; give the path of a .ckpt file "
-                              f"(e.g. <run folder>/checkpoints/last.ckpt) or ckpt_path=last with hydra.run.dir=<run folder>")
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path}: no such checkpoint file; give the path of a .ckpt file "
+            f"(e.g. <run folder>/checkpoints/last.ckpt) or ckpt_path=last with hydra.run.dir=<run folder>"
+        )
     return path
 
 
@@ -72,13 +80,19 @@ def check_resume_compatible(run_config: dict, cfg: DictConfig, path: Path) -> No
     """Raise a ConfigError listing every RESUME_MUST_MATCH value on which the checkpoint and cfg differ."""
     # An interpolated value (objective.timestep_sampler.num_timesteps: ${schedule.num_timesteps})
     # differs because its source does, which is listed itself.
-    diffs = differences(run_config, OmegaConf.to_container(cfg, resolve=True), RESUME_MUST_MATCH,
-                        skip=lambda name: _is_interpolation(cfg, name))
+    diffs = differences(
+        run_config,
+        OmegaConf.to_container(cfg, resolve=True),
+        RESUME_MUST_MATCH,
+        skip=lambda name: _is_interpolation(cfg, name),
+    )
     if diffs:
         listed = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs)
         fix = " ".join(f"{k}={_override(a)}" for k, a, _ in diffs if a != UNSET)
-        raise ConfigError(f"checkpoint {path} was trained with another config ({listed}); resume with the "
-                          f"checkpoint's values ({fix}) or start a new run without ckpt_path/resume")
+        raise ConfigError(
+            f"checkpoint {path} was trained with another config ({listed}); resume with the "
+            f"checkpoint's values ({fix}) or start a new run without ckpt_path/resume"
+        )
 
 
 def _is_interpolation(cfg: DictConfig, dotted: str) -> bool:
@@ -124,16 +138,19 @@ def check_max_steps(cfg: DictConfig) -> None:
     """trainer.max_steps: a positive number of optimizer steps, or -1 to stop by trainer.max_epochs."""
     steps = cfg.trainer.get("max_steps", -1)
     if isinstance(steps, bool) or not isinstance(steps, int) or not (steps >= 1 or steps == -1):
-        raise ConfigError(f"trainer.max_steps must be a positive integer (or -1 to stop by trainer.max_epochs), "
-                          f"got {steps!r}")
+        raise ConfigError(
+            f"trainer.max_steps must be a positive integer (or -1 to stop by trainer.max_epochs), got {steps!r}"
+        )
 
 
 def check_steps_left(cfg: DictConfig, ckpt_path: Path, resume_step: int) -> None:
     """A resumed run must have optimizer steps left to train (otherwise Lightning trains nothing and exits 0)."""
     steps = cfg.trainer.max_steps
     if steps != -1 and steps <= resume_step:
-        raise ConfigError(f"{ckpt_path} is already at step {resume_step} and trainer.max_steps={steps}: nothing "
-                          f"to train; continue it with trainer.max_steps greater than {resume_step}")
+        raise ConfigError(
+            f"{ckpt_path} is already at step {resume_step} and trainer.max_steps={steps}: nothing "
+            f"to train; continue it with trainer.max_steps greater than {resume_step}"
+        )
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -158,8 +175,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if resume_step is not None:
         _keep_csv_history(loggers, resume_step)
     with config_errors("trainer"):
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                         plugins=_plugins(cfg))
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
+        )
     try:
         with warnings.catch_warnings():
             _ignore_expected_warnings(resuming=ckpt_path is not None or bool(cfg.get("overwrite", False)))
@@ -175,8 +193,12 @@ def _ignore_expected_warnings(resuming: bool) -> None:
     """Silence, by message and origin, the warnings of a training run that say nothing a user can act on."""
     # Lightning's own pytree helper still builds torch's deprecated LeafSpec for every DataLoader it wraps
     # (Lightning-AI/pytorch-lightning#21326); nothing in this project's code or config causes it.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
     if resuming:
         # A resumed (or deliberately overwritten) run writes into its own checkpoints folder: not a surprise.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

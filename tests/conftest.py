@@ -1,4 +1,5 @@
 """Shared fixtures: Hydra configs composed with the compose API, written to tmp_path."""
+
 from pathlib import Path
 from typing import Literal
 
@@ -30,9 +31,14 @@ FAST_OVERRIDES = [
 ConfigName = Literal["train", "evaluate", "sample"]
 
 
-def compose_config(config_name: ConfigName, *overrides: str, output_dir: Path | None = None,
-                   data_dir: Path | None = None, fast: bool = False,
-                   return_hydra_config: bool = False) -> DictConfig:
+def compose_config(
+    config_name: ConfigName,
+    *overrides: str,
+    output_dir: Path | None = None,
+    data_dir: Path | None = None,
+    fast: bool = False,
+    return_hydra_config: bool = False,
+) -> DictConfig:
     """conf/<config_name>.yaml with `overrides`, as its entry point (train.py, evaluate.py, sample.py) sees it.
 
     Hydra's run-time values are set (HydraConfig), paths.output_dir / paths.data_dir point at the given
@@ -68,8 +74,13 @@ def compose_config_fixture():
 
 def _under_tmp_path(tmp_path: Path, config_name: ConfigName, output_folder: str, **defaults):
     def _compose(*overrides: str, output_dir: Path | None = None, data_dir: Path | None = None, **options):
-        return compose_config(config_name, *overrides, output_dir=output_dir or tmp_path / output_folder,
-                              data_dir=data_dir or tmp_path / "data", **{**defaults, **options})
+        return compose_config(
+            config_name,
+            *overrides,
+            output_dir=output_dir or tmp_path / output_folder,
+            data_dir=data_dir or tmp_path / "data",
+            **{**defaults, **options},
+        )
 
     return _compose
 

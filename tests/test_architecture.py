@@ -1,6 +1,7 @@
 """The structure DESIGN.md promises, read from the source: imports go one way (no module imports one that
 imports it back, no function-local imports of project modules to dodge a cycle), the diffusion math never
 imports Lightning, the model never imports the diffusion math, and the entry scripts stay thin."""
+
 import ast
 from pathlib import Path
 
@@ -27,12 +28,20 @@ def imported_modules(name: str, path: Path, known: set[str]) -> list[tuple[str, 
     submodule, that submodule."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    local = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    }
     # `if TYPE_CHECKING:` imports never run: annotations only
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
-                   for n in ast.walk(block)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+        for n in ast.walk(block)
+    }
     found = []
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -72,7 +81,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -108,11 +117,14 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("package, forbidden", [
-    ("src.diffusion", ("src.lit", "src.models", "src.data", "src.training", "src.evaluation", "src.callbacks")),
-    ("src.models", ("src.diffusion", "src.lit", "src.training", "src.evaluation")),
-    ("src.lit", ("src.training", "src.evaluation", "src.builders", "src.checkpoints")),
-])
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("src.diffusion", ("src.lit", "src.models", "src.data", "src.training", "src.evaluation", "src.callbacks")),
+        ("src.models", ("src.diffusion", "src.lit", "src.training", "src.evaluation")),
+        ("src.lit", ("src.training", "src.evaluation", "src.builders", "src.checkpoints")),
+    ],
+)
 def test_layers_import_downwards_only(package, forbidden):
     graph, _ = import_graph()
     for name in (n for n in graph if n == package or n.startswith(package + ".")):

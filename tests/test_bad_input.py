@@ -1,4 +1,5 @@
 """Bad input stops the run with one line that says what is wrong and how to fix it."""
+
 import pickle
 import subprocess
 import sys
@@ -14,8 +15,12 @@ from src.errors import CheckpointError, ConfigError
 from src.training import train
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_STEP = ["trainer.max_steps=1", "callbacks.sample_grid=null", "+trainer.limit_val_batches=0",
-            "+trainer.num_sanity_val_steps=0"]
+ONE_STEP = [
+    "trainer.max_steps=1",
+    "callbacks.sample_grid=null",
+    "+trainer.limit_val_batches=0",
+    "+trainer.num_sanity_val_steps=0",
+]
 
 
 def one_line_error(exc_info, *fragments: str) -> str:
@@ -26,8 +31,7 @@ def one_line_error(exc_info, *fragments: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("group, options", [("model", "unet_small"), ("schedule", "cosine"),
-                                            ("objective", "hybrid")])
+@pytest.mark.parametrize("group, options", [("model", "unet_small"), ("schedule", "cosine"), ("objective", "hybrid")])
 def test_unknown_group_option_lists_the_choices(compose_train, group, options):
     with pytest.raises(MissingConfigException) as err:
         compose_train(f"{group}=nonexistent")
@@ -36,18 +40,40 @@ def test_unknown_group_option_lists_the_choices(compose_train, group, options):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, fragments", [
-    ("objective.loss_type=l1", ["diffusion (objective): unknown loss_type 'l1'; choose one of simple, vlb, hybrid"]),
-    ("objective.var_type=learned", ["unknown var_type 'learned'; choose one of fixed_small, fixed_large, learned_range"]),
-    ("schedule.name=quadratic", ["schedule: unknown beta schedule 'quadratic'; choose one of linear, cosine"]),
-    ("schedule.num_timesteps=10", ["schedule=linear with schedule.num_timesteps=10 gives betas outside (0, 1)",
-                                   "use a larger schedule.num_timesteps"]),
-    ("data.image_size=18", ["data.image_size sets the size", "image_size=18 must be divisible by",
-                            "use an image_size such as 16 or 20"]),
-    ("+model.out_channels=1", ["model.out_channels=1 but objective var_type=learned_range",
-                               "remove model.out_channels"]),
-    ("callbacks.sample_grid.num_samples=0", ["callbacks.sample_grid: num_samples must be positive, got 0"]),
-])
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        (
+            "objective.loss_type=l1",
+            ["diffusion (objective): unknown loss_type 'l1'; choose one of simple, vlb, hybrid"],
+        ),
+        (
+            "objective.var_type=learned",
+            ["unknown var_type 'learned'; choose one of fixed_small, fixed_large, learned_range"],
+        ),
+        ("schedule.name=quadratic", ["schedule: unknown beta schedule 'quadratic'; choose one of linear, cosine"]),
+        (
+            "schedule.num_timesteps=10",
+            [
+                "schedule=linear with schedule.num_timesteps=10 gives betas outside (0, 1)",
+                "use a larger schedule.num_timesteps",
+            ],
+        ),
+        (
+            "data.image_size=18",
+            [
+                "data.image_size sets the size",
+                "image_size=18 must be divisible by",
+                "use an image_size such as 16 or 20",
+            ],
+        ),
+        (
+            "+model.out_channels=1",
+            ["model.out_channels=1 but objective var_type=learned_range", "remove model.out_channels"],
+        ),
+        ("callbacks.sample_grid.num_samples=0", ["callbacks.sample_grid: num_samples must be positive, got 0"]),
+    ],
+)
 def test_bad_config_value_is_one_line_config_error(compose_train, override, fragments):
     extra = ["model.channel_mult=[1,2,2]", "model.attention_resolutions=[]"] if "image_size" in override else []
     extra += ["objective=hybrid"] if "out_channels" in override else []
@@ -63,12 +89,16 @@ def test_resume_with_another_config_lists_what_differs(compose_train):
     cfg = compose_train(*ONE_STEP, "schedule.num_timesteps=40", "objective=hybrid", "ckpt_path=last")
     with pytest.raises(ConfigError) as err:
         train(cfg)
-    message = one_line_error(err, "was trained with another config",
-                             "schedule.num_timesteps: checkpoint 50, config 40",
-                             "objective.loss_type: checkpoint 'simple', config 'hybrid'",
-                             "objective.var_type: checkpoint 'fixed_large', config 'learned_range'",
-                             "resume with the checkpoint's values (",
-                             "schedule.num_timesteps=50", "objective.loss_type=simple")
+    message = one_line_error(
+        err,
+        "was trained with another config",
+        "schedule.num_timesteps: checkpoint 50, config 40",
+        "objective.loss_type: checkpoint 'simple', config 'hybrid'",
+        "objective.var_type: checkpoint 'fixed_large', config 'learned_range'",
+        "resume with the checkpoint's values (",
+        "schedule.num_timesteps=50",
+        "objective.loss_type=simple",
+    )
     assert "timestep_sampler.num_timesteps" not in message  # follows schedule.num_timesteps; not listed twice
 
 
@@ -112,8 +142,10 @@ def test_empty_image_folder(compose_train, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("on_bad_image", ["skip", "error"])
 # the 20 readable images make one training batch, fewer than the logging interval: Lightning says so
-@pytest.mark.filterwarnings(r"ignore:The number of training batches \(1\) is smaller than the logging interval"
-                            ":lightning.fabric.utilities.warnings.PossibleUserWarning")
+@pytest.mark.filterwarnings(
+    r"ignore:The number of training batches \(1\) is smaller than the logging interval"
+    ":lightning.fabric.utilities.warnings.PossibleUserWarning"
+)
 def test_unreadable_images_are_skipped_with_a_count_or_stop_the_run(compose_train, tmp_path, caplog, on_bad_image):
     write_images(tmp_path / "images", 20)
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -135,20 +167,34 @@ def test_wrong_cifar10_files(compose_train, tmp_path):
     folder.mkdir(parents=True)
     for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
         (folder / name).write_bytes(pickle.dumps({"images": [1, 2, 3]}))
-    cfg = compose_train(*ONE_STEP, "data=cifar10", f"data.root={tmp_path}/cifar10", "data.download=false",
-                        "data.num_workers=0", "data.pin_memory=false", "model.attention_resolutions=[16]")
+    cfg = compose_train(
+        *ONE_STEP,
+        "data=cifar10",
+        f"data.root={tmp_path}/cifar10",
+        "data.download=false",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "model.attention_resolutions=[16]",
+    )
     with pytest.raises(DatasetNotFoundError) as err:
         train(cfg)
-    one_line_error(err, f"CIFAR-10 file {folder}/data_batch_1 is unreadable or not in the CIFAR-10 python format",
-                   "expected 'data' and 'labels'", "replace it with the file from")
+    one_line_error(
+        err,
+        f"CIFAR-10 file {folder}/data_batch_1 is unreadable or not in the CIFAR-10 python format",
+        "expected 'data' and 'labels'",
+        "replace it with the file from",
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, expected", [
-    (["data.image_size=18", "model.channel_mult=[1,2,2]"], "image_size=18 must be divisible by"),
-    (["objective=hybrid", "+model.out_channels=1"], "model.out_channels=1 but objective var_type=learned_range"),
-    (["ckpt_path=last"], "ckpt_path=last but"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.image_size=18", "model.channel_mult=[1,2,2]"], "image_size=18 must be divisible by"),
+        (["objective=hybrid", "+model.out_channels=1"], "model.out_channels=1 but objective var_type=learned_range"),
+        (["ckpt_path=last"], "ckpt_path=last but"),
+    ],
+)
 def test_train_py_prints_one_error_line_without_traceback(tmp_path, overrides, expected):
     cmd = [sys.executable, "train.py", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run", *overrides]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

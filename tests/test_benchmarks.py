@@ -1,5 +1,6 @@
 """The benchmark scripts still run against the installed diffusers and build a peer of the same size.
 Speed itself is never asserted here: the scripts measure it."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -20,26 +21,43 @@ def test_peer_unet_has_our_parameter_count(name):
     assert num_params(build_peer(name, device)) == num_params(build_ours(name, device))
 
 
-@pytest.mark.parametrize("op, group", [
-    ("aten::mkldnn_convolution", "convolution"),
-    ("aten::convolution_backward", "convolution"),
-    ("aten::cudnn_convolution", "convolution"),
-    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention + matmul"),
-    ("aten::addmm", "attention + matmul"),
-    ("aten::bmm", "attention + matmul"),
-    ("aten::native_group_norm_backward", "group norm"),
-    ("aten::silu_backward", OTHER),
-    ("aten::addcmul_", OTHER),
-    ("aten::linalg_vector_norm", OTHER),
-])
+@pytest.mark.parametrize(
+    "op, group",
+    [
+        ("aten::mkldnn_convolution", "convolution"),
+        ("aten::convolution_backward", "convolution"),
+        ("aten::cudnn_convolution", "convolution"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention + matmul"),
+        ("aten::addmm", "attention + matmul"),
+        ("aten::bmm", "attention + matmul"),
+        ("aten::native_group_norm_backward", "group norm"),
+        ("aten::silu_backward", OTHER),
+        ("aten::addcmul_", OTHER),
+        ("aten::linalg_vector_norm", OTHER),
+    ],
+)
 def test_breakdown_groups_ops_by_name(op, group):
     assert group_of(op) == group
 
 
 @pytest.mark.slow
 def test_throughput_script_prints_the_side_by_side_table():
-    cmd = [sys.executable, "benchmarks/throughput.py", "--models", "unet_small", "--batch-size", "2",
-           "--repeats", "1", "--warmup", "0", "--min-seconds", "0", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "benchmarks/throughput.py",
+        "--models",
+        "unet_small",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--min-seconds",
+        "0",
+        "--threads",
+        "1",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| unet_small |")]

@@ -1,5 +1,6 @@
 """Class-conditional training and sampling end to end: the label-conditioned U-Net, label dropout in the
 training step, the noisy-image classifier (task=classifier), and sample.py / evaluate.py with guidance."""
+
 import math
 from pathlib import Path
 
@@ -17,10 +18,21 @@ from src.models import NoisyClassifier, UNet
 from src.training import train
 
 # A tiny T=50 net on 8x8 digits, for runs of one step.
-TINY = ["trainer.accelerator=cpu", "data.image_size=8", "schedule.num_timesteps=50", "model.base_channels=32", "model.channel_mult=[1,2]",
-        "model.num_res_blocks=1", "model.num_heads=1", "data.batch_size=16", "callbacks.progress_bar=null",
-        "trainer.max_steps=1", "trainer.val_check_interval=1", "+trainer.limit_val_batches=1",
-        "+trainer.num_sanity_val_steps=0"]
+TINY = [
+    "trainer.accelerator=cpu",
+    "data.image_size=8",
+    "schedule.num_timesteps=50",
+    "model.base_channels=32",
+    "model.channel_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.num_heads=1",
+    "data.batch_size=16",
+    "callbacks.progress_bar=null",
+    "trainer.max_steps=1",
+    "trainer.val_check_interval=1",
+    "+trainer.limit_val_batches=1",
+    "+trainer.num_sanity_val_steps=0",
+]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,8 +85,9 @@ class LabelSpy(nn.Module):
 def test_training_step_drops_labels_at_the_configured_rate(p):
     spy = LabelSpy(num_classes=10)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 50))
-    module = DiffusionModule(spy, diffusion, UniformSampler(50), torch.optim.Adam, lr_warmup_steps=0, ema_decay=0.9999,
-                             label_dropout=p)
+    module = DiffusionModule(
+        spy, diffusion, UniformSampler(50), torch.optim.Adam, lr_warmup_steps=0, ema_decay=0.9999, label_dropout=p
+    )
     n = 20_000
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
@@ -93,8 +106,15 @@ def test_training_step_drops_labels_at_the_configured_rate(p):
 def test_unconditional_net_gets_no_labels():
     calls = []
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 50))
-    module = DiffusionModule(lambda_net(calls), diffusion, UniformSampler(50), torch.optim.Adam, lr_warmup_steps=0,
-                             ema_decay=0.9999, label_dropout=0.5)
+    module = DiffusionModule(
+        lambda_net(calls),
+        diffusion,
+        UniformSampler(50),
+        torch.optim.Adam,
+        lr_warmup_steps=0,
+        ema_decay=0.9999,
+        label_dropout=0.5,
+    )
     with pytest.warns(UserWarning, match="self.log"):
         module.training_step((torch.zeros(4, 1, 2, 2), torch.arange(4)), 0)
     assert calls == [{}]
@@ -131,11 +151,20 @@ def test_model_num_classes_below_the_data_classes_is_a_config_error(compose_trai
         train(cfg)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["model.num_classes=null", "guidance_scale=2"], r"guidance_scale=2 needs a class-conditional net: set model.num_classes"),
-    (["guidance_scale=2", "module.label_dropout=0"], r"module.label_dropout=0 never trains: set module.label_dropout=0.1"),
-    (["guidance_scale=high"], r"guidance_scale must be a number or null, got 'high'"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            ["model.num_classes=null", "guidance_scale=2"],
+            r"guidance_scale=2 needs a class-conditional net: set model.num_classes",
+        ),
+        (
+            ["guidance_scale=2", "module.label_dropout=0"],
+            r"module.label_dropout=0 never trains: set module.label_dropout=0.1",
+        ),
+        (["guidance_scale=high"], r"guidance_scale must be a number or null, got 'high'"),
+    ],
+)
 def test_a_guidance_scale_the_run_cannot_use_is_a_config_error(compose_train, overrides, match):
     from src.builders import check_guidance_scale
 
@@ -149,21 +178,33 @@ def test_a_guidance_scale_the_run_cannot_use_is_a_config_error(compose_train, ov
 def checkpoints(tmp_path_factory, compose_config):
     """One-step runs on digits, T=50: a class-conditional denoiser and a noisy-image classifier."""
     root = tmp_path_factory.mktemp("conditional")
-    cfg = compose_config("train", "experiment=digits_conditional", *TINY, "callbacks.sample_grid.num_samples=2",
-                         "sampler.steps=2", output_dir=root / "diffusion", data_dir=root / "data")
+    cfg = compose_config(
+        "train",
+        "experiment=digits_conditional",
+        *TINY,
+        "callbacks.sample_grid.num_samples=2",
+        "sampler.steps=2",
+        output_dir=root / "diffusion",
+        data_dir=root / "data",
+    )
     _, diffusion_objects = train(cfg)
     cfg = compose_config("train", "task=classifier", *TINY, output_dir=root / "classifier", data_dir=root / "data")
     metrics, classifier_objects = train(cfg)
-    return {"diffusion": root / "diffusion" / "checkpoints" / "last.ckpt",
-            "classifier": root / "classifier" / "checkpoints" / "last.ckpt",
-            "diffusion_module": diffusion_objects["module"], "classifier_module": classifier_objects["module"],
-            "classifier_metrics": metrics}
+    return {
+        "diffusion": root / "diffusion" / "checkpoints" / "last.ckpt",
+        "classifier": root / "classifier" / "checkpoints" / "last.ckpt",
+        "diffusion_module": diffusion_objects["module"],
+        "classifier_module": classifier_objects["module"],
+        "classifier_metrics": metrics,
+    }
 
 
 @pytest.mark.slow
 def test_conditional_digits_and_classifier_train_through_the_config(checkpoints):
     net = checkpoints["diffusion_module"].net
-    assert isinstance(net, UNet) and net.num_classes == 10 and checkpoints["diffusion_module"].hparams.label_dropout == 0.1
+    assert (
+        isinstance(net, UNet) and net.num_classes == 10 and checkpoints["diffusion_module"].hparams.label_dropout == 0.1
+    )
     # the training grid of a class-conditional net: one row per class (2 images asked for, so 1 per class)
     raw = checkpoints["diffusion"].parents[1] / "samples" / "raw" / "step_0000001.png"
     assert read_png(raw).shape[:2] == (2 + 10 * 10, 2 + 1 * 10)
@@ -185,21 +226,35 @@ def test_sample_command_draws_one_row_per_class_per_guidance_scale(checkpoints, 
     import sample as sample_command
 
     common = [f"ckpt_path={checkpoints['diffusion']}", "device=cpu", "sampler=ddim", "steps=2", "min_image_size=null"]
-    written = sample_command.run(compose_sample(*common, "guidance_scale=[0,3]", "grid.per_class=2",
-                                                output_dir=tmp_path / "cfg"))
+    written = sample_command.run(
+        compose_sample(*common, "guidance_scale=[0,3]", "grid.per_class=2", output_dir=tmp_path / "cfg")
+    )
     assert set(written) == {"samples_w0.png", "samples_w3.png"}
     for path in written.values():  # 10 rows of 2 images of 8 px, 2 px padding
         assert read_png(path).shape[:2] == (2 + 10 * 10, 2 + 2 * 10)
 
-    written = sample_command.run(compose_sample(*common, "class_label=7", "num_samples=3",
-                                                f"classifier.ckpt_path={checkpoints['classifier']}",
-                                                "classifier.scale=2", output_dir=tmp_path / "clf"))
+    written = sample_command.run(
+        compose_sample(
+            *common,
+            "class_label=7",
+            "num_samples=3",
+            f"classifier.ckpt_path={checkpoints['classifier']}",
+            "classifier.scale=2",
+            output_dir=tmp_path / "clf",
+        )
+    )
     assert read_png(written["samples.png"]).shape[:2] == (2 + 10, 2 + 3 * 10)
 
-    bad = [(["class_label=10"], ConfigError, "not a class of the checkpoint; use 0..9"),
-           (["mode=trajectory", "guidance_scale=1"], ConfigError, "apply to mode=grid"),
-           ([f"classifier.ckpt_path={checkpoints['diffusion']}"], CheckpointError, "is a task=diffusion run, not a classifier checkpoint"),
-           ([f"ckpt_path={checkpoints['classifier']}"], CheckpointError, "is a task=classifier run, not a diffusion")]
+    bad = [
+        (["class_label=10"], ConfigError, "not a class of the checkpoint; use 0..9"),
+        (["mode=trajectory", "guidance_scale=1"], ConfigError, "apply to mode=grid"),
+        (
+            [f"classifier.ckpt_path={checkpoints['diffusion']}"],
+            CheckpointError,
+            "is a task=diffusion run, not a classifier checkpoint",
+        ),
+        ([f"ckpt_path={checkpoints['classifier']}"], CheckpointError, "is a task=classifier run, not a diffusion"),
+    ]
     for overrides, error, message in bad:
         with pytest.raises(error, match=message):
             sample_command.run(compose_sample(*common, *overrides, output_dir=tmp_path / "bad"))
@@ -209,8 +264,16 @@ def test_sample_command_draws_one_row_per_class_per_guidance_scale(checkpoints, 
 def test_evaluate_sweeps_the_guidance_scale(checkpoints, compose_evaluate, tmp_path):
     from src.evaluation import run
 
-    common = [f"ckpt_path={checkpoints['diffusion']}", "num_samples=12", "batch_size=12", "fid=false", "sampler=ddim",
-              "steps=2", "grid_size=20", "min_image_size=null"]
+    common = [
+        f"ckpt_path={checkpoints['diffusion']}",
+        "num_samples=12",
+        "batch_size=12",
+        "fid=false",
+        "sampler=ddim",
+        "steps=2",
+        "grid_size=20",
+        "min_image_size=null",
+    ]
     # not configured: the run's own guidance_scale (the digits runs' 0), one set in the run folder itself
     metrics = run(compose_evaluate(*common, output_dir=tmp_path / "own"))
     assert [r["guidance_scale"] for r in metrics["guidance"]["runs"]] == [0.0]
@@ -229,9 +292,17 @@ def test_evaluate_sweeps_the_guidance_scale(checkpoints, compose_evaluate, tmp_p
         assert read_png(folder / "samples_grid.png").shape[:2] == (2 + 10 * 10, 2 + 2 * 10)
     assert "samples" not in metrics  # per w only
 
-    cfg = compose_evaluate(f"ckpt_path={checkpoints['diffusion']}", "num_samples=4", "batch_size=4",
-                           "fid=false", "sampler=ddim", "steps=2", "guidance_scales=[2]",
-                           f"classifier.ckpt_path={checkpoints['classifier']}", output_dir=out)
+    cfg = compose_evaluate(
+        f"ckpt_path={checkpoints['diffusion']}",
+        "num_samples=4",
+        "batch_size=4",
+        "fid=false",
+        "sampler=ddim",
+        "steps=2",
+        "guidance_scales=[2]",
+        f"classifier.ckpt_path={checkpoints['classifier']}",
+        output_dir=out,
+    )
     metrics = run(cfg)
     assert [r["guidance_scale"] for r in metrics["guidance"]["runs"]] == [2.0]
     assert metrics["guidance"]["classifier"]["ckpt_path"] == str(checkpoints["classifier"])

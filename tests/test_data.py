@@ -1,4 +1,5 @@
 """Data layer: value range and 8-bit grid, splits, flips, CIFAR-10 files, image folders, configs."""
+
 import inspect
 import logging
 import pickle
@@ -106,8 +107,9 @@ def test_global_batch_size_is_split_across_processes():
         dm.setup("fit")
 
 
-@pytest.mark.parametrize("cls, name", [(DigitsDataModule, "digits"), (CIFAR10DataModule, "cifar10"),
-                                       (ImageFolderDataModule, "image_folder")])
+@pytest.mark.parametrize(
+    "cls, name", [(DigitsDataModule, "digits"), (CIFAR10DataModule, "cifar10"), (ImageFolderDataModule, "image_folder")]
+)
 def test_the_config_is_the_only_source_of_the_settings(cls, name):
     # Every setting in conf/data/<name>.yaml is an argument without a default, or a DataLoader setting passed on
     # to ImageDataModule, whose defaults are the only ones; a misspelt one is an error.
@@ -256,8 +258,9 @@ def folder(tmp_path):
 
 
 def test_image_folder_shapes_labels_and_range(folder):
-    dm = ImageFolderDataModule(**data_args("image_folder", root=str(folder), image_size=12, batch_size=4,
-                                           val_fraction=0.2))
+    dm = ImageFolderDataModule(
+        **data_args("image_folder", root=str(folder), image_size=12, batch_size=4, val_fraction=0.2)
+    )
     assert (dm.channels, dm.image_size, dm.num_classes) == (3, 12, 2) and dm.classes == ["cats", "dogs"]
     dm.setup()
     assert len(dm.train_dataset) == 8 and len(dm.val_dataset) == 2
@@ -293,8 +296,9 @@ def test_image_folder_center_crop(tmp_path):
     tall = np.zeros((128, 64, 3), np.uint8)  # 64x128 -> resized to 32x64, center 32x32 is the white middle
     tall[32:96] = 255
     Image.fromarray(tall).save(tmp_path / "tall.png")
-    dm = ImageFolderDataModule(**data_args("image_folder", root=str(tmp_path), image_size=32, val_fraction=0.0,
-                                           random_flip=False))
+    dm = ImageFolderDataModule(
+        **data_args("image_folder", root=str(tmp_path), image_size=32, val_fraction=0.0, random_flip=False)
+    )
     assert dm.num_classes == 1
     dm.setup()
     images = {p.name: dm.train_dataset[i] for i, p in enumerate(dm.train_dataset.paths)}
@@ -341,11 +345,16 @@ def test_image_folder_bad_file_skip_or_error(folder, caplog):
 
 @pytest.mark.parametrize("name", ["digits", "cifar10", "image_folder"])
 def test_configs_instantiate(tmp_path, folder, name):
-    cfg = OmegaConf.merge({"paths": {"data_dir": str(tmp_path / "data")}}, {"data": OmegaConf.load(CONF_DATA / f"{name}.yaml")})
+    cfg = OmegaConf.merge(
+        {"paths": {"data_dir": str(tmp_path / "data")}}, {"data": OmegaConf.load(CONF_DATA / f"{name}.yaml")}
+    )
     if name == "image_folder":
         cfg.data.root = str(folder)
     dm = instantiate(cfg.data)
-    assert type(dm).__name__ == {"digits": "DigitsDataModule", "cifar10": "CIFAR10DataModule", "image_folder": "ImageFolderDataModule"}[name]
+    assert (
+        type(dm).__name__
+        == {"digits": "DigitsDataModule", "cifar10": "CIFAR10DataModule", "image_folder": "ImageFolderDataModule"}[name]
+    )
     assert dm.channels in (1, 3) and dm.image_size > 0 and dm.num_classes >= 1
     if name == "cifar10":
         assert dm.root == str(tmp_path / "data" / "cifar10") and dm.pin_memory and dm.random_flip

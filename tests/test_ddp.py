@@ -5,6 +5,7 @@ the dataset, the step), and by a dataset exactly one global batch long: each ste
 same 8 images with the same t and noise however the ranks split them, so the all-reduced gradient,
 the Adam step and the EMA must match the single-process run up to float summation order.
 """
+
 import functools
 from pathlib import Path
 
@@ -28,11 +29,13 @@ pytestmark = pytest.mark.slow  # every test trains through the Trainer
 
 class TinyData(ImageDataModule):
     """8 random 1x8x8 images whose label is their index (the key of their t and noise)."""
+
     channels, image_size, num_classes = 1, 8, NUM_IMAGES
 
     def build_datasets(self):
-        images = torch.randint(0, 256, (NUM_IMAGES, 1, 8, 8), generator=torch.Generator().manual_seed(0),
-                               dtype=torch.uint8)
+        images = torch.randint(
+            0, 256, (NUM_IMAGES, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+        )
         dataset = UInt8ImageDataset(images, torch.arange(NUM_IMAGES))
         return dataset, dataset
 
@@ -58,24 +61,48 @@ class KeyedNoiseModule(DiffusionModule):
 
     def on_train_end(self):
         state = {k: v.detach().clone() for k, v in self.state_dict().items() if torch.is_tensor(v)}
-        torch.save({"state": state, "rng": self.first_rng_state, "world_size": self.trainer.world_size},
-                   self.out_dir / f"rank{self.global_rank}_of_{self.trainer.world_size}.pt")
+        torch.save(
+            {"state": state, "rng": self.first_rng_state, "world_size": self.trainer.world_size},
+            self.out_dir / f"rank{self.global_rank}_of_{self.trainer.world_size}.pt",
+        )
 
 
 def tiny_unet() -> UNet:
-    return UNet(in_channels=1, out_channels=1, image_size=8, base_channels=32, channel_mult=[1, 2],
-                num_res_blocks=1, attention_resolutions=[4], dropout=0.0)
+    return UNet(
+        in_channels=1,
+        out_channels=1,
+        image_size=8,
+        base_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[4],
+        dropout=0.0,
+    )
 
 
 def fit(out_dir: Path, devices: int) -> None:
     torch.manual_seed(0)  # same initial weights in both runs
-    module = KeyedNoiseModule(net=tiny_unet(), diffusion=GaussianDiffusion(make_beta_schedule("linear", T)),
-                              timestep_sampler=UniformSampler(T), ema_decay=0.9, lr_warmup_steps=0,
-                              optimizer=functools.partial(make_optimizer, lr=LR))
+    module = KeyedNoiseModule(
+        net=tiny_unet(),
+        diffusion=GaussianDiffusion(make_beta_schedule("linear", T)),
+        timestep_sampler=UniformSampler(T),
+        ema_decay=0.9,
+        lr_warmup_steps=0,
+        optimizer=functools.partial(make_optimizer, lr=LR),
+    )
     module.out_dir = out_dir
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                        max_steps=STEPS, gradient_clip_val=1.0, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=STEPS,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=TinyData(batch_size=GLOBAL_BATCH))
 
 
@@ -115,8 +142,9 @@ class RandomImages(ImageDataModule):
     channels, image_size, num_classes = 1, 8, None
 
     def build_datasets(self):
-        images = torch.randint(0, 256, (RESUME_IMAGES, 1, 8, 8), generator=torch.Generator().manual_seed(1),
-                               dtype=torch.uint8)
+        images = torch.randint(
+            0, 256, (RESUME_IMAGES, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+        )
         dataset = UInt8ImageDataset(images, torch.zeros(RESUME_IMAGES, dtype=torch.long))
         return dataset, dataset
 
@@ -134,14 +162,28 @@ class RecordingModule(DiffusionModule):
 def fit_for_resume(out_dir: Path, max_steps: int, ckpt_path: Path | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    module = RecordingModule(net=tiny_unet(), diffusion=GaussianDiffusion(make_beta_schedule("linear", T)),
-                             timestep_sampler=UniformSampler(T), ema_decay=0.9, lr_warmup_steps=0,
-                             optimizer=functools.partial(make_optimizer, lr=LR))
+    module = RecordingModule(
+        net=tiny_unet(),
+        diffusion=GaussianDiffusion(make_beta_schedule("linear", T)),
+        timestep_sampler=UniformSampler(T),
+        ema_decay=0.9,
+        lr_warmup_steps=0,
+        optimizer=functools.partial(make_optimizer, lr=LR),
+    )
     module.out_dir = out_dir
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir, save_last=True, every_n_train_steps=2)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=max_steps,
-                        deterministic=True, limit_val_batches=0, logger=False, callbacks=[checkpoints],
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=max_steps,
+        deterministic=True,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[checkpoints],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=RandomImages(batch_size=RESUME_BATCH), ckpt_path=ckpt_path, weights_only=False)
 
 

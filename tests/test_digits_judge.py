@@ -1,6 +1,7 @@
 """The digits judge (src/evaluation/digits_features.py, benchmarks/digits_sample_quality.py): its parts
 are disjoint, its network is the fitted scikit-learn MLP, and it is a usable yardstick: real held-out
 digits score near its floor and visibly worse images clearly worse."""
+
 import json
 
 import numpy as np
@@ -8,8 +9,15 @@ import pytest
 import torch
 
 from benchmarks.digits_sample_quality import DigitsJudge, blurred, main
-from src.evaluation.digits_features import (CLASSIFIER_IMAGES, REFERENCE_IMAGES, DigitsFeatures, fit_classifier,
-                                            flatten_unit, judge_indices, judge_split)
+from src.evaluation.digits_features import (
+    CLASSIFIER_IMAGES,
+    REFERENCE_IMAGES,
+    DigitsFeatures,
+    fit_classifier,
+    flatten_unit,
+    judge_indices,
+    judge_split,
+)
 
 SIZE = 16
 
@@ -21,7 +29,11 @@ def judge():
 
 def test_the_parts_partition_all_digits_and_do_not_depend_on_the_size():
     fit, ref, held = judge_indices(1797)
-    assert (len(fit), len(ref), len(held)) == (CLASSIFIER_IMAGES, REFERENCE_IMAGES, 1797 - CLASSIFIER_IMAGES - REFERENCE_IMAGES)
+    assert (len(fit), len(ref), len(held)) == (
+        CLASSIFIER_IMAGES,
+        REFERENCE_IMAGES,
+        1797 - CLASSIFIER_IMAGES - REFERENCE_IMAGES,
+    )
     assert torch.equal(torch.sort(torch.cat([fit, ref, held])).values, torch.arange(1797))
     small, large = judge_split(8), judge_split(SIZE)
     assert torch.equal(small.held_out_labels, large.held_out_labels)
@@ -33,15 +45,17 @@ def test_the_network_is_the_fitted_mlp(judge):
     classifier = fit_classifier(SIZE)
     expected_features = np.maximum(flatten_unit(images) @ classifier.coefs_[0] + classifier.intercepts_[0], 0.0)
     np.testing.assert_allclose(features.numpy(), expected_features, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(torch.softmax(logits.double(), 1).numpy(), classifier.predict_proba(flatten_unit(images)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        torch.softmax(logits.double(), 1).numpy(), classifier.predict_proba(flatten_unit(images)), atol=1e-5
+    )
     assert judge.extractor.accuracy > 0.95
 
 
 def test_real_digits_score_near_the_floor_and_worse_images_clearly_worse(judge):
     floor, blur = (row for _, row in judge.real_rows())
-    noise = torch.randint(0, 256, (REFERENCE_IMAGES, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(0),
-                          dtype=torch.uint8)
+    noise = torch.randint(
+        0, 256, (REFERENCE_IMAGES, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     uniform = judge.score(noise)
     assert floor["digit_is"] > 9.0 and blur["digit_is"] < floor["digit_is"]
     assert 3 * floor["fd"] < blur["fd"] < uniform["fd"]

@@ -4,6 +4,7 @@ With Gaussian data x_0 ~ N(m, s^2) per pixel the optimal network is known (eps* 
 schedule at the original timestep) and every DDIM step is affine in x, so the inversion, the decoder and
 their composition are affine maps whose coefficients follow from the schedule (numpy, DDIM eq. 12).
 """
+
 import math
 
 import numpy as np
@@ -32,7 +33,7 @@ _ABAR_T = torch.from_numpy(ABAR)
 def oracle(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) m) / (abar_t s^2 + 1 - abar_t)."""
     a = _ABAR_T[t].to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
-    return torch.sqrt(1.0 - a) * (xt - torch.sqrt(a) * M) / (a * S ** 2 + 1.0 - a)
+    return torch.sqrt(1.0 - a) * (xt - torch.sqrt(a) * M) / (a * S**2 + 1.0 - a)
 
 
 def data(n: int, seed: int, size: int = 8) -> torch.Tensor:
@@ -42,7 +43,7 @@ def data(n: int, seed: int, size: int = 8) -> torch.Tensor:
 
 def posterior_x0(a: float) -> tuple[float, float]:
     """E[x_0 | x_t] = gain x_t + offset."""
-    gain = S ** 2 * math.sqrt(a) / (a * S ** 2 + 1.0 - a)
+    gain = S**2 * math.sqrt(a) / (a * S**2 + 1.0 - a)
     return gain, M * (1.0 - gain * math.sqrt(a))
 
 
@@ -51,10 +52,14 @@ def ddim_move(slope: float, shift: float, a_from: float, a_to: float) -> tuple[f
     eps predicted from x at a_from: x_to = sqrt(a_to) x0_hat + sqrt(1 - a_to) eps (DDIM eq. 12, sigma = 0)."""
     gain, offset = posterior_x0(a_from)
     x0 = (gain * slope, gain * shift + offset)
-    eps = ((slope - math.sqrt(a_from) * x0[0]) / math.sqrt(1 - a_from),
-           (shift - math.sqrt(a_from) * x0[1]) / math.sqrt(1 - a_from))
-    return (math.sqrt(a_to) * x0[0] + math.sqrt(1 - a_to) * eps[0],
-            math.sqrt(a_to) * x0[1] + math.sqrt(1 - a_to) * eps[1])
+    eps = (
+        (slope - math.sqrt(a_from) * x0[0]) / math.sqrt(1 - a_from),
+        (shift - math.sqrt(a_from) * x0[1]) / math.sqrt(1 - a_from),
+    )
+    return (
+        math.sqrt(a_to) * x0[0] + math.sqrt(1 - a_to) * eps[0],
+        math.sqrt(a_to) * x0[1] + math.sqrt(1 - a_to) * eps[1],
+    )
 
 
 def encoder_map(kept) -> tuple[float, float]:
@@ -115,9 +120,11 @@ def test_interpolation_endpoints_reconstruct_the_inputs_at_small_t():
     # squared error is 2 Var(x_0 | x_t) = 2 s^2 (1 - abar) / (abar s^2 + 1 - abar): rms 0.037 at t=5,
     # with ~5% sampling error over 256 pixels (fixed_large adds a little).
     a = ABAR[5]
-    expected = math.sqrt(2 * S ** 2 * (1 - a) / (a * S ** 2 + 1 - a))
-    print(f"t=5 endpoint rms errors: {rms(out[:, 0], x_a):.4f} {rms(out[:, 2], x_b):.4f} (expected {expected:.4f}); "
-          f"inputs apart {rms(x_a, x_b):.3f}")
+    expected = math.sqrt(2 * S**2 * (1 - a) / (a * S**2 + 1 - a))
+    print(
+        f"t=5 endpoint rms errors: {rms(out[:, 0], x_a):.4f} {rms(out[:, 2], x_b):.4f} (expected {expected:.4f}); "
+        f"inputs apart {rms(x_a, x_b):.3f}"
+    )
     assert rms(out[:, 0], x_a) == pytest.approx(expected, rel=0.25)
     assert rms(out[:, 2], x_b) == pytest.approx(expected, rel=0.25)
     assert rms(x_a, x_b) > 0.2
@@ -127,8 +134,16 @@ def test_interpolation_endpoints_reconstruct_the_inputs_at_small_t():
 
 def test_interpolation_shares_encoding_and_reverse_noise_across_lambdas():
     x = data(2, 3)
-    out = interpolate(make(), oracle, x, x, torch.linspace(0, 1, 5), 400, SamplerOptions(steps=20),
-                      generator=torch.Generator().manual_seed(0))
+    out = interpolate(
+        make(),
+        oracle,
+        x,
+        x,
+        torch.linspace(0, 1, 5),
+        400,
+        SamplerOptions(steps=20),
+        generator=torch.Generator().manual_seed(0),
+    )
     for j in range(1, 5):  # equal inputs: every lambda is the same decode
         torch.testing.assert_close(out[:, j], out[:, 0])
     assert not torch.allclose(out[0, 0], out[1, 0])  # different pairs get different noise
@@ -176,14 +191,16 @@ def test_ddim_inversion_reconstruction_error_shrinks_with_steps():
     Measured max |x0 - recon| over 256 pixels: 0.0098 (1000 steps), 0.048 (200), 0.18 (50)."""
     x0 = data(4, 8)
     a_T = ABAR[-1]
-    exact_latent = math.sqrt(a_T) * M + math.sqrt(a_T * S ** 2 + 1 - a_T) * (x0 - M) / S
+    exact_latent = math.sqrt(a_T) * M + math.sqrt(a_T * S**2 + 1 - a_T) * (x0 - M) / S
     errors = {}
     for steps, rec_tol, latent_tol in [(1000, 0.02, 0.04), (200, 0.08, 0.2)]:
         latent = ddim_invert(make(), oracle, x0, SamplerOptions(steps=steps))
         recon = ddim_sample(make(), oracle, latent, SamplerOptions(steps=steps))
         errors[steps] = (recon - x0).abs().max().item()
-        print(f"DDIM {steps} steps: max |x0 - recon| {errors[steps]:.4f}, "
-              f"max |latent - exact| {(latent - exact_latent).abs().max().item():.4f}")
+        print(
+            f"DDIM {steps} steps: max |x0 - recon| {errors[steps]:.4f}, "
+            f"max |latent - exact| {(latent - exact_latent).abs().max().item():.4f}"
+        )
         assert errors[steps] < rec_tol
         assert (latent - exact_latent).abs().max().item() < latent_tol
     assert errors[1000] < errors[200] / 3  # first order in the step size

@@ -6,6 +6,7 @@ so for a parameter held at a constant p: e_k = p + (e_0 - p) * prod_{n<k} d_n.
 Warm-up (src.lit.optim): the optimizer step k (0-based) runs with lr * min(1, (k + 1) / warmup), times
 (1 + cos(pi * clip((k + 1 - warmup) / (total - warmup + 1), 0, 1))) / 2 under the cosine schedule.
 """
+
 import io
 import math
 
@@ -237,8 +238,9 @@ def test_warmup_scales_every_parameter_group_by_its_own_lr():
 def test_cosine_schedule_follows_its_closed_form_after_the_warmup():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.4)
     seen = lrs_seen_by_steps(optimizer, with_linear_warmup(optimizer, 3, "cosine", total_steps=10), 10)
-    expected = [0.4 * min(1, (s + 1) / 3) * (1 + math.cos(math.pi * min(1, max(0, s + 1 - 3) / 8))) / 2
-                for s in range(10)]
+    expected = [
+        0.4 * min(1, (s + 1) / 3) * (1 + math.cos(math.pi * min(1, max(0, s + 1 - 3) / 8))) / 2 for s in range(10)
+    ]
     assert seen == pytest.approx(expected, rel=1e-12)
     assert seen[2] == pytest.approx(0.4) and seen[:3] == pytest.approx([0.4 / 3, 0.8 / 3, 0.4])
     assert all(a > b > 0 for a, b in zip(seen[2:], seen[3:]))  # falls every step, never reaches 0
@@ -250,9 +252,10 @@ def test_a_cosine_run_no_longer_than_its_warmup_only_ramps():
     assert seen == pytest.approx([0.1, 0.2, 0.3], rel=1e-12)
 
 
-@pytest.mark.parametrize("schedule, total, match", [("cosine", None, "trainer.max_steps"),
-                                                     ("cosine", -1, "trainer.max_steps"),
-                                                     ("linear", 10, "unknown lr_schedule")])
+@pytest.mark.parametrize(
+    "schedule, total, match",
+    [("cosine", None, "trainer.max_steps"), ("cosine", -1, "trainer.max_steps"), ("linear", 10, "unknown lr_schedule")],
+)
 def test_bad_lr_schedules_are_refused(schedule, total, match):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=match):
@@ -262,8 +265,9 @@ def test_bad_lr_schedules_are_refused(schedule, total, match):
 # --- make_optimizer -----------------------------------------------------------------------------
 @pytest.mark.parametrize("implementation, foreach", [("foreach", True), ("for-loop", False)])
 def test_implementation_sets_the_optimizers_kernel_flag(implementation, foreach):
-    optimizer = make_optimizer([nn.Parameter(torch.zeros(2))], "torch.optim.AdamW", implementation=implementation,
-                               lr=3e-4, weight_decay=0.0)
+    optimizer = make_optimizer(
+        [nn.Parameter(torch.zeros(2))], "torch.optim.AdamW", implementation=implementation, lr=3e-4, weight_decay=0.0
+    )
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["foreach"] is foreach
     assert not optimizer.defaults.get("fused")
@@ -274,4 +278,3 @@ def test_implementation_sets_the_optimizers_kernel_flag(implementation, foreach)
 def test_unknown_implementation_raises_value_error(implementation):
     with pytest.raises(ValueError, match="unknown optimizer implementation.*choose auto, fused, foreach or for-loop"):
         make_optimizer([nn.Parameter(torch.zeros(2))], implementation=implementation, lr=1e-3)
-

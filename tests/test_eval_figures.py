@@ -1,4 +1,5 @@
 """DDPM Fig. 5 (rate-distortion) and the bound's terms per timestep, from the NLL pass's terms."""
+
 import json
 
 import numpy as np
@@ -11,8 +12,13 @@ def synthetic_terms(n: int = 3, num_t: int = 6) -> dict:
     rng = np.random.default_rng(0)
     vb = rng.uniform(0.01, 0.5, size=(n, num_t))
     xstart_mse = np.linspace(0.001, 0.5, num_t)[None, :] * rng.uniform(0.9, 1.1, size=(n, 1))  # more noise, worse x0
-    return {"vb": vb, "xstart_mse": xstart_mse, "prior_bpd": np.full(n, 0.002), "total_bpd": vb.sum(1) + 0.002,
-            "mse": xstart_mse}
+    return {
+        "vb": vb,
+        "xstart_mse": xstart_mse,
+        "prior_bpd": np.full(n, 0.002),
+        "total_bpd": vb.sum(1) + 0.002,
+        "mse": xstart_mse,
+    }
 
 
 def test_rate_is_the_prior_plus_the_terms_after_t_and_distortion_the_rmse_on_255():

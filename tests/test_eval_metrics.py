@@ -1,11 +1,13 @@
 """Sample-quality metrics beyond FID: KID and precision / recall equal torch-fidelity's on the same images
 and (test-written, random) Inception weights; the digits extractor separates real digits from noise; every
 number is named after its extractor; the settings are checked."""
+
 import pytest
 import torch
+import torch_fidelity
+from test_fid import RGBTensors, write_random_inception_weights
 from threadpoolctl import threadpool_limits
 
-import torch_fidelity
 from src.data import DigitsDataModule
 from src.errors import ConfigError
 from src.evaluation.digits_features import DIGITS_EXTRACTOR_NAME, judge_split
@@ -13,7 +15,6 @@ from src.evaluation.extractors import ExtractorRequest, build_extractor, metric_
 from src.evaluation.metrics import INCEPTION_NAME, InceptionFeatures, ReferenceStats, accumulate
 from src.evaluation.quality import Scorer
 from src.evaluation.scores import SampleFeatures, ScoreSettings, score
-from test_fid import RGBTensors, write_random_inception_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,9 +41,20 @@ def test_kid_and_precision_recall_match_torch_fidelity(tmp_path):
     assert unavailable == {}
     with threadpool_limits(limits=1, user_api="blas"):
         theirs = torch_fidelity.calculate_metrics(
-            input1=RGBTensors(fake), input2=RGBTensors(real), kid=True, prc=True, kid_subsets=5, kid_subset_size=6,
-            feature_extractor="inception-v3-compat", cuda=False, feature_extractor_weights_path=str(weights),
-            batch_size=10, save_cpu_ram=True, verbose=False, cache=False)
+            input1=RGBTensors(fake),
+            input2=RGBTensors(real),
+            kid=True,
+            prc=True,
+            kid_subsets=5,
+            kid_subset_size=6,
+            feature_extractor="inception-v3-compat",
+            cuda=False,
+            feature_extractor_weights_path=str(weights),
+            batch_size=10,
+            save_cpu_ram=True,
+            verbose=False,
+            cache=False,
+        )
     assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4, abs=1e-4)
     assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-4, abs=1e-4)
     assert ours["precision"] == pytest.approx(theirs["precision"], abs=1e-4)
@@ -72,7 +84,12 @@ def test_real_digits_score_near_the_validation_split_and_noise_does_not(digits):
 
 
 def test_numbers_are_named_after_their_extractor():
-    assert [metric_key(m, INCEPTION_NAME) for m in ("fd", "is", "kid", "precision")] == ["fid", "is", "kid", "precision"]
+    assert [metric_key(m, INCEPTION_NAME) for m in ("fd", "is", "kid", "precision")] == [
+        "fid",
+        "is",
+        "kid",
+        "precision",
+    ]
     assert metric_key("fd", DIGITS_EXTRACTOR_NAME) == "fd_digits-mlp64"
     assert metric_key("recall", DIGITS_EXTRACTOR_NAME) == "recall_digits-mlp64"
 
@@ -91,8 +108,14 @@ def test_kid_and_precision_recall_need_reference_images(digits):
     assert "lower kid_subset_size" in unavailable["kid_digits-mlp64"]
 
 
-@pytest.mark.parametrize("metrics,values,message", [(["fid", "lpips"], {}, "choose from"), ([], {}, "choose from"),
-                                                    (["kid"], {"kid_subsets": 0}, "kid_subsets must be a positive")])
+@pytest.mark.parametrize(
+    "metrics,values,message",
+    [
+        (["fid", "lpips"], {}, "choose from"),
+        ([], {}, "choose from"),
+        (["kid"], {"kid_subsets": 0}, "kid_subsets must be a positive"),
+    ],
+)
 def test_bad_metric_settings_are_one_line_config_errors(metrics, values, message):
     with pytest.raises(ConfigError, match=message):
         ScoreSettings.checked(metrics, **values)

@@ -1,6 +1,7 @@
 """The protocol evaluate.py records: disjoint seed ranges and their summary, notes on sample counts and
 unequal classes, NLL with the data's labels, atomic outputs marked partial when a stop signal ends the run,
 and the exit codes of Ctrl+C (130) and SIGTERM (143)."""
+
 import json
 import os
 import signal
@@ -30,8 +31,9 @@ class NoiseModule:
 
 
 def draw(start: int, num_samples: int = 6, batch_size: int = 4) -> torch.Tensor:
-    return torch.cat(list(sample_uint8_batches(NoiseModule(), num_samples, batch_size, SamplerOptions(),
-                                               image_seed_start=start)))
+    return torch.cat(
+        list(sample_uint8_batches(NoiseModule(), num_samples, batch_size, SamplerOptions(), image_seed_start=start))
+    )
 
 
 def test_seed_ranges_are_disjoint_and_each_batch_starts_at_its_image_seed():
@@ -40,7 +42,9 @@ def test_seed_ranges_are_disjoint_and_each_batch_starts_at_its_image_seed():
     assert not any(torch.equal(a, b) for a in first for b in second)
     # the batch starting at image i draws from a generator seeded with i: batch 2 of seed 0 starts at image 4
     expected = NoiseModule().sample(2, None, None, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(first[4:], ((expected + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), atol=1, rtol=0)
+    torch.testing.assert_close(
+        first[4:], ((expected + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), atol=1, rtol=0
+    )
     torch.testing.assert_close(draw(0), first)  # reproducible
     with pytest.raises(ValueError, match="seeds must be distinct integers"):
         checked_seeds([0, 0], 0)
@@ -50,8 +54,15 @@ def test_seed_ranges_are_disjoint_and_each_batch_starts_at_its_image_seed():
 def test_summary_over_runs_gives_mean_std_min_max():
     runs = [{"fid": 3.0, "is": None}, {"fid": 5.0, "is": None}, {"fid": 4.0}]
     out = summary(runs, ["fid", "is"])
-    assert out == {"fid": {"mean": 4.0, "std": pytest.approx(np.std([3.0, 5.0, 4.0])), "min": 3.0, "max": 5.0,
-                           "values": [3.0, 5.0, 4.0]}}
+    assert out == {
+        "fid": {
+            "mean": 4.0,
+            "std": pytest.approx(np.std([3.0, 5.0, 4.0])),
+            "min": 3.0,
+            "max": 5.0,
+            "values": [3.0, 5.0, 4.0],
+        }
+    }
 
 
 def test_notes_for_small_sample_counts_and_unequal_classes():
@@ -105,8 +116,12 @@ class LabelRecorder(torch.nn.Module):
 
 def test_nll_of_a_conditional_net_uses_the_data_labels_when_asked():
     net = LabelRecorder()
-    module = SimpleNamespace(ema=SimpleNamespace(model=net), net=net, device=torch.device("cpu"),
-                             diffusion=GaussianDiffusion(torch.linspace(0.1, 0.5, 4)))
+    module = SimpleNamespace(
+        ema=SimpleNamespace(model=net),
+        net=net,
+        device=torch.device("cpu"),
+        diffusion=GaussianDiffusion(torch.linspace(0.1, 0.5, 4)),
+    )
     x, y = torch.rand(3, 1, 4, 4) * 2 - 1, torch.tensor([7, 2, 5])
     nll_terms(module, [(x, y)], with_labels=True)
     assert len(net.seen) == 4 and all(torch.equal(seen, y) for seen in net.seen)

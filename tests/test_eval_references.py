@@ -1,6 +1,7 @@
 """reference=: an npz of mu / sigma, an npz of images and an image folder of the same images give the same
 FID as statistics computed from them; samples=<file.npz> is scored without a checkpoint; the cache key
 covers the extractor; bad references are one-line errors that name the fix."""
+
 import json
 import re
 
@@ -48,14 +49,18 @@ def test_mu_sigma_npz_image_npz_and_folder_give_the_fid_of_the_statistics(compos
     folder.mkdir()
     for i, image in enumerate(real):
         Image.fromarray(image[0].numpy()).save(folder / f"{i:04d}.png")
-    results = {spec: score_against(compose_evaluate, tmp_path, spec, fake)
-               for spec in (tmp_path / "stats.npz", tmp_path / "images.npz", folder)}
+    results = {
+        spec: score_against(compose_evaluate, tmp_path, spec, fake)
+        for spec in (tmp_path / "stats.npz", tmp_path / "images.npz", folder)
+    }
     for spec, entry in results.items():
         assert entry["fd_digits-mlp64"] == pytest.approx(expected, rel=1e-9), spec
     # only images give KID and precision / recall; mu / sigma say they need images
     by_stats = results[tmp_path / "stats.npz"]
-    assert by_stats["kid_digits-mlp64"] is None and "needs the reference images" in \
-        by_stats["metrics_unavailable"]["kid_digits-mlp64"]
+    assert (
+        by_stats["kid_digits-mlp64"] is None
+        and "needs the reference images" in by_stats["metrics_unavailable"]["kid_digits-mlp64"]
+    )
     assert by_stats["reference"]["split"] == "mu/sigma" and len(by_stats["reference"]["sha256_prefix"]) == 16
     assert results[folder]["kid_digits-mlp64"] == pytest.approx(results[tmp_path / "images.npz"]["kid_digits-mlp64"])
 
@@ -64,7 +69,9 @@ def test_samples_npz_is_scored_without_a_checkpoint_against_the_judge(compose_ev
     path = tmp_path / "held_out.npz"
     np.savez(path, arr_0=nhwc(split.held_out), arr_1=split.held_out_labels.numpy())
     out = tmp_path / "eval"
-    metrics = run(compose_evaluate(f"samples={path}", "extractor=digits", f"cache_dir={tmp_path}/cache", output_dir=out))
+    metrics = run(
+        compose_evaluate(f"samples={path}", "extractor=digits", f"cache_dir={tmp_path}/cache", output_dir=out)
+    )
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["protocol"]["reference"] == "judge" and metrics["protocol"]["extractor"] == "digits-mlp64"
     assert metrics["samples"]["num_samples"] == 500 and sum(metrics["samples"]["labels_per_class"]) == 500
@@ -78,8 +85,8 @@ def test_samples_npz_is_scored_without_a_checkpoint_against_the_judge(compose_ev
 
 
 def test_cache_key_covers_the_extractor(tmp_path, split):
-    from src.evaluation.metrics import ReferenceImages, reference_meta
     from src.data import UInt8ImageDataset
+    from src.evaluation.metrics import ReferenceImages, reference_meta
 
     images = ReferenceImages(UInt8ImageDataset(split.reference, torch.zeros(500)))
 
@@ -98,12 +105,14 @@ def test_bad_references_and_sample_files_are_one_line_errors(tmp_path, split):
     np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 16, 16, 1), np.float32))
     (tmp_path / "empty").mkdir()
     shape = (1, 16, 16)
-    cases = [("train", "is a split of the checkpoint's data; give ckpt_path"),
-             (str(tmp_path / "other.npz"), "neither arr_0 (images) nor mu and sigma"),
-             (str(tmp_path / "rgb.npz"), "holds 3x32x32 images but the samples are 1x16x16"),
-             (str(tmp_path / "floats.npz"), "arr_0 must be uint8 images"),
-             (str(tmp_path / "empty"), "no images"),
-             (str(tmp_path / "missing.npz"), "not train, val, judge, an image folder or an existing .npz")]
+    cases = [
+        ("train", "is a split of the checkpoint's data; give ckpt_path"),
+        (str(tmp_path / "other.npz"), "neither arr_0 (images) nor mu and sigma"),
+        (str(tmp_path / "rgb.npz"), "holds 3x32x32 images but the samples are 1x16x16"),
+        (str(tmp_path / "floats.npz"), "arr_0 must be uint8 images"),
+        (str(tmp_path / "empty"), "no images"),
+        (str(tmp_path / "missing.npz"), "not train, val, judge, an image folder or an existing .npz"),
+    ]
     for spec, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)) as err:
             resolve_source(spec, shape, None, split_dataset=None)

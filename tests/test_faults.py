@@ -1,4 +1,5 @@
 """Faults during training: a checkpoint write that fails midway, a NaN loss, mixed precision."""
+
 import csv
 import errno
 import hashlib
@@ -8,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.checkpoints import read_checkpoint
 from src.errors import NonFiniteLossError
 from src.lit import AtomicCheckpointIO
 from src.models import UNet
-from src.checkpoints import read_checkpoint
 from src.training import train
 
 QUIET = ["callbacks.sample_grid=null", "+trainer.limit_val_batches=0", "+trainer.num_sanity_val_steps=0"]
@@ -100,8 +101,14 @@ def test_nan_loss_stops_before_the_update_and_names_the_last_good_checkpoint(com
 @pytest.mark.slow
 def test_bf16_mixed_precision_with_learned_variance_gives_finite_losses(compose_train):
     # bf16 autocast is very slow on CPUs without bf16 units: 2 steps of a tiny net.
-    cfg = compose_train(*QUIET, "trainer.precision=bf16-mixed", "objective=hybrid", "trainer.max_steps=2",
-                        "trainer.log_every_n_steps=1", "data.batch_size=8")
+    cfg = compose_train(
+        *QUIET,
+        "trainer.precision=bf16-mixed",
+        "objective=hybrid",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "data.batch_size=8",
+    )
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 2
     with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv", newline="") as f:

@@ -5,6 +5,7 @@ No test downloads anything: Inception weights are written by the test itself (th
 architecture, randomly initialised), so the numbers are meaningless but exercise the real loading path.
 Inception runs at a few images per second on a CPU, hence the tiny sample counts.
 """
+
 import csv
 import json
 import urllib.error
@@ -15,15 +16,23 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch_fidelity
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.data import Dataset
 
-import torch_fidelity
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from src.evaluation import metrics
-from src.evaluation.metrics import (FeatureStats, InceptionFeatures, MissingWeightsError, ReferenceImages,
-                                    frechet_distance, inception_score, reference_statistics, resolve_weights)
+from src.evaluation.metrics import (
+    FeatureStats,
+    InceptionFeatures,
+    MissingWeightsError,
+    ReferenceImages,
+    frechet_distance,
+    inception_score,
+    reference_statistics,
+    resolve_weights,
+)
 from src.evaluation.scores import SampleFeatures, ScoreSettings, score
 from src.training import train
 
@@ -47,8 +56,10 @@ def write_random_inception_weights(path: Path, seed: int = 0) -> Path:
     """
     torch.manual_seed(seed)
     # Build the architecture without its weights (the constructor would otherwise download them).
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", return_value=None):
+    with (
+        mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", return_value=None),
+    ):
         net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
@@ -83,8 +94,9 @@ def test_frechet_distance_matches_scipy_sqrtm(dim, n):
     expected = scipy_frechet(mu1, s1, mu2, s2)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6, abs=1e-6)
     # torch-fidelity's own formula agrees too
-    theirs = torch_fidelity.metric_fid.fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2},
-                                                                 verbose=False)
+    theirs = torch_fidelity.metric_fid.fid_statistics_to_metric(
+        {"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False
+    )
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6, abs=1e-6)
 
 
@@ -160,12 +172,23 @@ def test_fid_and_is_match_torch_fidelity_on_the_same_images(weights, extractor):
     real = (torch.rand(6, 1, 16, 16, generator=gen) ** 3 * 255).to(torch.uint8)
     ref_stats, _ = metrics.accumulate(extractor, [real])
     mu, sigma = ref_stats.mean_cov()
-    ours = metrics.fid_and_is(*metrics.accumulate(extractor, [fake], keep_logits=True),
-                              metrics.ReferenceStats(mu, sigma, {}), isc_splits=2)
+    ours = metrics.fid_and_is(
+        *metrics.accumulate(extractor, [fake], keep_logits=True), metrics.ReferenceStats(mu, sigma, {}), isc_splits=2
+    )
     with threadpool_limits(limits=1, user_api="blas"):  # its 2048x2048 eigvals crawl on a busy 2-core CPU
         theirs = torch_fidelity.calculate_metrics(
-            input1=RGBTensors(fake), input2=RGBTensors(real), fid=True, isc=True, isc_splits=2, cuda=False,
-            feature_extractor_weights_path=str(weights), batch_size=6, save_cpu_ram=True, verbose=False, cache=False)
+            input1=RGBTensors(fake),
+            input2=RGBTensors(real),
+            fid=True,
+            isc=True,
+            isc_splits=2,
+            cuda=False,
+            feature_extractor_weights_path=str(weights),
+            batch_size=6,
+            save_cpu_ram=True,
+            verbose=False,
+            cache=False,
+        )
     assert ours["fid"] > 0
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
     assert ours["is"] == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
@@ -231,17 +254,25 @@ def test_reference_statistics_are_cached_with_a_description(tmp_path, extractor)
 
 # --- the training callback ------------------------------------------------------------------------------
 def fid_overrides(weights: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["callbacks=fid", "sampler.steps=10",
-            f"callbacks.fid.feature_extractor_weights_path={weights}",
-            "callbacks.fid.num_samples=4", "callbacks.fid.batch_size=4", "callbacks.fid.isc_splits=2",
-            "callbacks.fid.num_reference_images=6", f"callbacks.fid.cache_dir={tmp_path}/fid_stats", *extra]
+    return [
+        "callbacks=fid",
+        "sampler.steps=10",
+        f"callbacks.fid.feature_extractor_weights_path={weights}",
+        "callbacks.fid.num_samples=4",
+        "callbacks.fid.batch_size=4",
+        "callbacks.fid.isc_splits=2",
+        "callbacks.fid.num_reference_images=6",
+        f"callbacks.fid.cache_dir={tmp_path}/fid_stats",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_fid_callback_refuses_to_start_without_weights(compose_train, tmp_path):
     missing = tmp_path / "no-such-weights.pth"
-    cfg = compose_train("callbacks=fid", f"callbacks.fid.feature_extractor_weights_path={missing}",
-                        "trainer.max_steps=2")
+    cfg = compose_train(
+        "callbacks=fid", f"callbacks.fid.feature_extractor_weights_path={missing}", "trainer.max_steps=2"
+    )
     with pytest.raises(MissingWeightsError) as err:
         train(cfg)
     assert "\n" not in str(err.value) and str(missing) in str(err.value)
@@ -249,9 +280,16 @@ def test_fid_callback_refuses_to_start_without_weights(compose_train, tmp_path):
 
 @pytest.mark.slow
 def test_fid_callback_logs_fid_and_is_once_per_step(compose_train, tmp_path, weights):
-    cfg = compose_train(*fid_overrides(weights, tmp_path, "callbacks.sample_grid=null", "trainer.max_steps=2",
-                                       "callbacks.fid.every_n_steps=2",
-                                       "trainer.log_every_n_steps=1"))
+    cfg = compose_train(
+        *fid_overrides(
+            weights,
+            tmp_path,
+            "callbacks.sample_grid=null",
+            "trainer.max_steps=2",
+            "callbacks.fid.every_n_steps=2",
+            "trainer.log_every_n_steps=1",
+        )
+    )
     metrics_out, objects = train(cfg)
     assert {"eval/fid", "eval/is", "eval/is_std"} <= metrics_out.keys()
     assert np.isfinite(metrics_out["eval/fid"]) and metrics_out["eval/fid"] > 0
@@ -267,12 +305,22 @@ def test_fid_callback_logs_fid_and_is_once_per_step(compose_train, tmp_path, wei
 @pytest.mark.slow
 def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_train, tmp_path, weights, extractor):
     """2 CPU processes (gloo): 5 samples shared 3 + 2 with seeds 0 and 1, gathered, metrics computed once."""
-    cfg = compose_train(*fid_overrides(weights, tmp_path, "callbacks.sample_grid=null", "trainer.max_steps=1",
-                                       "callbacks.fid.num_samples=5", "callbacks.fid.metrics=[fid,is,kid,prc]",
-                                       "callbacks.fid.kid_subset_size=4", "callbacks.fid.kid_subsets=3",
-                                       "trainer.devices=2", "+trainer.strategy=ddp_spawn",
-                                       "callbacks.fid.save_samples=true",
-                                       f"callbacks.fid.samples_dir={tmp_path}/fid_samples"))
+    cfg = compose_train(
+        *fid_overrides(
+            weights,
+            tmp_path,
+            "callbacks.sample_grid=null",
+            "trainer.max_steps=1",
+            "callbacks.fid.num_samples=5",
+            "callbacks.fid.metrics=[fid,is,kid,prc]",
+            "callbacks.fid.kid_subset_size=4",
+            "callbacks.fid.kid_subsets=3",
+            "trainer.devices=2",
+            "+trainer.strategy=ddp_spawn",
+            "callbacks.fid.save_samples=true",
+            f"callbacks.fid.samples_dir={tmp_path}/fid_samples",
+        )
+    )
     metrics_out, _ = train(cfg)
     with np.load(tmp_path / "fid_samples" / "fid_samples_step_0000001.npz") as data:
         samples = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2)
@@ -317,11 +365,22 @@ def test_fid_callback_draws_every_class_equally_often_over_all_processes(compose
 @pytest.mark.slow
 def test_fid_callback_with_the_digits_extractor_logs_named_curves(compose_train, tmp_path):
     # the digits default's class-conditional net (the fast test config is unconditional)
-    cfg = compose_train("model.num_classes=10", "callbacks=fid", "sampler.steps=5", "callbacks.fid.extractor=digits",
-                        "callbacks.fid.metrics=[fid,is,kid,prc]", "callbacks.fid.num_samples=8",
-                        "callbacks.fid.batch_size=8", "callbacks.fid.isc_splits=2", "callbacks.fid.reference=judge",
-                        f"callbacks.fid.cache_dir={tmp_path}/fid_stats", "callbacks.sample_grid=null",
-                        "trainer.max_steps=2", "callbacks.fid.every_n_steps=2", "trainer.log_every_n_steps=1")
+    cfg = compose_train(
+        "model.num_classes=10",
+        "callbacks=fid",
+        "sampler.steps=5",
+        "callbacks.fid.extractor=digits",
+        "callbacks.fid.metrics=[fid,is,kid,prc]",
+        "callbacks.fid.num_samples=8",
+        "callbacks.fid.batch_size=8",
+        "callbacks.fid.isc_splits=2",
+        "callbacks.fid.reference=judge",
+        f"callbacks.fid.cache_dir={tmp_path}/fid_stats",
+        "callbacks.sample_grid=null",
+        "trainer.max_steps=2",
+        "callbacks.fid.every_n_steps=2",
+        "trainer.log_every_n_steps=1",
+    )
     metrics_out, _ = train(cfg)
     expected = {f"eval/{m}_digits-mlp64" for m in ("fd", "is", "is_std", "kid", "kid_std", "precision", "recall")}
     assert expected <= metrics_out.keys() and "eval/fid" not in metrics_out

@@ -1,6 +1,7 @@
 """diffusers' UNet2DModel <-> our U-Net (src/formats/diffusers.py, convert.py format=diffusers): output parity on
 random weights at google/ddpm-cifar10-32's and the DDPM 256 px configs, the bit-identical round trip, exported
 DDPMPipeline folders sampling what we sample, and the one-line errors. All weights are random: no downloads."""
+
 import inspect
 import json
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_unet import perturb_zero_init
 
 from src.checkpoints import load_module, load_pretrained
 from src.cli import run_command
@@ -21,7 +23,6 @@ from src.formats import ConversionError, import_checkpoint
 from src.formats import diffusers as diffusers_format
 from src.formats.convert import run as convert_run
 from src.models import UNet
-from test_unet import perturb_zero_init
 
 diffusers = pytest.importorskip("diffusers")
 REPO = Path(__file__).resolve().parents[1]
@@ -29,30 +30,59 @@ REPO = Path(__file__).resolve().parents[1]
 # google/ddpm-cifar10-32's config.json (DDPM's CIFAR-10 net, converted from the TensorFlow release), and the
 # DDPM 256 px net of google/ddpm-ema-church-256 / google/ddpm-celebahq-256 (same keys, other values).
 DDPM_CIFAR10 = {
-    "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
-    "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
-    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }
 DDPM_256 = {
-    **DDPM_CIFAR10, "block_out_channels": [128, 128, 256, 256, 512, 512], "sample_size": 256,
+    **DDPM_CIFAR10,
+    "block_out_channels": [128, 128, 256, 256, 512, 512],
+    "sample_size": 256,
     "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
 # google/ddpm-cifar10-32's scheduler_config.json
-DDPM_SCHEDULER = {"beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True,
-                  "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_large"}
+DDPM_SCHEDULER = {
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_large",
+}
 # A small net in the same layout, for what needs a whole checkpoint (two levels of 32 and 64 channels).
-SMALL = {**DDPM_CIFAR10, "block_out_channels": [32, 64], "layers_per_block": 1,
-         "down_block_types": ["AttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "AttnUpBlock2D"]}
+SMALL = {
+    **DDPM_CIFAR10,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D"],
+}
 PARITY_ATOL = 1e-5
 
 
 def with_defaults(config: dict) -> dict:
     """A UNet2DModel config as `UNet2DModel.config` holds it: the given keys over diffusers' defaults."""
-    defaults = {k: v.default for k, v in inspect.signature(diffusers.UNet2DModel.__init__).parameters.items()
-                if v.default is not inspect.Parameter.empty}
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(diffusers.UNet2DModel.__init__).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
     return {**defaults, **config}
 
 
@@ -70,8 +100,12 @@ def ours_of(unet) -> UNet:
     """Our U-Net built from the UNet2DModel's config, holding its weights (the converter's mapping)."""
     config = dict(unet.config)
     model, (channels, size) = diffusers_format.model_config(config)
-    net = UNet(in_channels=channels, out_channels=config["out_channels"], image_size=size,
-               **{k: v for k, v in model.items() if k != "_target_"}).eval()
+    net = UNet(
+        in_channels=channels,
+        out_channels=config["out_channels"],
+        image_size=size,
+        **{k: v for k, v in model.items() if k != "_target_"},
+    ).eval()
     layout = diffusers_format.layout(net, flip_sin_to_cos=config["flip_sin_to_cos"])
     net.load_state_dict(diffusers_format.convert(layout, unet.state_dict(), "ours"), strict=True)
     return net
@@ -108,13 +142,18 @@ def test_matches_diffusers_at_ddpm_256_config_small_images():
     assert max_difference(ours_of(unet), unet, 32) < PARITY_ATOL
 
 
-@pytest.mark.parametrize("name,config,params", [("ddpm_cifar10_released", DDPM_CIFAR10, 35_746_307),
-                                                ("ddpm_256_released", DDPM_256, 113_673_219)])
+@pytest.mark.parametrize(
+    "name,config,params",
+    [("ddpm_cifar10_released", DDPM_CIFAR10, 35_746_307), ("ddpm_256_released", DDPM_256, 113_673_219)],
+)
 def test_released_ddpm_model_configs_are_the_hub_models(name, config, params):
     model, (channels, size) = diffusers_format.model_config(with_defaults(config))
     yaml = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
-    defaults = {k: v.default for k, v in inspect.signature(UNet.__init__).parameters.items()
-                if v.default is not inspect.Parameter.empty}
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(UNet.__init__).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
     for key, value in model.items():
         if key != "dropout":  # a training setting the hub configs do not record
             assert yaml.get(key, defaults.get(key)) == value, key
@@ -124,13 +163,22 @@ def test_released_ddpm_model_configs_are_the_hub_models(name, config, params):
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == params
 
 
-@pytest.mark.parametrize("change", [
-    {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5},  # diffusers' defaults
-    {"resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 32, "attention_head_dim": 32},
-    {"downsample_type": "resnet", "upsample_type": "resnet", "down_block_types": ["AttnDownBlock2D", "ResnetDownsampleBlock2D"],
-     "up_block_types": ["ResnetUpsampleBlock2D", "AttnUpBlock2D"], "dropout": 0.1},
-    {"num_class_embeds": 5, "out_channels": 6},
-], ids=["sin-cos-order", "scale-shift-heads", "resnet-updown", "class-labels-learned-sigma"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5},  # diffusers' defaults
+        {"resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 32, "attention_head_dim": 32},
+        {
+            "downsample_type": "resnet",
+            "upsample_type": "resnet",
+            "down_block_types": ["AttnDownBlock2D", "ResnetDownsampleBlock2D"],
+            "up_block_types": ["ResnetUpsampleBlock2D", "AttnUpBlock2D"],
+            "dropout": 0.1,
+        },
+        {"num_class_embeds": 5, "out_channels": 6},
+    ],
+    ids=["sin-cos-order", "scale-shift-heads", "resnet-updown", "class-labels-learned-sigma"],
+)
 def test_matches_diffusers_with_each_option(change):
     unet = random_unet({**SMALL, **change}, scale=0.05)
     net = ours_of(unet)
@@ -147,7 +195,9 @@ def test_import_gives_an_ordinary_checkpoint(tmp_path):
     assert cfg.schedule.name == "linear" and cfg.schedule.num_timesteps == 1000
     assert (cfg.diffusion.mean_type, cfg.diffusion.var_type) == ("eps", "fixed_large")
     assert cfg.data._target_ == "src.data.CIFAR10DataModule" and cfg.model.timestep_freq_shift == 1
-    assert any(k.startswith("net.") for k in ckpt["state_dict"]) and any(k.startswith("ema.model.") for k in ckpt["state_dict"])
+    assert any(k.startswith("net.") for k in ckpt["state_dict"]) and any(
+        k.startswith("ema.model.") for k in ckpt["state_dict"]
+    )
     torch.save(ckpt, tmp_path / "ddpm.ckpt")
     loaded = load_module(tmp_path / "ddpm.ckpt")  # what sample.py / evaluate.py do
     assert max_difference(loaded.ema.model, unet, 32) < PARITY_ATOL
@@ -165,11 +215,29 @@ def test_sample_and_evaluate_take_a_converted_checkpoint(tmp_path, compose_sampl
 
     folder = save_folder(random_unet(SMALL, scale=0.05), tmp_path / "ddpm")
     ckpt = convert_run(OmegaConf.create({"format": "diffusers", "src": str(folder), "dst": str(tmp_path / "c.ckpt")}))
-    written = sample_run(compose_sample(f"ckpt_path={ckpt}", "device=cpu", "num_samples=2", "sampler=ddim", "steps=2",
-                                        output_dir=tmp_path / "sample"))
+    written = sample_run(
+        compose_sample(
+            f"ckpt_path={ckpt}",
+            "device=cpu",
+            "num_samples=2",
+            "sampler=ddim",
+            "steps=2",
+            output_dir=tmp_path / "sample",
+        )
+    )
     assert written["samples"].is_file()
-    metrics = evaluate_run(compose_evaluate(f"ckpt_path={ckpt}", "device=cpu", "num_samples=2", "batch_size=2",
-                                            "sampler=ddim", "steps=2", "fid=false", output_dir=tmp_path / "eval"))
+    metrics = evaluate_run(
+        compose_evaluate(
+            f"ckpt_path={ckpt}",
+            "device=cpu",
+            "num_samples=2",
+            "batch_size=2",
+            "sampler=ddim",
+            "steps=2",
+            "fid=false",
+            output_dir=tmp_path / "eval",
+        )
+    )
     assert metrics["diffusion"]["num_timesteps"] == 1000 and (tmp_path / "eval" / "samples_2x32x32x3.npz").is_file()
 
 
@@ -183,9 +251,16 @@ def test_train_fine_tunes_a_converted_checkpoint(tmp_path, compose_train):
     assert load_module(ckpt).hparams["run_config"]["data"]["_target_"] == "src.data.DigitsDataModule"
     from src.training import train
 
-    cfg = compose_train(f"ckpt_path={ckpt}", "objective=simple", "schedule.num_timesteps=1000",
-                        "model.attention_resolutions=[16]", "+model.timestep_freq_shift=1",
-                        "+model.downsample_padding=same", "trainer.max_steps=2", "callbacks.sample_grid=null")
+    cfg = compose_train(
+        f"ckpt_path={ckpt}",
+        "objective=simple",
+        "schedule.num_timesteps=1000",
+        "model.attention_resolutions=[16]",
+        "+model.timestep_freq_shift=1",
+        "+model.downsample_padding=same",
+        "trainer.max_steps=2",
+        "callbacks.sample_grid=null",
+    )
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 2
     before = load_module(ckpt).net.state_dict()
@@ -194,10 +269,18 @@ def test_train_fine_tunes_a_converted_checkpoint(tmp_path, compose_train):
     assert max((before[k] - after[k]).abs().max() for k in before) < 0.1
 
 
-ADM_LIKE = {**SMALL, "resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 32, "attention_head_dim": 32,
-            "downsample_type": "resnet", "upsample_type": "resnet", "down_block_types": ["AttnDownBlock2D",
-            "ResnetDownsampleBlock2D"], "up_block_types": ["ResnetUpsampleBlock2D", "AttnUpBlock2D"], "norm_eps": 1e-5,
-            "downsample_padding": 1}  # (the padding of a conv that resnet blocks replace: diffusers' default)
+ADM_LIKE = {
+    **SMALL,
+    "resnet_time_scale_shift": "scale_shift",
+    "attn_norm_num_groups": 32,
+    "attention_head_dim": 32,
+    "downsample_type": "resnet",
+    "upsample_type": "resnet",
+    "down_block_types": ["AttnDownBlock2D", "ResnetDownsampleBlock2D"],
+    "up_block_types": ["ResnetUpsampleBlock2D", "AttnUpBlock2D"],
+    "norm_eps": 1e-5,
+    "downsample_padding": 1,
+}  # (the padding of a conv that resnet blocks replace: diffusers' default)
 
 
 @pytest.mark.parametrize("config", [DDPM_CIFAR10, ADM_LIKE], ids=["ddpm-cifar10-32", "scale-shift-resnet-heads"])
@@ -215,32 +298,68 @@ def test_round_trip_is_bit_identical(tmp_path, config):
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["variance_type"] == "fixed_large"
 
 
-@pytest.mark.parametrize("overrides", [
-    ["schedule=cosine", "schedule.num_timesteps=10"],  # fixed_large, eps
-    ["schedule=linear", "schedule.num_timesteps=30", "objective=hybrid"],  # learned range, 2C outputs
-    ["schedule=cosine", "schedule.num_timesteps=10", "objective=simple", "objective.var_type=fixed_small",
-     "objective.mean_type=x0", "model.num_heads=2", "+model.downsample_padding=same"],
-    ["schedule=cosine", "schedule.num_timesteps=10", "objective=v_simple", "objective.var_type=fixed_small"],
-], ids=["cosine-fixed-large", "linear-learned-range", "x0-fixed-small-heads", "v-fixed-small"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["schedule=cosine", "schedule.num_timesteps=10"],  # fixed_large, eps
+        ["schedule=linear", "schedule.num_timesteps=30", "objective=hybrid"],  # learned range, 2C outputs
+        [
+            "schedule=cosine",
+            "schedule.num_timesteps=10",
+            "objective=simple",
+            "objective.var_type=fixed_small",
+            "objective.mean_type=x0",
+            "model.num_heads=2",
+            "+model.downsample_padding=same",
+        ],
+        ["schedule=cosine", "schedule.num_timesteps=10", "objective=v_simple", "objective.var_type=fixed_small"],
+    ],
+    ids=["cosine-fixed-large", "linear-learned-range", "x0-fixed-small-heads", "v-fixed-small"],
+)
 def test_exported_pipeline_samples_what_we_sample(compose_train, tmp_path, overrides):
     from src.builders import build_module
 
-    cfg = compose_train("model.base_channels=32", "model.channel_mult=[1,2]", "model.attention_resolutions=[8]",
-                        "data.image_size=16", *overrides)
+    cfg = compose_train(
+        "model.base_channels=32",
+        "model.channel_mult=[1,2]",
+        "model.attention_resolutions=[8]",
+        "data.image_size=16",
+        *overrides,
+    )
     module = build_module(cfg, channels=1, image_size=16)
     perturb_zero_init(module.net)
     module.ema.model.load_state_dict(module.net.state_dict())
-    torch.save({"state_dict": module.state_dict(), "global_step": 0,
-                "hyper_parameters": {"run_config": module.hparams["run_config"]}}, tmp_path / "last.ckpt")
-    convert_run(OmegaConf.create({"format": "diffusers", "direction": "export", "src": str(tmp_path / "last.ckpt"),
-                                  "dst": str(tmp_path / "pipe")}))
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "global_step": 0,
+            "hyper_parameters": {"run_config": module.hparams["run_config"]},
+        },
+        tmp_path / "last.ckpt",
+    )
+    convert_run(
+        OmegaConf.create(
+            {
+                "format": "diffusers",
+                "direction": "export",
+                "src": str(tmp_path / "last.ckpt"),
+                "dst": str(tmp_path / "pipe"),
+            }
+        )
+    )
     pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
     pipeline.set_progress_bar_config(disable=True)
     steps = module.diffusion.num_timesteps
-    theirs = pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
-                      output_type="np").images
-    ours = sample(module.diffusion, module.ema.model, (2, 1, 16, 16), SamplerOptions("ddpm"),
-                  generator=torch.Generator().manual_seed(0))
+    theirs = pipeline(
+        batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, output_type="np"
+    ).images
+    ours = sample(
+        module.diffusion,
+        module.ema.model,
+        (2, 1, 16, 16),
+        SamplerOptions("ddpm"),
+        generator=torch.Generator().manual_seed(0),
+    )
     ours = ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(theirs - ours).max() < 1e-4
 
@@ -251,8 +370,13 @@ def test_convert_command(tmp_path):
     folder = save_folder(random_unet(SMALL, scale=0.05), tmp_path / "ddpm")
     ckpt, out = tmp_path / "ddpm.ckpt", tmp_path / "exported"
     for args in ([f"src={folder}", f"dst={ckpt}"], ["direction=export", f"src={ckpt}", f"dst={out}"]):
-        done = subprocess.run([sys.executable, "convert.py", "format=diffusers", *args, f"hydra.run.dir={tmp_path}/run"],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "convert.py", "format=diffusers", *args, f"hydra.run.dir={tmp_path}/run"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     assert load_module(ckpt).hparams["run_config"]["model"]["base_channels"] == 32
     assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
@@ -274,59 +398,81 @@ def test_offline_hub_id_says_where_to_download(monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(RunError, match=r"hf download ddpm-lightning-tests/no-such-model --local-dir "
-                                       r"pretrained/ddpm-lightning-tests--no-such-model.*src=pretrained/"):
+    with pytest.raises(
+        RunError,
+        match=r"hf download ddpm-lightning-tests/no-such-model --local-dir "
+        r"pretrained/ddpm-lightning-tests--no-such-model.*src=pretrained/",
+    ):
         load_pretrained("ddpm-lightning-tests/no-such-model")
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"time_embedding_type": "fourier"}, r"time_embedding_type='fourier'.*only 'positional'"),
-    ({"resnet_time_scale_shift": "scale_shift"}, r"attn_norm_num_groups=None.*drops the middle one"),
-    ({"up_block_types": ["UpBlock2D", "UpBlock2D"]}, r"up_block_types.*same levels"),
-    ({"block_out_channels": [64, 96]}, r"block_out_channels.*multiple of the first"),
-    ({"block_out_channels": [16, 32]}, r"block_out_channels.*multiple of 32"),
-    ({"class_embed_type": "timestep"}, r"class_embed_type='timestep'"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"time_embedding_type": "fourier"}, r"time_embedding_type='fourier'.*only 'positional'"),
+        ({"resnet_time_scale_shift": "scale_shift"}, r"attn_norm_num_groups=None.*drops the middle one"),
+        ({"up_block_types": ["UpBlock2D", "UpBlock2D"]}, r"up_block_types.*same levels"),
+        ({"block_out_channels": [64, 96]}, r"block_out_channels.*multiple of the first"),
+        ({"block_out_channels": [16, 32]}, r"block_out_channels.*multiple of 32"),
+        ({"class_embed_type": "timestep"}, r"class_embed_type='timestep'"),
+    ],
+)
 def test_unsupported_diffusers_options_are_named(change, match):
     with pytest.raises(ConversionError, match=match):
         diffusers_format.model_config(with_defaults({**SMALL, **change}))
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"beta_schedule": "scaled_linear"}, r"beta_schedule='scaled_linear'"),
-    ({"beta_start": 0.001}, r"beta_start=0.001.*1e-4 to 0.02"),
-    ({"prediction_type": "flow_prediction"}, r"prediction_type='flow_prediction'"),
-    ({"variance_type": "learned"}, r"variance_type='learned'"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"beta_schedule": "scaled_linear"}, r"beta_schedule='scaled_linear'"),
+        ({"beta_start": 0.001}, r"beta_start=0.001.*1e-4 to 0.02"),
+        ({"prediction_type": "flow_prediction"}, r"prediction_type='flow_prediction'"),
+        ({"variance_type": "learned"}, r"variance_type='learned'"),
+    ],
+)
 def test_unsupported_scheduler_options_are_named(change, match):
     with pytest.raises(ConversionError, match=match):
         diffusers_format.train_overrides({**DDPM_SCHEDULER, **change}, 3, 3)
 
 
-@pytest.mark.parametrize("prediction_type,mean_type", [("epsilon", "eps"), ("sample", "x0"),
-                                                     ("v_prediction", "v")])
+@pytest.mark.parametrize("prediction_type,mean_type", [("epsilon", "eps"), ("sample", "x0"), ("v_prediction", "v")])
 def test_scheduler_prediction_type_is_the_mean_type(prediction_type, mean_type):
     overrides = diffusers_format.train_overrides({**DDPM_SCHEDULER, "prediction_type": prediction_type}, 3, 3)
     assert f"objective.mean_type={mean_type}" in overrides
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["model.num_classes=10"], r"cannot export to diffusers: model.num_classes=10: .*without class labels \(train with model.num_classes=null"),
-    (["model.base_channels=16", "model.channel_mult=[1,1]"], r"model.base_channels=16 .*32 GroupNorm groups"),
-    (["model.num_heads=4", "model.attention_resolutions=[16,8]"],
-     r"model.num_heads=4: a head count over attention widths \[32, 64\]"),
-    (["+model.timestep_scale=0.25"], r"model.timestep_scale=0.25"),
-    (["objective=mu_mse"], r"objective.mean_type=mu"),
-    (["model.patch_size=2", "model.attention_resolutions=[4]"], r"model.patch_size=2: .*no patchified first layer"),
-], ids=["class-labels", "narrow", "head-count", "timestep-scale", "mu", "patches"])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            ["model.num_classes=10"],
+            r"cannot export to diffusers: model.num_classes=10: .*without class labels \(train with model.num_classes=null",
+        ),
+        (["model.base_channels=16", "model.channel_mult=[1,1]"], r"model.base_channels=16 .*32 GroupNorm groups"),
+        (
+            ["model.num_heads=4", "model.attention_resolutions=[16,8]"],
+            r"model.num_heads=4: a head count over attention widths \[32, 64\]",
+        ),
+        (["+model.timestep_scale=0.25"], r"model.timestep_scale=0.25"),
+        (["objective=mu_mse"], r"objective.mean_type=mu"),
+        (["model.patch_size=2", "model.attention_resolutions=[4]"], r"model.patch_size=2: .*no patchified first layer"),
+    ],
+    ids=["class-labels", "narrow", "head-count", "timestep-scale", "mu", "patches"],
+)
 def test_unexportable_models_are_named(compose_train, tmp_path, overrides, match):
     from test_samplers import write_checkpoint
 
-    ckpt = write_checkpoint(lambda: compose_train("model.channel_mult=[1,2]", "model.attention_resolutions=[8]",
-                                                  *overrides), tmp_path / "last.ckpt")
+    ckpt = write_checkpoint(
+        lambda: compose_train("model.channel_mult=[1,2]", "model.attention_resolutions=[8]", *overrides),
+        tmp_path / "last.ckpt",
+    )
     with pytest.raises(ConversionError, match=match):
-        convert_run(OmegaConf.create({"format": "diffusers", "direction": "export", "src": str(ckpt),
-                                      "dst": str(tmp_path / "out")}))
+        convert_run(
+            OmegaConf.create(
+                {"format": "diffusers", "direction": "export", "src": str(ckpt), "dst": str(tmp_path / "out")}
+            )
+        )
     assert not (tmp_path / "out").exists()
 
 

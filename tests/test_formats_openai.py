@@ -2,6 +2,7 @@
 format=openai, conf/preset/): the U-Net options against the reference UNetModel / EncoderUNetModel of the
 guided-diffusion-sdk package, our diffusion math against its GaussianDiffusion on one converted net with the same
 noise, the parameter counts of the released configs, and the one-line errors. Random weights, small sizes."""
+
 import re
 import subprocess
 import sys
@@ -23,8 +24,9 @@ from src.formats.openai import load_preset
 
 with warnings.catch_warnings():
     # guided_diffusion/nn.py decorates with torch.cuda.amp.custom_fwd / custom_bwd, deprecated since torch 2.4
-    warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.custom_(fwd|bwd)\(args\.\.\.\)` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.cuda\.amp\.custom_(fwd|bwd)\(args\.\.\.\)` is deprecated", category=FutureWarning
+    )
     gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")
     respace = pytest.importorskip("guided_diffusion.respace")
     reference = pytest.importorskip("guided_diffusion.unet")
@@ -38,20 +40,51 @@ MATH_ATOL = 1e-4  # bits/dim terms and samples after whole reverse runs
 
 # The reference nets at the released models' flags, shrunk where the flags allow (width, blocks, image size).
 # improved DDPM CIFAR-10: 4 heads, attention at 16 and 8 (downsample rates 2, 4), scale-shift norm, learned sigma.
-IDDPM = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-             attention_resolutions=(2, 4), dropout=0.3, channel_mult=(1, 2, 2, 2), num_heads=4,
-             use_scale_shift_norm=True)
+IDDPM = dict(
+    image_size=32,
+    in_channels=3,
+    model_channels=32,
+    out_channels=6,
+    num_res_blocks=1,
+    attention_resolutions=(2, 4),
+    dropout=0.3,
+    channel_mult=(1, 2, 2, 2),
+    num_heads=4,
+    use_scale_shift_norm=True,
+)
 IDDPM_OURS = {"base_channels": 32, "num_res_blocks": 1}
 # ADM ImageNet-64 class-conditional: heads by channels (32 here, 64 released), BigGAN up/down, new attention order,
 # attention at 32, 16 and 8 (at 32 px: rates 1, 2, 4), labels without a null row; 4 classes instead of 1000.
-ADM = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-           attention_resolutions=(1, 2, 4), dropout=0.1, channel_mult=(1, 2, 3, 4), num_classes=4,
-           num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True)
+ADM = dict(
+    image_size=32,
+    in_channels=3,
+    model_channels=32,
+    out_channels=6,
+    num_res_blocks=1,
+    attention_resolutions=(1, 2, 4),
+    dropout=0.1,
+    channel_mult=(1, 2, 3, 4),
+    num_classes=4,
+    num_head_channels=32,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    use_new_attention_order=True,
+)
 ADM_OURS = {"base_channels": 32, "num_res_blocks": 1, "num_classes": 4, "num_head_channels": 32}
 # ADM's 64x64 classifier: the encoder with attention pooling (legacy attention order), here at 32 px.
-CLASSIFIER = dict(image_size=32, in_channels=3, model_channels=32, out_channels=4, num_res_blocks=1,
-                  attention_resolutions=(1, 2, 4), channel_mult=(1, 2, 3, 4), num_head_channels=32,
-                  use_scale_shift_norm=True, resblock_updown=True, pool="attention")
+CLASSIFIER = dict(
+    image_size=32,
+    in_channels=3,
+    model_channels=32,
+    out_channels=4,
+    num_res_blocks=1,
+    attention_resolutions=(1, 2, 4),
+    channel_mult=(1, 2, 3, 4),
+    num_head_channels=32,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    pool="attention",
+)
 CLASSIFIER_OURS = {"base_channels": 32, "num_res_blocks": 1, "num_classes": 4, "num_head_channels": 32}
 T = 100  # a short cosine schedule, so whole reverse runs and the bpd loop take a second
 
@@ -94,10 +127,22 @@ def converted(tmp_path_factory, class_folder):
     folder = tmp_path_factory.mktemp("openai")
     cases = {
         "iddpm": (reference.UNetModel, IDDPM, "iddpm_cifar10_hybrid", IDDPM_OURS, {}, None),
-        "adm": (reference.UNetModel, ADM, "adm_imagenet64_cond", ADM_OURS, {"image_size": 32, "num_classes": 4},
-                {"root": str(class_folder)}),
-        "classifier": (reference.EncoderUNetModel, CLASSIFIER, "adm_imagenet64_classifier", CLASSIFIER_OURS,
-                       {"image_size": 32, "num_classes": 4}, {"root": str(class_folder)}),
+        "adm": (
+            reference.UNetModel,
+            ADM,
+            "adm_imagenet64_cond",
+            ADM_OURS,
+            {"image_size": 32, "num_classes": 4},
+            {"root": str(class_folder)},
+        ),
+        "classifier": (
+            reference.EncoderUNetModel,
+            CLASSIFIER,
+            "adm_imagenet64_classifier",
+            CLASSIFIER_OURS,
+            {"image_size": 32, "num_classes": 4},
+            {"root": str(class_folder)},
+        ),
     }
     out = {}
     for key, (cls, flags, name, ours, fields, data) in cases.items():
@@ -142,11 +187,15 @@ def test_adm_classifier_matches_the_reference(converted):
         assert (module.ema.model(x, t) - ref(x, t)).abs().max() < NET_ATOL
 
 
-@pytest.mark.parametrize("flags", [
-    dict(IDDPM, num_heads=1, use_scale_shift_norm=False),  # improved-diffusion's LSUN flags (no AdaGN)
-    dict(IDDPM, num_head_channels=16, resblock_updown=True),  # heads by width, BigGAN blocks, legacy order
-    dict(CLASSIFIER, pool="adaptive", use_scale_shift_norm=False, resblock_updown=False),
-], ids=["plain", "head-channels-updown-legacy", "adaptive-pool"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(IDDPM, num_heads=1, use_scale_shift_norm=False),  # improved-diffusion's LSUN flags (no AdaGN)
+        dict(IDDPM, num_head_channels=16, resblock_updown=True),  # heads by width, BigGAN blocks, legacy order
+        dict(CLASSIFIER, pool="adaptive", use_scale_shift_norm=False, resblock_updown=False),
+    ],
+    ids=["plain", "head-channels-updown-legacy", "adaptive-pool"],
+)
 def test_option_combinations_match_the_reference(flags):
     from src.formats.openai import convert, layout
     from src.models import NoisyClassifier, UNet
@@ -154,14 +203,24 @@ def test_option_combinations_match_the_reference(flags):
     encoder = "pool" in flags
     ref = random_reference(reference.EncoderUNetModel if encoder else reference.UNetModel, flags)
     size = flags["image_size"]
-    common = dict(in_channels=3, image_size=size, base_channels=flags["model_channels"],
-                  channel_mult=flags["channel_mult"], num_res_blocks=flags["num_res_blocks"],
-                  attention_resolutions=[size // r for r in flags["attention_resolutions"]],
-                  num_heads=flags.get("num_heads", 1), num_head_channels=flags.get("num_head_channels"),
-                  scale_shift_norm=flags["use_scale_shift_norm"], resblock_updown=flags.get("resblock_updown", False),
-                  norm_eps=1e-5)
-    net = (NoisyClassifier(num_classes=flags["out_channels"], pool=flags["pool"], **common) if encoder
-           else UNet(out_channels=flags["out_channels"], **common)).eval()
+    common = dict(
+        in_channels=3,
+        image_size=size,
+        base_channels=flags["model_channels"],
+        channel_mult=flags["channel_mult"],
+        num_res_blocks=flags["num_res_blocks"],
+        attention_resolutions=[size // r for r in flags["attention_resolutions"]],
+        num_heads=flags.get("num_heads", 1),
+        num_head_channels=flags.get("num_head_channels"),
+        scale_shift_norm=flags["use_scale_shift_norm"],
+        resblock_updown=flags.get("resblock_updown", False),
+        norm_eps=1e-5,
+    )
+    net = (
+        NoisyClassifier(num_classes=flags["out_channels"], pool=flags["pool"], **common)
+        if encoder
+        else UNet(out_channels=flags["out_channels"], **common)
+    ).eval()
     order = "new" if flags.get("use_new_attention_order") else "legacy"
     net.load_state_dict(convert(layout(net, order), ref.state_dict(), "ours"), strict=True)
     x, t = inputs()
@@ -169,16 +228,42 @@ def test_option_combinations_match_the_reference(flags):
         assert (net(x, t) - ref(x, t)).abs().max() < NET_ATOL
 
 
-@pytest.mark.parametrize("name,flags,ours", [
-    ("iddpm_cifar10", dict(IDDPM, model_channels=128, num_res_blocks=3), dict(in_channels=3, out_channels=6,
-                                                                             image_size=32)),
-    ("adm_imagenet64_cond", dict(ADM, image_size=64, model_channels=192, num_res_blocks=3, num_classes=1000,
-                                 num_head_channels=64, attention_resolutions=(2, 4, 8)),
-     dict(in_channels=3, out_channels=6, image_size=64)),
-    ("adm_imagenet64_classifier", dict(CLASSIFIER, image_size=64, model_channels=128, num_res_blocks=4,
-                                       out_channels=1000, num_head_channels=64, attention_resolutions=(2, 4, 8)),
-     dict(in_channels=3, image_size=64)),
-])
+@pytest.mark.parametrize(
+    "name,flags,ours",
+    [
+        (
+            "iddpm_cifar10",
+            dict(IDDPM, model_channels=128, num_res_blocks=3),
+            dict(in_channels=3, out_channels=6, image_size=32),
+        ),
+        (
+            "adm_imagenet64_cond",
+            dict(
+                ADM,
+                image_size=64,
+                model_channels=192,
+                num_res_blocks=3,
+                num_classes=1000,
+                num_head_channels=64,
+                attention_resolutions=(2, 4, 8),
+            ),
+            dict(in_channels=3, out_channels=6, image_size=64),
+        ),
+        (
+            "adm_imagenet64_classifier",
+            dict(
+                CLASSIFIER,
+                image_size=64,
+                model_channels=128,
+                num_res_blocks=4,
+                out_channels=1000,
+                num_head_channels=64,
+                attention_resolutions=(2, 4, 8),
+            ),
+            dict(in_channels=3, image_size=64),
+        ),
+    ],
+)
 def test_released_configs_have_the_reference_parameter_count(name, flags, ours):
     # Counted on the meta device: no memory or init time for the 296M net.
     with torch.device("meta"):
@@ -194,9 +279,13 @@ def test_released_configs_have_the_reference_parameter_count(name, flags, ours):
 # Both diffusions run the same network (our converted one; its own parity is tested above), so what is compared
 # is the math. The reference is told not to rescale timesteps: the converted net scales them itself.
 def reference_diffusion(spacing: str | None = None):
-    kwargs = dict(betas=gd.get_named_beta_schedule("cosine", T), model_mean_type=gd.ModelMeanType.EPSILON,
-                  model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.RESCALED_MSE,
-                  rescale_timesteps=False)
+    kwargs = dict(
+        betas=gd.get_named_beta_schedule("cosine", T),
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE,
+        loss_type=gd.LossType.RESCALED_MSE,
+        rescale_timesteps=False,
+    )
     if spacing is None:
         return gd.GaussianDiffusion(**kwargs)
     return respace.SpacedDiffusion(use_timesteps=respace.space_timesteps(T, spacing), **kwargs)
@@ -235,8 +324,13 @@ def test_bpd_terms_match_the_reference(converted, monkeypatch):
 def test_sampling_matches_the_reference(converted, sampler, spacing):
     _, module = converted["iddpm"]
     net, shape = module.ema.model, (2, 3, 32, 32)
-    ours = sample(module.diffusion, net, shape, SamplerOptions(sampler, spacing=spacing),
-                  generator=torch.Generator().manual_seed(4))
+    ours = sample(
+        module.diffusion,
+        net,
+        shape,
+        SamplerOptions(sampler, spacing=spacing),
+        generator=torch.Generator().manual_seed(4),
+    )
     diffusion = reference_diffusion(spacing)
     torch.manual_seed(4)  # the reference draws x_T and every step's noise from the global generator
     loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
@@ -252,8 +346,14 @@ def test_classifier_guidance_matches_the_reference(converted, sampler, spacing):
     net, classifier = module.ema.model, classifier_module.ema.model
     y, scale, shape = torch.tensor([0, 3]), 3.0, (2, 3, 32, 32)
     guidance = Guidance(y=y, classifier=classifier, classifier_scale=scale)
-    ours = sample(module.diffusion, net, shape, SamplerOptions(sampler, spacing=spacing), guidance,
-                  generator=torch.Generator().manual_seed(5))
+    ours = sample(
+        module.diffusion,
+        net,
+        shape,
+        SamplerOptions(sampler, spacing=spacing),
+        guidance,
+        generator=torch.Generator().manual_seed(5),
+    )
 
     def cond_fn(x, t, y=None):  # guided-diffusion's scripts/classifier_sample.py
         with torch.enable_grad():
@@ -277,14 +377,30 @@ def test_convert_command_with_a_preset(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "cifar10_uncond_50M_500K.pt")
     dst = tmp_path / "iddpm.ckpt"
     done = subprocess.run(
-        [sys.executable, "convert.py", "format=openai", f"src={tmp_path}/cifar10_uncond_50M_500K.pt", f"dst={dst}",
-         "preset=iddpm_cifar10_hybrid", "+preset.config.model.base_channels=32", "+preset.config.model.num_res_blocks=1",
-         f"hydra.run.dir={tmp_path}/run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "convert.py",
+            "format=openai",
+            f"src={tmp_path}/cifar10_uncond_50M_500K.pt",
+            f"dst={dst}",
+            "preset=iddpm_cifar10_hybrid",
+            "+preset.config.model.base_channels=32",
+            "+preset.config.model.num_res_blocks=1",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     module = load_module(dst)
     cfg = module.hparams["run_config"]
-    assert (cfg["schedule"]["name"], cfg["schedule"]["num_timesteps"], cfg["objective"]["loss_type"]) == ("cosine", 4000,
-                                                                                                           "hybrid")
+    assert (cfg["schedule"]["name"], cfg["schedule"]["num_timesteps"], cfg["objective"]["loss_type"]) == (
+        "cosine",
+        4000,
+        "hybrid",
+    )
     x, t = inputs()
     with torch.no_grad():
         assert (module.ema.model(x, t) - ref(x, t.float() * 0.25)).abs().max() < NET_ATOL
@@ -295,7 +411,9 @@ def test_convert_command_with_a_preset(tmp_path):
     net, diffusion, cfg = load_pretrained(pt, preset=preset_for_test("iddpm_cifar10_hybrid", IDDPM_OURS))
     with torch.no_grad():
         assert (net(x, t) - ref(x, t.float() * 0.25)).abs().max() < NET_ATOL
-    with pytest.raises(RunError, match=r"an openai \.pt state dict needs preset=<name> \(one of adm_imagenet64_classifier"):
+    with pytest.raises(
+        RunError, match=r"an openai \.pt state dict needs preset=<name> \(one of adm_imagenet64_classifier"
+    ):
         load_pretrained(pt)
 
 
@@ -305,18 +423,38 @@ def test_evaluate_guides_a_converted_adm_with_its_converted_classifier(tmp_path,
     from src.formats.convert import run as convert_run
 
     written = {}
-    for key, cls, flags, name, ours in [("adm", reference.UNetModel, ADM, "adm_imagenet64_cond", ADM_OURS),
-                                        ("classifier", reference.EncoderUNetModel, CLASSIFIER,
-                                         "adm_imagenet64_classifier", CLASSIFIER_OURS)]:
+    for key, cls, flags, name, ours in [
+        ("adm", reference.UNetModel, ADM, "adm_imagenet64_cond", ADM_OURS),
+        ("classifier", reference.EncoderUNetModel, CLASSIFIER, "adm_imagenet64_classifier", CLASSIFIER_OURS),
+    ]:
         torch.save(random_reference(cls, flags).state_dict(), tmp_path / f"{key}.pt")
         preset = preset_for_test(name, ours, T, image_size=32, num_classes=4)
-        written[key] = convert_run(OmegaConf.create({"format": "openai", "src": str(tmp_path / f"{key}.pt"),
-                                                     "dst": str(tmp_path / f"{key}.ckpt"), "preset": preset,
-                                                     "data": {"root": str(class_folder)}}))
-    metrics = evaluate_run(compose_evaluate(
-        f"ckpt_path={written['adm']}", "device=cpu", "num_samples=4", "batch_size=4", "sampler=ddim", "steps=3",
-        "fid=false", "guidance_scales=[0]", f"classifier.ckpt_path={written['classifier']}", "classifier.scale=1.0",
-        output_dir=tmp_path / "eval"))
+        written[key] = convert_run(
+            OmegaConf.create(
+                {
+                    "format": "openai",
+                    "src": str(tmp_path / f"{key}.pt"),
+                    "dst": str(tmp_path / f"{key}.ckpt"),
+                    "preset": preset,
+                    "data": {"root": str(class_folder)},
+                }
+            )
+        )
+    metrics = evaluate_run(
+        compose_evaluate(
+            f"ckpt_path={written['adm']}",
+            "device=cpu",
+            "num_samples=4",
+            "batch_size=4",
+            "sampler=ddim",
+            "steps=3",
+            "fid=false",
+            "guidance_scales=[0]",
+            f"classifier.ckpt_path={written['classifier']}",
+            "classifier.scale=1.0",
+            output_dir=tmp_path / "eval",
+        )
+    )
     assert metrics["guidance"]["num_classes"] == 4 and metrics["guidance"]["classifier"]["scale"] == 1.0
     assert (tmp_path / "eval" / "samples_4x32x32x3.npz").is_file()  # one guidance scale: in the run folder
 
@@ -334,10 +472,14 @@ def test_state_dict_of_another_model_names_keys_and_flags(tmp_path):
     assert "--num_res_blocks 3 --learn_sigma True" in message  # the preset's flags
 
 
-@pytest.mark.parametrize("fields,data,match", [
-    ({"image_size": 32, "num_classes": 4}, {"image_size": 64}, r"a 32x32 model but data.image_size=64"),
-    ({"image_size": 32, "num_classes": 1000}, {}, r"has 1000 classes but the data .* has 4"),
-], ids=["image-size", "classes"])
+@pytest.mark.parametrize(
+    "fields,data,match",
+    [
+        ({"image_size": 32, "num_classes": 4}, {"image_size": 64}, r"a 32x32 model but data.image_size=64"),
+        ({"image_size": 32, "num_classes": 1000}, {}, r"has 1000 classes but the data .* has 4"),
+    ],
+    ids=["image-size", "classes"],
+)
 def test_preset_disagreeing_with_the_data_says_so(converted, class_folder, tmp_path, fields, data, match):
     ref, _ = converted["adm"]
     torch.save(ref.state_dict(), tmp_path / "adm.pt")
@@ -352,10 +494,19 @@ def test_missing_preset_and_unreadable_files_are_one_line(tmp_path):
 
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     for cfg, match in [
-        ({"format": "openai", "src": str(tmp_path / "junk.pt"), "dst": str(tmp_path / "x.ckpt")},
-         r"format=openai needs preset=<name>"),
-        ({"format": "openai", "src": str(tmp_path / "junk.pt"), "dst": str(tmp_path / "x.ckpt"),
-          "preset": load_preset("iddpm_cifar10_hybrid")}, r"cannot read .*junk.pt as a state dict"),
+        (
+            {"format": "openai", "src": str(tmp_path / "junk.pt"), "dst": str(tmp_path / "x.ckpt")},
+            r"format=openai needs preset=<name>",
+        ),
+        (
+            {
+                "format": "openai",
+                "src": str(tmp_path / "junk.pt"),
+                "dst": str(tmp_path / "x.ckpt"),
+                "preset": load_preset("iddpm_cifar10_hybrid"),
+            },
+            r"cannot read .*junk.pt as a state dict",
+        ),
         ({"format": "openai", "direction": "export", "src": "x", "dst": "y"}, r"format=openai is import only"),
     ]:
         with pytest.raises(ConversionError, match=match):

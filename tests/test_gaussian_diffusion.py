@@ -1,5 +1,6 @@
 """GaussianDiffusion against the closed forms of DDPM (Ho et al. 2020) and improved DDPM (Nichol &
 Dhariwal 2021), with every expected value computed here in numpy from the betas."""
+
 import math
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_prior_bpd_closed_form():
         s = schedule(betas)
         a = s["abar"][-1]
         # KL(N(sqrt(a) x0, 1 - a) || N(0, 1)) per pixel, averaged, in bits.
-        kl = 0.5 * (-np.log(1 - a) + (1 - a) + a * x0 ** 2 - 1.0)
+        kl = 0.5 * (-np.log(1 - a) + (1 - a) + a * x0**2 - 1.0)
         expected = kl.reshape(3, -1).mean(axis=1) / LN2
         got = make(betas).prior_bpd(torch.from_numpy(x0)).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-15)
@@ -105,8 +106,9 @@ def test_posterior_matches_eq7(num_timesteps):
     s = schedule(betas)
     t = np.array([0, 1, 2, num_timesteps // 2, num_timesteps - 1])
     x0, xt = rng.uniform(-1, 1, size=(5, 2, 3, 3)), rng.normal(size=(5, 2, 3, 3))
-    mean, var, logvar = make(betas).q_posterior_mean_variance(torch.from_numpy(x0), torch.from_numpy(xt),
-                                                              torch.from_numpy(t))
+    mean, var, logvar = make(betas).q_posterior_mean_variance(
+        torch.from_numpy(x0), torch.from_numpy(xt), torch.from_numpy(t)
+    )
     # mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t
     abar, abar_prev = bcast(s["abar"], t), bcast(s["abar_prev"], t)
     beta, alpha = bcast(betas, t), 1.0 - bcast(betas, t)
@@ -136,8 +138,9 @@ def test_fixed_small_and_fixed_large_variances():
     xt = torch.zeros(len(T_VALUES), 1, 2, 2, dtype=torch.float64)
     small = make(betas, var_type="fixed_small").p_mean_variance(constant_model(np.zeros(xt.shape)), xt, t)
     np.testing.assert_allclose(small["variance"].numpy()[:, 0, 0, 0], s["beta_tilde"][T_VALUES], rtol=1e-10)
-    np.testing.assert_allclose(small["log_variance"].numpy()[:, 0, 0, 0], s["log_beta_tilde_clipped"][T_VALUES],
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        small["log_variance"].numpy()[:, 0, 0, 0], s["log_beta_tilde_clipped"][T_VALUES], rtol=1e-10
+    )
     large = make(betas, var_type="fixed_large").p_mean_variance(constant_model(np.zeros(xt.shape)), xt, t)
     # sigma_t^2 = beta_t for t >= 1 and beta~ of the second step at t = 0.
     expected = np.where(T_VALUES == 0, s["beta_tilde"][1], betas[T_VALUES])
@@ -155,11 +158,13 @@ def test_learned_range_interpolates_log_variance(v, frac):
     xt = torch.zeros(n, 3, 2, 2, dtype=torch.float64)
     output = np.concatenate([np.zeros((n, 3, 2, 2)), np.full((n, 3, 2, 2), v)], axis=1)
     out = make(betas, var_type="learned_range", loss_type="hybrid").p_mean_variance(
-        constant_model(output), xt, torch.from_numpy(T_VALUES))
+        constant_model(output), xt, torch.from_numpy(T_VALUES)
+    )
     # v = -1: log beta~_t (clipped at t=0), v = 1: log beta_t, in between linear in log space.
     expected = frac * np.log(betas[T_VALUES]) + (1 - frac) * s["log_beta_tilde_clipped"][T_VALUES]
-    np.testing.assert_allclose(out["log_variance"].numpy(), np.broadcast_to(expected.reshape(-1, 1, 1, 1), xt.shape),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        out["log_variance"].numpy(), np.broadcast_to(expected.reshape(-1, 1, 1, 1), xt.shape), rtol=1e-10
+    )
     np.testing.assert_allclose(out["variance"].numpy(), np.exp(out["log_variance"].numpy()), rtol=1e-12)
 
 
@@ -169,7 +174,8 @@ def test_learned_range_is_per_pixel():
     v = np.linspace(-1, 1, 8).reshape(1, 2, 2, 2)
     output = np.concatenate([np.zeros((1, 2, 2, 2)), v], axis=1)
     out = make(betas, var_type="learned_range", loss_type="vlb").p_mean_variance(
-        constant_model(output), torch.zeros(1, 2, 2, 2, dtype=torch.float64), torch.tensor([10]))
+        constant_model(output), torch.zeros(1, 2, 2, 2, dtype=torch.float64), torch.tensor([10])
+    )
     frac = (v + 1) / 2
     expected = frac * np.log(betas[10]) + (1 - frac) * np.log(s["beta_tilde"][10])
     np.testing.assert_allclose(out["log_variance"].numpy(), expected, rtol=1e-10)
@@ -203,8 +209,9 @@ def test_true_target_gives_x0_and_zero_mse(mean_type, var_type):
     x0, noise = grid_images(rng, (len(T_VALUES), 2, 4, 4)), rng.normal(size=(len(T_VALUES), 2, 4, 4))
     t = torch.from_numpy(T_VALUES)
     xt = np.sqrt(bcast(s["abar"], T_VALUES)) * x0 + np.sqrt(1 - bcast(s["abar"], T_VALUES)) * noise
-    diffusion = make(betas, mean_type=mean_type, var_type=var_type,
-                     loss_type="hybrid" if var_type == "learned_range" else "simple")
+    diffusion = make(
+        betas, mean_type=mean_type, var_type=var_type, loss_type="hybrid" if var_type == "learned_range" else "simple"
+    )
     model = true_target_model(mean_type, x0, noise, s, learned=var_type == "learned_range")
 
     out = diffusion.p_mean_variance(model, torch.from_numpy(xt), t, clip_denoised=False)
@@ -249,10 +256,17 @@ def expected_vb_bits(x0, xt, t, model_mean, log_var, s):
     return per_pixel.reshape(len(t), -1).mean(axis=1) / LN2
 
 
-@pytest.mark.parametrize("var_type,loss_type", [
-    ("fixed_small", "simple"), ("fixed_large", "simple"), ("fixed_small", "vlb"), ("fixed_large", "hybrid"),
-    ("learned_range", "vlb"), ("learned_range", "hybrid"),
-])
+@pytest.mark.parametrize(
+    "var_type,loss_type",
+    [
+        ("fixed_small", "simple"),
+        ("fixed_large", "simple"),
+        ("fixed_small", "vlb"),
+        ("fixed_large", "hybrid"),
+        ("learned_range", "vlb"),
+        ("learned_range", "hybrid"),
+    ],
+)
 def test_training_losses_closed_form(var_type, loss_type):
     # An eps-model that is off by delta: everything below follows from eq. 7, 11 and 15.
     rng = np.random.default_rng(4)
@@ -271,8 +285,9 @@ def test_training_losses_closed_form(var_type, loss_type):
         return torch.from_numpy(np.concatenate([out, v], axis=1) if learned else out)
 
     diffusion = make(betas, mean_type="eps", var_type=var_type, loss_type=loss_type)
-    losses = diffusion.training_losses(model, torch.from_numpy(x0), torch.from_numpy(T_VALUES),
-                                       noise=torch.from_numpy(noise))
+    losses = diffusion.training_losses(
+        model, torch.from_numpy(x0), torch.from_numpy(T_VALUES), noise=torch.from_numpy(noise)
+    )
 
     abar = bcast(s["abar"], T_VALUES)
     xt = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
@@ -286,7 +301,7 @@ def test_training_losses_closed_form(var_type, loss_type):
         frac = (v + 1) / 2
         log_var = frac * bcast(np.log(betas), T_VALUES) + (1 - frac) * bcast(s["log_beta_tilde_clipped"], T_VALUES)
 
-    expected_mse = (delta ** 2).reshape(len(T_VALUES), -1).mean(axis=1)
+    expected_mse = (delta**2).reshape(len(T_VALUES), -1).mean(axis=1)
     expected_vb = expected_vb_bits(x0, xt, T_VALUES, model_mean, log_var, s)
     np.testing.assert_allclose(losses["mse"].detach().numpy(), expected_mse, rtol=1e-10)
     np.testing.assert_allclose(losses["vb"].detach().numpy(), expected_vb, rtol=1e-7, atol=1e-10)
@@ -307,9 +322,12 @@ def test_fixed_small_kl_closed_form_in_delta():
     t = np.array([1, 10, 300, 999])
     x0, noise, delta = rng.uniform(-1, 1, (4, 1, 8, 8)), rng.normal(size=(4, 1, 8, 8)), rng.normal(size=(4, 1, 8, 8))
     losses = make(betas, var_type="fixed_small").training_losses(
-        lambda xt, tt: torch.from_numpy(noise + delta), torch.from_numpy(x0), torch.from_numpy(t),
-        noise=torch.from_numpy(noise))
-    kl = bcast(s["coef1"][t] ** 2 * (1 / s["abar"][t] - 1) / (2 * s["beta_tilde"][t]), np.arange(4)) * delta ** 2
+        lambda xt, tt: torch.from_numpy(noise + delta),
+        torch.from_numpy(x0),
+        torch.from_numpy(t),
+        noise=torch.from_numpy(noise),
+    )
+    kl = bcast(s["coef1"][t] ** 2 * (1 / s["abar"][t] - 1) / (2 * s["beta_tilde"][t]), np.arange(4)) * delta**2
     np.testing.assert_allclose(losses["vb"].numpy(), kl.reshape(4, -1).mean(axis=1) / LN2, rtol=1e-7)
 
 
@@ -326,11 +344,14 @@ def test_hybrid_stops_the_mean_gradient_of_the_vb_term():
 
     def grads(loss_type, key):
         diffusion = make(betas, var_type="learned_range", loss_type=loss_type)
-        out = diffusion.training_losses(model, torch.from_numpy(x0), torch.from_numpy(T_VALUES),
-                                        noise=torch.from_numpy(noise))
+        out = diffusion.training_losses(
+            model, torch.from_numpy(x0), torch.from_numpy(T_VALUES), noise=torch.from_numpy(noise)
+        )
         g_mean, g_v = torch.autograd.grad(out[key].sum(), [mean_leaf, v_leaf], allow_unused=True)
-        return (torch.zeros(shape, dtype=torch.float64) if g_mean is None else g_mean,
-                torch.zeros(shape, dtype=torch.float64) if g_v is None else g_v)
+        return (
+            torch.zeros(shape, dtype=torch.float64) if g_mean is None else g_mean,
+            torch.zeros(shape, dtype=torch.float64) if g_v is None else g_v,
+        )
 
     # hybrid: the vb term trains the variance only ...
     g_mean, g_v = grads("hybrid", "vb")
@@ -349,7 +370,8 @@ def test_simple_loss_vb_is_logged_without_graph():
     betas = linear_betas(50)
     mean_leaf = torch.zeros(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
     out = make(betas, var_type="fixed_small", loss_type="simple").training_losses(
-        lambda xt, t: mean_leaf * 1.0, torch.zeros(2, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 30]))
+        lambda xt, t: mean_leaf * 1.0, torch.zeros(2, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 30])
+    )
     assert out["loss"].requires_grad and not out["vb"].requires_grad
     assert torch.isfinite(out["vb"]).all()
 
@@ -372,14 +394,18 @@ def test_learned_range_needs_twice_the_channels():
     # And the converse: a fixed variance with 2C channels is an error too.
     with pytest.raises(ValueError, match="channels"):
         make(betas, var_type="fixed_small").training_losses(
-            lambda xt, t: torch.cat([xt, xt], 1), x0, torch.tensor([1, 2]))
+            lambda xt, t: torch.cat([xt, xt], 1), x0, torch.tensor([1, 2])
+        )
 
 
-@pytest.mark.parametrize("kwarg,bad,choices", [
-    ("mean_type", "velocity", ["eps", "x0", "mu", "v"]),
-    ("var_type", "learned", ["fixed_small", "fixed_large", "learned_range"]),
-    ("loss_type", "kl", ["simple", "vlb", "hybrid"]),
-])
+@pytest.mark.parametrize(
+    "kwarg,bad,choices",
+    [
+        ("mean_type", "velocity", ["eps", "x0", "mu", "v"]),
+        ("var_type", "learned", ["fixed_small", "fixed_large", "learned_range"]),
+        ("loss_type", "kl", ["simple", "vlb", "hybrid"]),
+    ],
+)
 def test_unknown_types_list_choices(kwarg, bad, choices):
     with pytest.raises(ValueError) as excinfo:
         make(linear_betas(50), **{kwarg: bad})

@@ -7,13 +7,14 @@ Data: y in {0, 1} with equal probability, x_0 | y ~ N(m_y, s^2 I) (every pixel).
     eps*(x_t, t, null) = sum_k p(k | x_t) eps*(x_t, t, k)       (the mixture's score),
     log p(y | x_t) = log softmax_k(-|x_t - sqrt(abar_t) m_k|^2 / (2 v_t))[y].
 """
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from src.diffusion import Guidance, GaussianDiffusion, SamplerOptions, make_beta_schedule, respaced, sample
+from src.diffusion import GaussianDiffusion, Guidance, SamplerOptions, make_beta_schedule, respaced, sample
 from src.diffusion.guidance import ClassifierFreeGuidance, classifier_guidance, drop_labels, guide
 from src.diffusion.sampling import denoise_from, sample_trajectory
 
@@ -35,7 +36,7 @@ def diffusion():
 
 def _stats(abar_t: torch.Tensor, x: torch.Tensor):
     a = abar_t.to(x.dtype).view(-1, 1, 1, 1)
-    v = a * S ** 2 + 1.0 - a
+    v = a * S**2 + 1.0 - a
     m = torch.tensor(MEANS, dtype=x.dtype)
     diff = x[:, None] - a.sqrt()[:, None] * m.view(1, -1, 1, 1, 1)  # [N, K, C, H, W]
     return a, v, diff
@@ -64,14 +65,21 @@ class MixtureOracle:
 def true_logits(abar: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """log p(k | x_t) up to a constant per image: [N, 2]."""
     _, v, diff = _stats(abar[t], x)
-    return -(diff ** 2).flatten(2).sum(-1) / (2.0 * v.view(-1, 1))
+    return -(diff**2).flatten(2).sum(-1) / (2.0 * v.view(-1, 1))
 
 
-def draw(diffusion, model, y, seed=0, shape=None, guidance_scale=0.0, classifier=None, classifier_scale=1.0,
-         **options) -> torch.Tensor:
+def draw(
+    diffusion, model, y, seed=0, shape=None, guidance_scale=0.0, classifier=None, classifier_scale=1.0, **options
+) -> torch.Tensor:
     guidance = Guidance(y=y, scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale)
-    return sample(diffusion, model, shape or (len(y), *SHAPE), SamplerOptions(clip_denoised=False, **options), guidance,
-                  generator=torch.Generator().manual_seed(seed)).double()
+    return sample(
+        diffusion,
+        model,
+        shape or (len(y), *SHAPE),
+        SamplerOptions(clip_denoised=False, **options),
+        guidance,
+        generator=torch.Generator().manual_seed(seed),
+    ).double()
 
 
 def labels() -> torch.Tensor:
@@ -85,7 +93,7 @@ def class_moments(abar_all: np.ndarray, kept: list[int], sampler: str, m: float)
     mean, var = 0.0, 1.0
     for k in range(len(kept) - 1, -1, -1):
         a, a_prev = a_all[k], (a_all[k - 1] if k else 1.0)
-        gain = S ** 2 * np.sqrt(a) / (a * S ** 2 + 1 - a)  # E[x_0 | x_t] = gain x_t + offset
+        gain = S**2 * np.sqrt(a) / (a * S**2 + 1 - a)  # E[x_0 | x_t] = gain x_t + offset
         offset = m * (1 - gain * np.sqrt(a))
         if sampler == "ddpm":  # posterior mean at E[x_0 | x_t], fixed_small variance beta~
             beta = 1 - a / a_prev
@@ -95,7 +103,7 @@ def class_moments(abar_all: np.ndarray, kept: list[int], sampler: str, m: float)
             d = np.sqrt(1 - a_prev) / np.sqrt(1 - a)
             slope = np.sqrt(a_prev) * gain + d * (1 - np.sqrt(a) * gain)
             shift, sigma2 = (np.sqrt(a_prev) - d * np.sqrt(a)) * offset, 0.0
-        mean, var = slope * mean + shift, slope ** 2 * var + (sigma2 if k else 0.0)
+        mean, var = slope * mean + shift, slope**2 * var + (sigma2 if k else 0.0)
     return mean, math.sqrt(var)
 
 
@@ -104,7 +112,7 @@ def test_conditional_sampling_hits_the_class_means(diffusion, sampler, steps):
     x = draw(diffusion, MixtureOracle(diffusion.alphas_cumprod), labels(), sampler=sampler, steps=steps)
     kept = respaced(diffusion, steps).timestep_map.tolist()
     for k, m in enumerate(MEANS):
-        images = x[k * N:(k + 1) * N]
+        images = x[k * N : (k + 1) * N]
         mean, std = class_moments(diffusion.alphas_cumprod.numpy(), kept, sampler, m)
         assert mean == pytest.approx(m, abs=1e-3)  # the closed form hits the class mean
         # 4000 pixels: standard errors ~ std / sqrt(4000) (mean) and std / sqrt(8000) (std)
@@ -129,10 +137,10 @@ def test_guided_eps_is_the_closed_form_in_one_batched_call(diffusion):
     # numpy closed form, independent of the oracle's torch code
     a = diffusion.alphas_cumprod[t].numpy()[:, None]
     xs = x.flatten(1).numpy()
-    v = a * S ** 2 + 1 - a
+    v = a * S**2 + 1 - a
     d = [xs - np.sqrt(a) * m for m in MEANS]
     eps = [np.sqrt(1 - a) * dk / v for dk in d]
-    logit = np.stack([-(dk ** 2).sum(1) / (2 * v[:, 0]) for dk in d], 1)
+    logit = np.stack([-(dk**2).sum(1) / (2 * v[:, 0]) for dk in d], 1)
     post = np.exp(logit - logit.max(1, keepdims=True))
     post /= post.sum(1, keepdims=True)
     eps_null = post[:, :1] * eps[0] + post[:, 1:] * eps[1]
@@ -158,8 +166,10 @@ def test_guidance_moves_samples_away_from_the_other_class(diffusion, sampler, st
     oracle = MixtureOracle(diffusion.alphas_cumprod)
     y = torch.zeros(N, dtype=torch.long)
     # same noise for every w, so the differences are the guidance's, not Monte Carlo's
-    distance = [(draw(diffusion, oracle, y, sampler=sampler, steps=steps, guidance_scale=w) - MEANS[1]).abs().mean().item()
-                for w in (0.0, 1.0, 3.0)]
+    distance = [
+        (draw(diffusion, oracle, y, sampler=sampler, steps=steps, guidance_scale=w) - MEANS[1]).abs().mean().item()
+        for w in (0.0, 1.0, 3.0)
+    ]
     assert distance[0] == pytest.approx(MEANS[1] - MEANS[0], abs=0.01)  # w = 0: the class itself
     assert distance[0] + 0.015 < distance[1] < distance[2] - 0.015
 
@@ -196,7 +206,7 @@ def test_classifier_guidance_with_the_exact_classifier_moves_samples_to_the_clas
     # Phi(2 |m_y| / s), and the class's pixels average m_y
     assert hit(guided) == pytest.approx(0.5 * (1 + math.erf(2 * MEANS[1] / S / math.sqrt(2))), abs=tolerance)
     for k, m in enumerate(MEANS):
-        assert guided[k * N:(k + 1) * N].mean().item() == pytest.approx(m, abs=2 * tolerance)
+        assert guided[k * N : (k + 1) * N].mean().item() == pytest.approx(m, abs=2 * tolerance)
 
 
 def test_trajectory_and_denoise_from_take_labels(diffusion):
@@ -209,8 +219,9 @@ def test_trajectory_and_denoise_from_take_labels(diffusion):
     assert torch.equal(traj.sample, plain)
     noise = torch.randn(4, *SHAPE, generator=gen())
     decoded = denoise_from(diffusion, oracle, noise, T - 1, SamplerOptions("ddim", steps=20), Guidance(y=y))
-    assert torch.equal(decoded, sample(diffusion, oracle, (4, *SHAPE), SamplerOptions("ddim", steps=20), Guidance(y=y),
-                                       noise=noise))
+    assert torch.equal(
+        decoded, sample(diffusion, oracle, (4, *SHAPE), SamplerOptions("ddim", steps=20), Guidance(y=y), noise=noise)
+    )
 
 
 def test_label_dropout_rate_is_binomial():
@@ -250,7 +261,7 @@ def test_classifier_guidance_gradient_is_the_analytic_score():
     y = torch.tensor([0, 1, 1, 0, 1])
     grad = classifier_guidance(lambda xx, tt: true_logits(abar, xx, tt), 2.0, y)(x, t)
     a = abar[t].view(-1, 1, 1, 1)
-    v = a * S ** 2 + 1 - a
+    v = a * S**2 + 1 - a
     post = true_logits(abar, x, t).softmax(1)
     m = torch.tensor(MEANS, dtype=torch.float64)
     expected = 2.0 * a.sqrt() * (m[y] - post @ m).view(-1, 1, 1, 1) / v

@@ -1,5 +1,6 @@
 """Inputs that used to lose data or pass silently: each is refused with one line that names the fix, and
 nothing already on disk changes."""
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 """What the console says: one-line errors for bad sizes, and no warnings or adverts a user cannot act on."""
+
 import pytest
 from hydra.utils import instantiate
 
@@ -11,8 +12,10 @@ def test_a_batch_larger_than_the_training_split_names_the_key_and_the_split(comp
     with pytest.raises(ConfigError) as err:
         datamodule.train_dataloader()
     size = len(datamodule.train_dataset)
-    assert str(err.value) == (f"data.batch_size=100000 is larger than the training split ({size} images); "
-                              f"set data.batch_size to at most {size}")
+    assert str(err.value) == (
+        f"data.batch_size=100000 is larger than the training split ({size} images); "
+        f"set data.batch_size to at most {size}"
+    )
 
 
 def test_image_folder_workers_are_capped_at_the_cpu_count(compose_train, monkeypatch, caplog):
@@ -39,8 +42,18 @@ def test_no_lightning_advert_and_no_wandb_anonymous_setting(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     assert "Tip:" not in caplog.text and "GPU available" in caplog.text  # only the advert is dropped
-    (wandb_logger,) = build_loggers(OmegaConf.create({"wandb": {
-        "_target_": "lightning.pytorch.loggers.WandbLogger", "project": "p", "save_dir": str(tmp_path), "offline": True}}))
+    (wandb_logger,) = build_loggers(
+        OmegaConf.create(
+            {
+                "wandb": {
+                    "_target_": "lightning.pytorch.loggers.WandbLogger",
+                    "project": "p",
+                    "save_dir": str(tmp_path),
+                    "offline": True,
+                }
+            }
+        )
+    )
     assert "anonymous" not in wandb_logger._wandb_init  # what wandb.init receives
 
 
@@ -65,8 +78,10 @@ def test_the_classifier_schedule_mismatch_names_the_diffusion_models_schedule(mo
     import src.evaluation.guidance as guidance
     from src.diffusion import GaussianDiffusion, make_beta_schedule
 
-    classifier = SimpleNamespace(diffusion=GaussianDiffusion(make_beta_schedule("cosine", 100)),
-                                 ema=SimpleNamespace(model=SimpleNamespace(image_shape=(1, 16, 16))))
+    classifier = SimpleNamespace(
+        diffusion=GaussianDiffusion(make_beta_schedule("cosine", 100)),
+        ema=SimpleNamespace(model=SimpleNamespace(image_shape=(1, 16, 16))),
+    )
     monkeypatch.setattr(guidance, "read_checkpoint", lambda path: {})
     monkeypatch.setattr(guidance, "module_from_checkpoint", lambda ckpt, task, source: classifier)
     monkeypatch.setattr(guidance, "run_config", lambda ckpt: OmegaConf.create({"schedule": {"name": "cosine"}}))
@@ -95,17 +110,26 @@ def test_the_default_digits_net_is_unchanged(compose_train):
     # and count (checkpoints carry their own model config, so older ones load with theirs); class-conditional on
     # the 10 digits (conf/labels/digits.yaml), so with a label embedding of 10 + the null label.
     assert cfg.model.num_classes == 10 and cfg.guidance_scale == 0.0
-    before = UNet(in_channels=1, out_channels=1, image_size=16, base_channels=32, channel_mult=[1, 2, 2],
-                  num_res_blocks=cfg.model.num_res_blocks, attention_resolutions=[8], dropout=0.0, num_heads=4,
-                  num_classes=10)
+    before = UNet(
+        in_channels=1,
+        out_channels=1,
+        image_size=16,
+        base_channels=32,
+        channel_mult=[1, 2, 2],
+        num_res_blocks=cfg.model.num_res_blocks,
+        attention_resolutions=[8],
+        dropout=0.0,
+        num_heads=4,
+        num_classes=10,
+    )
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in before.state_dict().items()}
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in before.parameters())
     net.load_state_dict(before.state_dict())
 
 
 def _write_pngs(folder, count: int, size: int) -> None:
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -116,8 +140,9 @@ def _write_pngs(folder, count: int, size: int) -> None:
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_the_default_net_fits_an_image_folder_of_any_size(compose_train, tmp_path, image_size):
     _write_pngs(tmp_path / "images", 4, 40)
-    cfg, net = _default_net(compose_train, "data=image_folder", f"data.root={tmp_path / 'images'}",
-                            f"data.image_size={image_size}")
+    cfg, net = _default_net(
+        compose_train, "data=image_folder", f"data.root={tmp_path / 'images'}", f"data.image_size={image_size}"
+    )
     assert list(cfg.model.attention_resolutions) == [image_size // 2]
     import torch
 
@@ -132,8 +157,15 @@ def test_an_empty_image_folder_is_reported_as_such(compose_train, tmp_path):
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="no images found in"):
-        train(compose_train("data=image_folder", f"data.root={tmp_path / 'empty'}", "data.image_size=64",
-                            "trainer.max_steps=1", fast=False))
+        train(
+            compose_train(
+                "data=image_folder",
+                f"data.root={tmp_path / 'empty'}",
+                "data.image_size=64",
+                "trainer.max_steps=1",
+                fast=False,
+            )
+        )
 
 
 def test_resuming_a_run_whose_attention_sat_elsewhere_names_the_value(compose_train):

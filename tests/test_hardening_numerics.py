@@ -1,4 +1,5 @@
 """Numerics at the edges: tails of the decoder, one-step processes, nested respacing, the EMA in bf16."""
+
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,11 @@ def test_interior_bins_of_the_decoder_are_accurate_in_the_tails(z):
     assert log_p.dtype == torch.float32
     z64 = (x.double() - means.double()) / scale  # z as rounded to float32 inputs
     upper, lower = z64 + width / 2 / scale, z64 - width / 2 / scale
-    expected = np.log(norm.cdf(upper.numpy()) - norm.cdf(lower.numpy())) if z < 0 else \
-        np.log(norm.sf(lower.numpy()) - norm.sf(upper.numpy()))
+    expected = (
+        np.log(norm.cdf(upper.numpy()) - norm.cdf(lower.numpy()))
+        if z < 0
+        else np.log(norm.sf(lower.numpy()) - norm.sf(upper.numpy()))
+    )
     # relative error of the bin's probability
     assert np.abs(np.expm1(log_p.double().numpy() - expected)).max() < 1e-4
 
@@ -28,6 +32,7 @@ def _recording_net(seen: list):
     def net(xt, t, **kwargs):
         seen.append(t.tolist())
         return torch.zeros_like(xt)  # eps = 0: x0 = x_t / sqrt(abar)
+
     return net
 
 
@@ -86,7 +91,7 @@ def test_the_ema_of_a_bf16_module_moves_as_in_float32():
             p.fill_(1.0)
     for _ in range(1000):
         ema.update(net)
-    expected = 1.0 - 0.999 ** 1000  # 0.632; a bf16 lerp stalls near 0.25
+    expected = 1.0 - 0.999**1000  # 0.632; a bf16 lerp stalls near 0.25
     for p in ema.model.parameters():
         assert p.dtype == torch.bfloat16
         assert torch.allclose(p.float(), torch.full_like(p.float(), expected), atol=4e-3)

@@ -1,4 +1,5 @@
 """Resume from the checkpoint a run leaves when it reaches max_steps, and stop signals during callback sampling."""
+
 import os
 import signal
 import subprocess
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import REPO, assert_same_run
 
 from src.errors import ConfigError
 from src.training import train
-from test_resume import REPO, assert_same_run
 
 # No periodic save at the stop (every 500 steps) and no epoch end near it (epochs of 101 batches): the only
 # checkpoint at step 4 is the one written because max_steps was reached inside an epoch.
@@ -84,16 +85,34 @@ def test_interruptible_sampling_raises_at_the_signal_and_restores_the_handler():
 def test_a_stop_signal_during_the_final_grid_stops_it_at_once_and_exits_143(tmp_path, stop):
     # A tiny net, but a final grid of 1024 images over all 1000 steps: minutes on a CPU unless stopped. Without
     # the stop the grid completes and the process exits 0.
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}/run", "trainer.max_steps=2",
-           "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "model.base_channels=8",
-           "model.channel_mult=[1]", "model.num_res_blocks=1", "model.attention_resolutions=[]",
-           "data.batch_size=8", "sampler=ddpm", "sampler.steps=null", "callbacks.sample_grid.num_samples=1024",
-           "callbacks.progress_bar=null"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"hydra.run.dir={tmp_path}/run",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "model.base_channels=8",
+        "model.channel_mult=[1]",
+        "model.num_res_blocks=1",
+        "model.attention_resolutions=[]",
+        "data.batch_size=8",
+        "sampler=ddpm",
+        "sampler.steps=null",
+        "callbacks.sample_grid.num_samples=1024",
+        "callbacks.progress_bar=null",
+    ]
     # A job started in the background of a shell inherits SIGINT ignored, and Python then installs no Ctrl+C
     # handler: give the run the default disposition, as in a terminal.
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     for line in process.stdout:  # the final checkpoint is written just before the final grid starts
         lines.append(line)

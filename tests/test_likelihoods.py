@@ -1,4 +1,5 @@
 """Gaussian KL and the discretized Gaussian decoder likelihood against closed forms and scipy."""
+
 import math
 
 import numpy as np
@@ -40,10 +41,20 @@ def test_normal_kl_broadcasts():
 @pytest.mark.parametrize("m1,s1,m2,s2", [(0.0, 1.0, 0.0, 1.0), (0.3, 0.5, -0.2, 1.3), (1.0, 2.0, 0.0, 0.7)])
 def test_normal_kl_matches_numerical_integral(m1, s1, m2, s2):
     p, q = stats.norm(m1, s1), stats.norm(m2, s2)
-    integral, _ = integrate.quad(lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), m1 - 15 * s1, m1 + 15 * s1,
-                                 epsabs=1e-12, epsrel=1e-10, limit=200)
-    got = normal_kl(torch.tensor(m1, dtype=torch.float64), torch.tensor(2 * math.log(s1), dtype=torch.float64),
-                    torch.tensor(m2, dtype=torch.float64), torch.tensor(2 * math.log(s2), dtype=torch.float64))
+    integral, _ = integrate.quad(
+        lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)),
+        m1 - 15 * s1,
+        m1 + 15 * s1,
+        epsabs=1e-12,
+        epsrel=1e-10,
+        limit=200,
+    )
+    got = normal_kl(
+        torch.tensor(m1, dtype=torch.float64),
+        torch.tensor(2 * math.log(s1), dtype=torch.float64),
+        torch.tensor(m2, dtype=torch.float64),
+        torch.tensor(2 * math.log(s2), dtype=torch.float64),
+    )
     assert got.item() == pytest.approx(integral, rel=1e-8, abs=1e-10)
 
 
@@ -106,10 +117,14 @@ def test_discretized_gaussian_matches_scipy():
 def test_discretized_gaussian_float32_inputs():
     k, means, log_scales = random_inputs(5000, seed=2)
     x = torch.from_numpy(k / 127.5 - 1.0).float()
-    got = discretized_gaussian_log_likelihood(x, torch.from_numpy(means).float(),
-                                              torch.from_numpy(log_scales).float()).double().numpy()
-    ref = reference_log_prob(k, means.astype(np.float32).astype(np.float64),
-                             np.exp(log_scales.astype(np.float32).astype(np.float64)))
+    got = (
+        discretized_gaussian_log_likelihood(x, torch.from_numpy(means).float(), torch.from_numpy(log_scales).float())
+        .double()
+        .numpy()
+    )
+    ref = reference_log_prob(
+        k, means.astype(np.float32).astype(np.float64), np.exp(log_scales.astype(np.float32).astype(np.float64))
+    )
     # float32 edges x +- 1/255 carry ~6e-8 absolute error, relative to scales down to 1e-3.
     big = ref > math.log(1e-4)
     np.testing.assert_allclose(got[big], ref[big], rtol=2e-3, atol=2e-4)
@@ -120,7 +135,8 @@ def test_discretized_gaussian_bins_sum_to_one(mean, scale):
     k = np.arange(256)
     x = torch.from_numpy(k / 127.5 - 1.0)
     log_p = discretized_gaussian_log_likelihood(
-        x, torch.full((256,), mean, dtype=torch.float64), torch.full((256,), math.log(scale), dtype=torch.float64))
+        x, torch.full((256,), mean, dtype=torch.float64), torch.full((256,), math.log(scale), dtype=torch.float64)
+    )
     assert torch.exp(log_p).sum().item() == pytest.approx(1.0, abs=1e-9)
     # Each bin also matches the CDF difference computed with scipy.
     np.testing.assert_allclose(torch.exp(log_p).numpy(), np.exp(reference_log_prob(k, mean, scale)), atol=1e-10)

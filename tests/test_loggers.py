@@ -1,5 +1,6 @@
 """Loggers: W&B offline (no network, no API key, no prompt), TensorBoard and CSV receive the scalars,
 the sample grids, the run config and the git commit."""
+
 import csv
 import json
 import os
@@ -10,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_fid import fid_overrides, write_random_inception_weights
 
 from src.evaluation import git_info
 from src.training import train
-from test_fid import fid_overrides, write_random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,8 @@ def read_wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:  # zero-filled space
             continue
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -82,15 +83,30 @@ def test_wandb_offline_records_scalars_images_fid_config_and_commit(compose_trai
     import wandb
 
     weights = write_random_inception_weights(tmp_path / "random-inception.pth")
-    cfg = compose_train("logger=wandb", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
-                        "trainer.val_check_interval=2", *fid_overrides(weights, tmp_path))
+    cfg = compose_train(
+        "logger=wandb",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=2",
+        *fid_overrides(weights, tmp_path),
+    )
     try:
         train(cfg)
     finally:
         wandb.finish()  # what process exit does for train.py; writes the rest of the run file
     history, config, run_dir = wandb_run_contents(Path(cfg.paths.output_dir))
-    assert {"train/loss", "train/mse", "val/loss", "val/bpd", "lr-Adam", "train/images_per_sec",
-            "eval/fid", "eval/is", "eval/is_std", "samples/_type"} <= history  # an image is logged as samples/*
+    assert {
+        "train/loss",
+        "train/mse",
+        "val/loss",
+        "val/bpd",
+        "lr-Adam",
+        "train/images_per_sec",
+        "eval/fid",
+        "eval/is",
+        "eval/is_std",
+        "samples/_type",
+    } <= history  # an image is logged as samples/*
     assert json.loads(config["run_config"])["objective"]["loss_type"] == "simple"  # the resolved Hydra config
     assert json.loads(config["git_commit"]) == git_info()["git_commit"] != "unknown"
     assert list((run_dir / "files" / "media" / "images").glob("samples_*.png"))
@@ -102,8 +118,13 @@ def test_each_training_run_closes_its_wandb_run(compose_train, no_wandb_account)
 
     folders = []
     for lr in ("1e-3", "2e-3"):
-        cfg = compose_train("logger=wandb", "trainer.max_steps=1", "callbacks.sample_grid=null",
-                            "+trainer.limit_val_batches=0", f"module.optimizer.lr={lr}")
+        cfg = compose_train(
+            "logger=wandb",
+            "trainer.max_steps=1",
+            "callbacks.sample_grid=null",
+            "+trainer.limit_val_batches=0",
+            f"module.optimizer.lr={lr}",
+        )
         cfg.paths.output_dir = str(Path(cfg.paths.output_dir).parent / f"job_lr{lr}")
         train(cfg)
         assert wandb.run is None  # finished, not left open for the next job
@@ -125,15 +146,21 @@ def test_wandb_sample_grid_is_the_png_written_to_disk(compose_train, no_wandb_ac
     out = Path(cfg.paths.output_dir)
     (logged,) = (out / "wandb").glob("offline-run-*/files/media/images/samples_*.png")
     (written,) = (out / "samples").glob("step_*.png")
-    np.testing.assert_array_equal(np.asarray(Image.open(logged).convert("RGB")),
-                                  np.asarray(Image.open(written).convert("RGB")))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(logged).convert("RGB")), np.asarray(Image.open(written).convert("RGB"))
+    )
 
 
 def test_tensorboard_records_scalars_and_sample_grid(compose_train):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = compose_train("logger=tensorboard", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
-                        "trainer.val_check_interval=2", "sampler.steps=5")
+    cfg = compose_train(
+        "logger=tensorboard",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=2",
+        "sampler.steps=5",
+    )
     train(cfg)
     events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard")).Reload()
     assert {"train/loss", "val/bpd", "lr-Adam", "train/images_per_sec"} <= set(events.Tags()["scalars"])
@@ -154,13 +181,28 @@ def test_csv_records_throughput_and_git_commit(compose_train):
 def test_train_py_with_wandb_needs_no_account_and_never_waits_for_input(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "no-netrc"))
-    cmd = [sys.executable, "train.py", "logger=wandb", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
-           "trainer.accelerator=cpu", "schedule.num_timesteps=50", "model.base_channels=32", "model.channel_mult=[1,2]",
-           "model.num_res_blocks=1", "model.num_heads=1", "data.batch_size=16", "callbacks.sample_grid.num_samples=4",
-           "sampler.steps=null", "callbacks.progress_bar=null", f"hydra.run.dir={tmp_path}/run",
-           f"paths.data_dir={tmp_path}/data"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=300)
+    cmd = [
+        sys.executable,
+        "train.py",
+        "logger=wandb",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.accelerator=cpu",
+        "schedule.num_timesteps=50",
+        "model.base_channels=32",
+        "model.channel_mult=[1,2]",
+        "model.num_res_blocks=1",
+        "model.num_heads=1",
+        "data.batch_size=16",
+        "callbacks.sample_grid.num_samples=4",
+        "sampler.steps=null",
+        "callbacks.progress_bar=null",
+        f"hydra.run.dir={tmp_path}/run",
+        f"paths.data_dir={tmp_path}/data",
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     history, config, _ = wandb_run_contents(tmp_path / "run")
     assert {"train/loss", "samples/_type"} <= history and "git_commit" in config
@@ -177,7 +219,8 @@ def test_evaluate_sends_its_numbers_to_wandb(compose_evaluate, tmp_path, no_wand
     npz = tmp_path / "digits.npz"
     np.savez(npz, arr_0=images[:200].permute(0, 2, 3, 1).numpy())
     out = tmp_path / "eval"
-    metrics = run(compose_evaluate(f"samples={npz}", "extractor=digits", "metrics=[fid,is]", "logger=wandb",
-                                   output_dir=out))
+    metrics = run(
+        compose_evaluate(f"samples={npz}", "extractor=digits", "metrics=[fid,is]", "logger=wandb", output_dir=out)
+    )
     history, _, _ = wandb_run_contents(out)
     assert {"eval/fd_digits-mlp64", "eval/is_digits-mlp64"} <= history and metrics["fd_digits-mlp64"] > 0

@@ -2,6 +2,7 @@
 2022), per-timestep loss weighting (min-SNR-gamma, Hang et al. 2023; P2, Choi et al. 2022), zero terminal SNR
 (Lin et al. 2024) and thresholding of the predicted x_0 (Imagen's dynamic thresholding, Saharia et al. 2022).
 Expected values are computed here in numpy from the betas, or by diffusers."""
+
 import numpy as np
 import pytest
 import torch
@@ -76,8 +77,9 @@ def test_oracle_v_model_predicts_x0_and_the_true_posterior(data):
     np.testing.assert_allclose(out["mean"].numpy(), c1 * x0 + c2 * xt.numpy(), atol=1e-10)
 
 
-@pytest.mark.parametrize("loss_type,var_type", [("simple", "fixed_large"), ("hybrid", "learned_range"),
-                                                ("vlb", "learned_range")])
+@pytest.mark.parametrize(
+    "loss_type,var_type", [("simple", "fixed_large"), ("hybrid", "learned_range"), ("vlb", "learned_range")]
+)
 def test_v_training_loss_is_zero_for_the_true_v(data, loss_type, var_type):
     """The simple part is ||v - v_theta||^2 (zero at the true v, 1 per pixel when it is off by 1); the vb term of an
     oracle v with the posterior variance is the decoder NLL at t = 0 and 0 (KL of equal Gaussians) elsewhere."""
@@ -100,19 +102,24 @@ def test_v_training_loss_is_zero_for_the_true_v(data, loss_type, var_type):
 def test_v_step_matches_diffusers_ddpm_scheduler(data):
     """get_velocity and one ancestral step (pred_x0, x_{t-1} with the same noise) against DDPMScheduler's v_prediction."""
     x0, eps = (torch.from_numpy(a).float() for a in data)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T,
-                                        prediction_type="v_prediction", variance_type="fixed_small", clip_sample=True)
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=T,
+        beta_start=1e-4 * 1000 / T,
+        beta_end=0.02 * 1000 / T,
+        prediction_type="v_prediction",
+        variance_type="fixed_small",
+        clip_sample=True,
+    )
     diff = GaussianDiffusion(torch.from_numpy(linear_betas(T)), mean_type="v", var_type="fixed_small")
     t = torch.from_numpy(TS)
-    np.testing.assert_allclose(diff.v_target(x0, t, eps).numpy(),
-                               scheduler.get_velocity(x0, eps, t).numpy(), atol=1e-5)
+    np.testing.assert_allclose(diff.v_target(x0, t, eps).numpy(), scheduler.get_velocity(x0, eps, t).numpy(), atol=1e-5)
     xt = diff.q_sample(x0, t, eps)
     v_out = 0.7 * eps - 0.4 * x0 + 0.1  # any network output
     for i, step in enumerate(TS.tolist()):
         generator = torch.Generator().manual_seed(i)
-        theirs = scheduler.step(v_out[i:i + 1], step, xt[i:i + 1], generator=generator)
-        noise = torch.randn(v_out[i:i + 1].shape, generator=torch.Generator().manual_seed(i))
-        ours = diff.p_sample(constant_model(v_out[i:i + 1]), xt[i:i + 1], t[i:i + 1], noise, clip_denoised=True)
+        theirs = scheduler.step(v_out[i : i + 1], step, xt[i : i + 1], generator=generator)
+        noise = torch.randn(v_out[i : i + 1].shape, generator=torch.Generator().manual_seed(i))
+        ours = diff.p_sample(constant_model(v_out[i : i + 1]), xt[i : i + 1], t[i : i + 1], noise, clip_denoised=True)
         np.testing.assert_allclose(ours["pred_x0"].numpy(), theirs.pred_original_sample.numpy(), atol=1e-5)
         np.testing.assert_allclose(ours["sample"].numpy(), theirs.prev_sample.numpy(), atol=1e-5)
 
@@ -129,13 +136,15 @@ def test_classifier_free_guidance_on_v_is_guidance_on_eps(data):
         num_classes = 10
 
         def __call__(self, x, t, y):
-            return torch.where((y == self.num_classes).view(-1, 1, 1, 1), torch.cat([v_null, v_null]),
-                               torch.cat([v_cond, v_cond]))
+            return torch.where(
+                (y == self.num_classes).view(-1, 1, 1, 1), torch.cat([v_null, v_null]), torch.cat([v_cond, v_cond])
+            )
 
     guided = ClassifierFreeGuidance(TwoPass(), w)(xt, t, y=torch.zeros(len(TS), dtype=torch.long))
     eps_cond, eps_null = diff.predict_eps_from_v(xt, t, v_cond), diff.predict_eps_from_v(xt, t, v_null)
-    np.testing.assert_allclose(diff.predict_eps_from_v(xt, t, guided).numpy(),
-                               ((1 + w) * eps_cond - w * eps_null).numpy(), atol=1e-10)
+    np.testing.assert_allclose(
+        diff.predict_eps_from_v(xt, t, guided).numpy(), ((1 + w) * eps_cond - w * eps_null).numpy(), atol=1e-10
+    )
 
 
 def test_solver_data_prediction_of_v_is_alpha_x_minus_sigma_v(data):
@@ -160,19 +169,23 @@ def snr_of(betas: np.ndarray) -> np.ndarray:
     return abar / (1.0 - abar)
 
 
-@pytest.mark.parametrize("mean_type,expected", [
-    ("eps", lambda snr, g: np.minimum(snr, g) / snr),
-    ("x0", lambda snr, g: np.minimum(snr, g)),
-    ("v", lambda snr, g: np.minimum(snr, g) / (snr + 1.0)),  # not min(SNR + 1, g) / (SNR + 1)
-])
+@pytest.mark.parametrize(
+    "mean_type,expected",
+    [
+        ("eps", lambda snr, g: np.minimum(snr, g) / snr),
+        ("x0", lambda snr, g: np.minimum(snr, g)),
+        ("v", lambda snr, g: np.minimum(snr, g) / (snr + 1.0)),  # not min(SNR + 1, g) / (SNR + 1)
+    ],
+)
 def test_min_snr_weights_closed_form(mean_type, expected):
     betas = linear_betas(1000)
     diff = GaussianDiffusion(torch.from_numpy(betas), mean_type=mean_type, loss_weighting="min_snr", min_snr_gamma=5)
     np.testing.assert_allclose(diff.loss_weights.numpy(), expected(snr_of(betas), 5.0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("mean_type,to_target", [("eps", lambda snr: 1.0), ("x0", lambda snr: snr),
-                                                 ("v", lambda snr: snr / (snr + 1.0))])
+@pytest.mark.parametrize(
+    "mean_type,to_target", [("eps", lambda snr: 1.0), ("x0", lambda snr: snr), ("v", lambda snr: snr / (snr + 1.0))]
+)
 def test_p2_weights_closed_form(mean_type, to_target):
     """1 / (k + SNR)^gamma on the eps MSE; the x0 and v MSEs are SNR and SNR / (SNR + 1) times smaller."""
     betas = linear_betas(1000)
@@ -186,10 +199,15 @@ def test_weighting_scales_the_mse_term_only(data, loss_type, var_type):
     x0, eps = (torch.from_numpy(a) for a in data)
     betas = linear_betas(T)
     t = torch.from_numpy(TS)
-    output = torch.randn(x0.shape[0], x0.shape[1] * (2 if var_type == "learned_range" else 1), *x0.shape[2:],
-                         dtype=torch.float64)
-    plain, weighted = (GaussianDiffusion(torch.from_numpy(betas), mean_type="v", var_type=var_type,
-                                         loss_type=loss_type, loss_weighting=w) for w in ("none", "min_snr"))
+    output = torch.randn(
+        x0.shape[0], x0.shape[1] * (2 if var_type == "learned_range" else 1), *x0.shape[2:], dtype=torch.float64
+    )
+    plain, weighted = (
+        GaussianDiffusion(
+            torch.from_numpy(betas), mean_type="v", var_type=var_type, loss_type=loss_type, loss_weighting=w
+        )
+        for w in ("none", "min_snr")
+    )
     a = plain.training_losses(constant_model(output), x0, t, noise=eps)
     b = weighted.training_losses(constant_model(output), x0, t, noise=eps)
     snr = snr_of(betas)[TS]
@@ -199,12 +217,15 @@ def test_weighting_scales_the_mse_term_only(data, loss_type, var_type):
     np.testing.assert_allclose(b["mse"].numpy(), a["mse"].numpy())  # logged unweighted
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"mean_type": "mu", "loss_weighting": "min_snr"}, r"eps, x0 or v, not 'mu'"),
-    ({"loss_type": "vlb", "var_type": "learned_range", "loss_weighting": "p2"}, r"loss_type='simple' or 'hybrid'"),
-    ({"loss_weighting": "snr"}, r"choose one of none, min_snr, p2"),
-    ({"loss_weighting": "p2", "p2_k": 0.0}, r"p2_k > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mean_type": "mu", "loss_weighting": "min_snr"}, r"eps, x0 or v, not 'mu'"),
+        ({"loss_type": "vlb", "var_type": "learned_range", "loss_weighting": "p2"}, r"loss_type='simple' or 'hybrid'"),
+        ({"loss_weighting": "snr"}, r"choose one of none, min_snr, p2"),
+        ({"loss_weighting": "p2", "p2_k": 0.0}, r"p2_k > 0"),
+    ],
+)
 def test_bad_weighting_is_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GaussianDiffusion(torch.from_numpy(linear_betas(T)), **kwargs)
@@ -222,14 +243,17 @@ def test_zero_terminal_snr_matches_diffusers(name):
     abar, abar_zero = (GaussianDiffusion(b, mean_type="v").alphas_cumprod for b in (betas, rescaled))
     assert abar_zero[-1].item() == 0.0 and rescaled[-1].item() == 1.0
     assert abar_zero[0].item() == pytest.approx(abar[0].item(), rel=1e-14)
-    np.testing.assert_allclose(rescaled.numpy(), rescale_zero_terminal_snr(betas.clone()).numpy(), rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(
+        rescaled.numpy(), rescale_zero_terminal_snr(betas.clone()).numpy(), rtol=1e-10, atol=1e-15
+    )
 
 
 def ztsnr_diffusion(mean_type="v", num_timesteps=T, name="linear", **kwargs) -> GaussianDiffusion:
     from src.diffusion import make_beta_schedule
 
-    return GaussianDiffusion(make_beta_schedule(name, num_timesteps, zero_terminal_snr=True), mean_type=mean_type,
-                             **kwargs)
+    return GaussianDiffusion(
+        make_beta_schedule(name, num_timesteps, zero_terminal_snr=True), mean_type=mean_type, **kwargs
+    )
 
 
 def test_zero_terminal_snr_refuses_eps_and_mu_naming_the_fix():
@@ -262,17 +286,24 @@ def test_bound_is_finite_at_zero_terminal_snr(data):
     out = diff.calc_bpd_loop(lambda xt, t: torch.cat([0.1 * xt, torch.zeros_like(xt)], 1), x0)
     for key in ("total_bpd", "vb", "xstart_mse", "mse"):
         assert bool(torch.isfinite(out[key]).all()), key
-    losses = diff.training_losses(lambda xt, t: torch.cat([0.1 * xt, torch.zeros_like(xt)], 1), x0,
-                                  torch.tensor([9, 9]))
+    losses = diff.training_losses(
+        lambda xt, t: torch.cat([0.1 * xt, torch.zeros_like(xt)], 1), x0, torch.tensor([9, 9])
+    )
     assert bool(torch.isfinite(losses["loss"]).all())
 
 
 def test_last_step_at_zero_terminal_snr_matches_diffusers(data):
     """At abar_T = 0 the predicted x_0 of v is -v; one step against DDPMScheduler(rescale_betas_zero_snr=True)."""
     x0, eps = (torch.from_numpy(a[:2]).float() for a in data)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T,
-                                        prediction_type="v_prediction", variance_type="fixed_small",
-                                        rescale_betas_zero_snr=True, clip_sample=False)
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=T,
+        beta_start=1e-4 * 1000 / T,
+        beta_end=0.02 * 1000 / T,
+        prediction_type="v_prediction",
+        variance_type="fixed_small",
+        rescale_betas_zero_snr=True,
+        clip_sample=False,
+    )
     diff = ztsnr_diffusion("v", var_type="fixed_small")
     xt, v_out = eps, 0.5 * eps - 0.3 * x0
     theirs = scheduler.step(v_out, T - 1, xt, generator=torch.Generator().manual_seed(0))
@@ -283,14 +314,26 @@ def test_last_step_at_zero_terminal_snr_matches_diffusers(data):
     np.testing.assert_allclose(ours["sample"].numpy(), theirs.prev_sample.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("options", [dict(sampler="ddpm"), dict(sampler="ddpm", steps=5),
-                                     dict(sampler="ddim", spacing="trailing5"), dict(sampler="ddim", steps=4, eta=1.0)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(sampler="ddpm"),
+        dict(sampler="ddpm", steps=5),
+        dict(sampler="ddim", spacing="trailing5"),
+        dict(sampler="ddim", steps=4, eta=1.0),
+    ],
+)
 def test_sampling_at_zero_terminal_snr_with_v(options):
     from src.diffusion import SamplerOptions, sample
 
     diff = ztsnr_diffusion("v")
-    images = sample(diff, lambda xt, t: 0.5 * xt, (2, 1, 4, 4), SamplerOptions(**options),
-                    generator=torch.Generator().manual_seed(0))
+    images = sample(
+        diff,
+        lambda xt, t: 0.5 * xt,
+        (2, 1, 4, 4),
+        SamplerOptions(**options),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert bool(torch.isfinite(images).all())
 
 
@@ -337,8 +380,9 @@ def test_dynamic_threshold_matches_diffusers():
     x0 = torch.randn(4, 3, 8, 8) * torch.tensor([0.3, 1.0, 2.0, 5.0]).view(-1, 1, 1, 1)
     for p in (0.995, 0.9):
         scheduler = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=1e6)
-        np.testing.assert_allclose(Threshold("dynamic", p)(x0).numpy(), scheduler._threshold_sample(x0).numpy(),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            Threshold("dynamic", p)(x0).numpy(), scheduler._threshold_sample(x0).numpy(), atol=1e-6
+        )
     clipping = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
     np.testing.assert_allclose(Threshold("clip")(x0).numpy(), clipping._threshold_sample(x0).numpy(), atol=1e-6)
     assert torch.equal(Threshold("dynamic")(x0[:1]), x0[:1])  # within [-1, 1]: s = 1 and nothing changes
@@ -360,8 +404,16 @@ def test_every_sampler_applies_the_threshold_to_its_x0(sampler):
 
     diff = GaussianDiffusion(torch.from_numpy(linear_betas(T)), mean_type="x0")
     model = lambda xt, t: 3.0 * torch.ones_like(xt) + torch.linspace(0, 1, xt[0].numel()).view(xt[0].shape)
-    runs = {kind: sample_trajectory(diff, model, (1, 1, 4, 4), SamplerOptions(sampler, steps=4, threshold=kind),
-                                    generator=torch.Generator().manual_seed(0)).pred_x0 for kind in ("none", "clip", "dynamic")}
+    runs = {
+        kind: sample_trajectory(
+            diff,
+            model,
+            (1, 1, 4, 4),
+            SamplerOptions(sampler, steps=4, threshold=kind),
+            generator=torch.Generator().manual_seed(0),
+        ).pred_x0
+        for kind in ("none", "clip", "dynamic")
+    }
     raw = model(torch.zeros(1, 1, 4, 4), None)
     assert torch.allclose(runs["none"][0, 0], raw)
     assert torch.allclose(runs["clip"][0, 0], raw.clamp(-1, 1))

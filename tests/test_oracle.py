@@ -11,6 +11,7 @@ sigma*_t^2 lies in [beta~_t, beta_t], so a learned_range model expresses it exac
 bound must come down to the entropy of the discretized data; with fixed_small it stays well above.
 Everything here is computed in numpy from the betas, independently of the implementation's buffers.
 """
+
 import math
 
 import numpy as np
@@ -31,10 +32,10 @@ BETA_TILDE = BETAS * (1.0 - ABAR_PREV) / (1.0 - ABAR)
 LOG_BETA_TILDE_CLIPPED = np.log(np.concatenate([[BETA_TILDE[1]], BETA_TILDE[1:]]))  # beta~_0 = 0
 C1 = BETAS * np.sqrt(ABAR_PREV) / (1.0 - ABAR)
 C2 = np.sqrt(1.0 - BETAS) * (1.0 - ABAR_PREV) / (1.0 - ABAR)
-Q = ABAR * S ** 2 + 1.0 - ABAR  # Var(x_t)
-GAIN = S ** 2 * np.sqrt(ABAR) / Q  # E[x_0 | x_t] = m + GAIN (x_t - sqrt(abar) m)
-VAR_X0_GIVEN_XT = S ** 2 * (1.0 - ABAR) / Q
-VAR_STAR = BETA_TILDE + C1 ** 2 * VAR_X0_GIVEN_XT
+Q = ABAR * S**2 + 1.0 - ABAR  # Var(x_t)
+GAIN = S**2 * np.sqrt(ABAR) / Q  # E[x_0 | x_t] = m + GAIN (x_t - sqrt(abar) m)
+VAR_X0_GIVEN_XT = S**2 * (1.0 - ABAR) / Q
+VAR_STAR = BETA_TILDE + C1**2 * VAR_X0_GIVEN_XT
 # learned_range: log sigma^2 = frac log beta + (1 - frac) log beta~ (clipped), v = 2 frac - 1
 FRAC = (np.log(VAR_STAR) - LOG_BETA_TILDE_CLIPPED) / (np.log(BETAS) - LOG_BETA_TILDE_CLIPPED)
 V_STAR = np.clip(2.0 * FRAC - 1.0, -1.0, 1.0)
@@ -46,8 +47,8 @@ P_DATA = np.diff(stats.norm.cdf(BIN_EDGES, loc=M, scale=S))
 ENTROPY_BITS = -np.sum(P_DATA[P_DATA > 0] * np.log2(P_DATA[P_DATA > 0]))
 D_DATA = np.sum(P_DATA * (GRID - M) ** 2)  # E[(x_0 - m)^2] of the discretized data (~ s^2)
 # E[(x_0 - E*[x_0|x_t])^2] for the linear (Gaussian-data) predictor, exact for the discretized data too.
-XSTART_MSE = (1.0 - GAIN * np.sqrt(ABAR)) ** 2 * D_DATA + GAIN ** 2 * (1.0 - ABAR)
-EPS_MSE = (1.0 - (1.0 - ABAR) / Q) ** 2 + (1.0 - ABAR) * ABAR * D_DATA / Q ** 2
+XSTART_MSE = (1.0 - GAIN * np.sqrt(ABAR)) ** 2 * D_DATA + GAIN**2 * (1.0 - ABAR)
+EPS_MSE = (1.0 - (1.0 - ABAR) / Q) ** 2 + (1.0 - ABAR) * ABAR * D_DATA / Q**2
 
 # The bound's Monte Carlo standard error at this size: ~0.009 bits/dim (fixed_small ~0.016), measured
 # over seeds; almost all of it comes from the decoder and the first ~10 steps.
@@ -58,7 +59,7 @@ def expected_bound_bits(log_var: np.ndarray) -> dict:
     """E over data and noise of each term of the bound for the eps* mean and the given reverse log
     variances [T], in bits/dim: KL terms in closed form, the decoder by Gauss-Hermite quadrature."""
     var = np.exp(log_var)
-    kl = 0.5 * (log_var - LOG_BETA_TILDE_CLIPPED + BETA_TILDE / var - 1.0 + C1 ** 2 * XSTART_MSE / var)
+    kl = 0.5 * (log_var - LOG_BETA_TILDE_CLIPPED + BETA_TILDE / var - 1.0 + C1**2 * XSTART_MSE / var)
     # Decoder: x_1 = sqrt(abar_0) x_k + sqrt(1 - abar_0) z; the model mean at t=0 is E*[x_0 | x_1].
     z, w = np.polynomial.hermite_e.hermegauss(60)
     w = w / w.sum()
@@ -72,7 +73,7 @@ def expected_bound_bits(log_var: np.ndarray) -> dict:
     prob = np.where(zl > 0, stats.norm.sf(zl) - stats.norm.sf(zu), stats.norm.cdf(zu) - stats.norm.cdf(zl))
     decoder = np.sum(P_DATA[keep, None] * w[None, :] * -np.log(prob))
     a = ABAR[-1]
-    prior = 0.5 * (-np.log(1.0 - a) + (1.0 - a) + a * np.sum(P_DATA * GRID ** 2) - 1.0)
+    prior = 0.5 * (-np.log(1.0 - a) + (1.0 - a) + a * np.sum(P_DATA * GRID**2) - 1.0)
     terms = np.concatenate([[decoder], kl[1:]]) / LN2
     return {"terms": terms, "prior": prior / LN2, "total": terms.sum() + prior / LN2}
 
@@ -89,7 +90,7 @@ _V_T = torch.from_numpy(V_STAR)
 
 def eps_star(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     a = _ABAR_T[t].to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
-    return torch.sqrt(1.0 - a) * (xt - torch.sqrt(a) * M) / (a * S ** 2 + 1.0 - a)
+    return torch.sqrt(1.0 - a) * (xt - torch.sqrt(a) * M) / (a * S**2 + 1.0 - a)
 
 
 def learned_oracle(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -155,8 +156,10 @@ def bpd_fixed_small(data):
 
 def test_bpd_with_exact_variance_matches_the_data_entropy(bpd_learned):
     bpd = bpd_learned["total_bpd"].mean().item()
-    print(f"learned_range oracle: {bpd:.4f} bits/dim, expected {EXPECTED_LEARNED['total']:.4f}, "
-          f"entropy {ENTROPY_BITS:.4f}")
+    print(
+        f"learned_range oracle: {bpd:.4f} bits/dim, expected {EXPECTED_LEARNED['total']:.4f}, "
+        f"entropy {ENTROPY_BITS:.4f}"
+    )
     # Monte Carlo standard error ~0.009 bits/dim: 0.05 is more than 5 of them.
     assert abs(bpd - ENTROPY_BITS) < 0.05
     assert abs(bpd - EXPECTED_LEARNED["total"]) < 0.05
@@ -172,8 +175,10 @@ def test_bpd_with_fixed_small_variance_stays_above(bpd_learned, bpd_fixed_small)
 
 @pytest.mark.parametrize("which", ["learned", "fixed_small"])
 def test_bpd_terms_per_timestep(which, bpd_learned, bpd_fixed_small, data):
-    out, expected = {"learned": (bpd_learned, EXPECTED_LEARNED),
-                     "fixed_small": (bpd_fixed_small, EXPECTED_FIXED_SMALL)}[which]
+    out, expected = {
+        "learned": (bpd_learned, EXPECTED_LEARNED),
+        "fixed_small": (bpd_fixed_small, EXPECTED_FIXED_SMALL),
+    }[which]
     vb = out["vb"].double().mean(dim=0).numpy()  # [T], term t at column t
     assert out["vb"].shape == (N_PIXELS // 256, T)
     # Decoder NLL at t=0 (~2.4-2.5 bits) and blocks of KL terms, each against the closed form.
@@ -182,10 +187,9 @@ def test_bpd_terms_per_timestep(which, bpd_learned, bpd_fixed_small, data):
         assert vb[lo:hi].sum() == pytest.approx(expected["terms"][lo:hi].sum(), rel=0.03, abs=0.005), (lo, hi)
     # The prior term is deterministic: KL(N(sqrt(abar_T) x_0, 1 - abar_T) || N(0, 1)) per image.
     a, x = ABAR[-1], data.numpy().reshape(data.shape[0], -1)
-    prior = (0.5 * (-np.log(1 - a) + (1 - a) + a * x ** 2 - 1.0)).mean(axis=1) / LN2
+    prior = (0.5 * (-np.log(1 - a) + (1 - a) + a * x**2 - 1.0)).mean(axis=1) / LN2
     np.testing.assert_allclose(out["prior_bpd"].numpy(), prior, rtol=1e-6)
-    np.testing.assert_allclose(out["total_bpd"].double().numpy(), out["vb"].double().sum(1).numpy() + prior,
-                               rtol=1e-5)
+    np.testing.assert_allclose(out["total_bpd"].double().numpy(), out["vb"].double().sum(1).numpy() + prior, rtol=1e-5)
 
 
 def test_bpd_loop_diagnostics_per_timestep(bpd_learned):
@@ -205,8 +209,9 @@ def test_rate_distortion_of_the_oracle_follows_its_closed_form(bpd_learned):
     np.testing.assert_allclose(distortion, 127.5 * np.sqrt(XSTART_MSE), rtol=0.03)
     assert np.all(np.diff(127.5 * np.sqrt(XSTART_MSE)) > 0)  # the closed form: monotone in t
     assert distortion[0] < 2.0 and distortion[-1] > 20.0  # about a grey level at t=0, s * 127.5 = 25.5 at T
-    assert np.all(np.diff(rate) <= 0) and rate[0] == pytest.approx(curve["lossless_bpd"] - bpd_learned["vb"][:, 0]
-                                                                   .double().mean().item(), rel=1e-6)
+    assert np.all(np.diff(rate) <= 0) and rate[0] == pytest.approx(
+        curve["lossless_bpd"] - bpd_learned["vb"][:, 0].double().mean().item(), rel=1e-6
+    )
 
 
 # --- sampling ----------------------------------------------------------------------------------
@@ -217,7 +222,7 @@ def chain_marginal(log_var: np.ndarray) -> tuple[float, float]:
     for t in range(T - 1, -1, -1):
         slope = C1[t] * GAIN[t] + C2[t]
         mean = slope * mean + C1[t] * M * (1.0 - GAIN[t] * np.sqrt(ABAR[t]))
-        var = slope ** 2 * var + (math.exp(log_var[t]) if t > 0 else 0.0)
+        var = slope**2 * var + (math.exp(log_var[t]) if t > 0 else 0.0)
     return mean, math.sqrt(var)
 
 
@@ -228,8 +233,7 @@ def test_ddpm_sample_reproduces_the_data_distribution(which):
         "learned": (make_learned(), learned_oracle, LEARNED_LOG_VAR),
     }[which]
     n = N_PIXELS
-    x = ddpm_sample(diffusion, model, (n // 256, 1, 16, 16), generator=torch.Generator().manual_seed(1),
-                    device="cpu")
+    x = ddpm_sample(diffusion, model, (n // 256, 1, 16, 16), generator=torch.Generator().manual_seed(1), device="cpu")
     assert x.shape == (n // 256, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
     mean, std = x.double().mean().item(), x.double().std().item()
     print(f"{which}: sample mean {mean:.4f} std {std:.4f}")

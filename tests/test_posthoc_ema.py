@@ -9,8 +9,8 @@ Closed forms used here (independent of src.lit.posthoc_ema's code):
   differs from the target profile's average by at most ||sum_i x_i p_i - p*|| ||theta|| (Cauchy-Schwarz), with
   ||theta||^2 = sum_tau theta_tau^2 and ||p*||^2 = (gamma + 1)^2 / ((2 gamma + 1) t).
 """
+
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,7 +64,7 @@ def test_inner_products_are_the_integrals_of_the_profiles():
     for (ta, a), (tb, b) in [((300.0, 2.0), (500.0, 7.0)), ((500.0, 7.0), (300.0, 2.0)), ((400.0, 3.0), (400.0, 3.0))]:
         n = 200_000
         tau = (np.arange(n) + 0.5) * min(ta, tb) / n
-        integrand = (a + 1) * tau ** a / ta ** (a + 1) * (b + 1) * tau ** b / tb ** (b + 1)
+        integrand = (a + 1) * tau**a / ta ** (a + 1) * (b + 1) * tau**b / tb ** (b + 1)
         assert profile_inner_products(ta, a, tb, b) == pytest.approx(integrand.sum() * min(ta, tb) / n, rel=1e-6)
 
 
@@ -118,10 +118,17 @@ def test_a_tracked_width_is_reconstructed_exactly_from_its_own_final_snapshot():
 
 # --- training with the snapshots -------------------------------------------------------------------
 # A tiny CPU run: snapshots every 4 steps of 24, no validation, no sample grids.
-PHEMA = ["posthoc_ema.enabled=true", "posthoc_ema.stds=[0.05,0.10]", "posthoc_ema.every_n_steps=4",
-         "callbacks.sample_grid=null", "+trainer.limit_val_batches=0", "trainer.deterministic=true",
-         "+trainer.limit_train_batches=5", "trainer.log_every_n_steps=1",
-         "callbacks.model_checkpoint.every_n_train_steps=5"]
+PHEMA = [
+    "posthoc_ema.enabled=true",
+    "posthoc_ema.stds=[0.05,0.10]",
+    "posthoc_ema.every_n_steps=4",
+    "callbacks.sample_grid=null",
+    "+trainer.limit_val_batches=0",
+    "trainer.deterministic=true",
+    "+trainer.limit_train_batches=5",
+    "trainer.log_every_n_steps=1",
+    "callbacks.model_checkpoint.every_n_train_steps=5",
+]
 
 
 def tracked(run) -> PostHocEMA:
@@ -133,8 +140,9 @@ def tracked(run) -> PostHocEMA:
 def trained_run(tmp_path_factory, compose_config):
 
     folder = tmp_path_factory.mktemp("phema")
-    cfg = compose_config("train", *FAST_OVERRIDES, *PHEMA, "trainer.max_steps=24", output_dir=folder / "run",
-                         data_dir=folder / "data")
+    cfg = compose_config(
+        "train", *FAST_OVERRIDES, *PHEMA, "trainer.max_steps=24", output_dir=folder / "run", data_dir=folder / "data"
+    )
     return folder / "run", train(cfg)
 
 
@@ -172,11 +180,24 @@ def test_reconstructing_a_tracked_width_reproduces_the_tracked_ema(trained_run):
 def test_resume_continues_the_tracked_profiles_and_snapshots_bit_for_bit(trained_run, compose_config, tmp_path):
 
     run_dir, straight = trained_run
-    first = compose_config("train", *FAST_OVERRIDES, *PHEMA, "trainer.max_steps=12", output_dir=tmp_path / "run",
-                           data_dir=run_dir.parent / "data")
+    first = compose_config(
+        "train",
+        *FAST_OVERRIDES,
+        *PHEMA,
+        "trainer.max_steps=12",
+        output_dir=tmp_path / "run",
+        data_dir=run_dir.parent / "data",
+    )
     train(first)
-    second = compose_config("train", *FAST_OVERRIDES, *PHEMA, "trainer.max_steps=24", "ckpt_path=last",
-                            output_dir=tmp_path / "run", data_dir=run_dir.parent / "data")
+    second = compose_config(
+        "train",
+        *FAST_OVERRIDES,
+        *PHEMA,
+        "trainer.max_steps=24",
+        "ckpt_path=last",
+        output_dir=tmp_path / "run",
+        data_dir=run_dir.parent / "data",
+    )
     resumed = train(second)
     for a, b in zip(tracked(straight).emas, tracked(resumed).emas):
         assert a.num_updates == b.num_updates == 24
@@ -184,8 +205,11 @@ def test_resume_continues_the_tracked_profiles_and_snapshots_bit_for_bit(trained
     names = sorted(p.name for p in (run_dir / "checkpoints" / "phema").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "phema").iterdir())
     for name in names:
-        assert_identical(torch.load(run_dir / "checkpoints" / "phema" / name, weights_only=True),
-                         torch.load(tmp_path / "run" / "checkpoints" / "phema" / name, weights_only=True), name)
+        assert_identical(
+            torch.load(run_dir / "checkpoints" / "phema" / name, weights_only=True),
+            torch.load(tmp_path / "run" / "checkpoints" / "phema" / name, weights_only=True),
+            name,
+        )
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["callbacks"]["PostHocEMA"]["stds"] == [0.05, 0.10]
 
@@ -195,10 +219,21 @@ def test_evaluate_sweeps_ema_std_with_one_row_each_and_a_figure(trained_run, com
     from src.evaluation import run as evaluate_run
 
     run_dir, _ = trained_run
-    cfg = compose_config("evaluate", f"ckpt_path={run_dir}/checkpoints/last.ckpt", "ema_std=[0.05,0.08]",
-                         "num_samples=4", "batch_size=4", "extractor=digits", "reference=val", "kid_subset_size=4",
-                         "sampler=ddim", "steps=2", "metrics=[fid]", output_dir=tmp_path / "eval",
-                         data_dir=run_dir.parent / "data")
+    cfg = compose_config(
+        "evaluate",
+        f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+        "ema_std=[0.05,0.08]",
+        "num_samples=4",
+        "batch_size=4",
+        "extractor=digits",
+        "reference=val",
+        "kid_subset_size=4",
+        "sampler=ddim",
+        "steps=2",
+        "metrics=[fid]",
+        output_dir=tmp_path / "eval",
+        data_dir=run_dir.parent / "data",
+    )
     metrics = evaluate_run(cfg)
     runs = metrics["posthoc_ema"]["runs"]
     assert [r["ema_std"] for r in runs] == [0.05, 0.08]
@@ -217,14 +252,25 @@ def test_sample_with_ema_std_uses_the_reconstructed_weights(trained_run, compose
     from src.evaluation.context import load_checkpoint
 
     run_dir, run = trained_run
-    cfg = compose_config("sample", f"ckpt_path={run_dir}/checkpoints/last.ckpt", "ema_std=0.1", "device=cpu",
-                         output_dir=tmp_path / "sample", data_dir=run_dir.parent / "data")
+    cfg = compose_config(
+        "sample",
+        f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+        "ema_std=0.1",
+        "device=cpu",
+        output_dir=tmp_path / "sample",
+        data_dir=run_dir.parent / "data",
+    )
     loaded, _ = load_checkpoint(cfg)
     tracked_10 = tracked(run).emas[1].model
     for name, value in tracked_10.named_parameters():
         assert (loaded.net.get_parameter(name) - value).norm() <= 1e-3 * value.norm(), name
-    classic = compose_config("sample", f"ckpt_path={run_dir}/checkpoints/last.ckpt", "device=cpu",
-                             output_dir=tmp_path / "sample", data_dir=run_dir.parent / "data")
+    classic = compose_config(
+        "sample",
+        f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+        "device=cpu",
+        output_dir=tmp_path / "sample",
+        data_dir=run_dir.parent / "data",
+    )
     loaded, _ = load_checkpoint(classic)
     assert loaded.posthoc is None
     assert all(torch.equal(p, q) for p, q in zip(loaded.net.parameters(), run[1]["module"].ema.model.parameters()))
@@ -244,8 +290,14 @@ def test_a_checkpoint_without_snapshots_names_the_fix(trained_run, compose_confi
     lonely = tmp_path / "other" / "checkpoints" / "last.ckpt"
     lonely.parent.mkdir(parents=True)
     lonely.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
-    cfg = compose_config("sample", f"ckpt_path={lonely}", "ema_std=0.08", "device=cpu", output_dir=tmp_path / "s",
-                         data_dir=run_dir.parent / "data")
+    cfg = compose_config(
+        "sample",
+        f"ckpt_path={lonely}",
+        "ema_std=0.08",
+        "device=cpu",
+        output_dir=tmp_path / "s",
+        data_dir=run_dir.parent / "data",
+    )
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(cfg)
     assert "no post-hoc EMA snapshots" in one_line(err) and "train with posthoc_ema.enabled=true" in one_line(err)
@@ -255,8 +307,10 @@ def test_too_few_snapshots_for_an_ema_std_names_the_fix(tmp_path):
     # one snapshot, of the 0.10 profile at step 24: 0.05 is far from anything it can represent
     folder = tmp_path / "phema"
     folder.mkdir()
-    torch.save({"step": 24, "std": 0.10, "gamma": std_to_gamma(0.10), "parameters": {"w": torch.ones(2)},
-                "buffers": {}}, folder / "phema-0000024-0.1000.pt")
+    torch.save(
+        {"step": 24, "std": 0.10, "gamma": std_to_gamma(0.10), "parameters": {"w": torch.ones(2)}, "buffers": {}},
+        folder / "phema-0000024-0.1000.pt",
+    )
     assert reconstruct(folder, 0.10, 24).fit_error < 1e-9
     with pytest.raises(ConfigError) as err:
         reconstruct(folder, 0.05, 24)
@@ -265,23 +319,30 @@ def test_too_few_snapshots_for_an_ema_std_names_the_fix(tmp_path):
         reconstruct(folder, 0.10, 20)  # the snapshot is later than the checkpoint
 
 
-@pytest.mark.parametrize("value, message", [
-    ("0.5", r"ema_std must be a number in \(0, 0\.2887\]"),
-    ("[0.05,0.05]", "ema_std must be a number or distinct numbers"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0.5", r"ema_std must be a number in \(0, 0\.2887\]"),
+        ("[0.05,0.05]", "ema_std must be a number or distinct numbers"),
+    ],
+)
 def test_bad_ema_std_is_one_line(value, message):
-    from src.evaluation.posthoc_ema import checked_stds
     from omegaconf import OmegaConf
+
+    from src.evaluation.posthoc_ema import checked_stds
 
     with pytest.raises(ConfigError, match=message) as err:
         checked_stds(OmegaConf.create({"v": OmegaConf.create(value) if value.startswith("[") else float(value)}).v)
     one_line(err)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("posthoc_ema.stds=[0.05,0.5]", r"posthoc_ema.stds values must be a number in \(0, 0\.2887\]"),
-    ("posthoc_ema.every_n_steps=0", "posthoc_ema.every_n_steps must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("posthoc_ema.stds=[0.05,0.5]", r"posthoc_ema.stds values must be a number in \(0, 0\.2887\]"),
+        ("posthoc_ema.every_n_steps=0", "posthoc_ema.every_n_steps must be a positive integer"),
+    ],
+)
 def test_bad_posthoc_settings_are_one_line(compose_train, override, message):
     from src.builders import instantiate_group
 

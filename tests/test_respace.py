@@ -1,5 +1,6 @@
 """Timestep spacing and the respaced process, against improved-diffusion's documented sections, DDIM's
 spacings, diffusers' timesteps and the closed forms of the respaced betas."""
+
 import numpy as np
 import pytest
 import torch
@@ -103,20 +104,23 @@ def test_quad_spacing_rejects_repeated_steps():
         space_timesteps(T, "quad40")  # int(linspace^2) gives 0, 0, ... at the start
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("abc", "unknown timestep spacing"),
-    ("ddimx", "unknown timestep spacing"),
-    ("quad", "unknown timestep spacing"),
-    ("", "unknown timestep spacing"),
-    ("10,,20", "unknown timestep spacing"),
-    ("0", r"must be in \[1, 1000\]"),
-    ("1001", r"must be in \[1, 1000\]"),
-    ("10,0", r"must be in \[1, 1000\]"),
-    ("600,600", "cannot take 600 steps from a section of 500"),
-    ([], r"must lie in \[0, 1000\)"),
-    ([-1, 5], r"must lie in \[0, 1000\)"),
-    ([0, 1000], r"must lie in \[0, 1000\)"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("abc", "unknown timestep spacing"),
+        ("ddimx", "unknown timestep spacing"),
+        ("quad", "unknown timestep spacing"),
+        ("", "unknown timestep spacing"),
+        ("10,,20", "unknown timestep spacing"),
+        ("0", r"must be in \[1, 1000\]"),
+        ("1001", r"must be in \[1, 1000\]"),
+        ("10,0", r"must be in \[1, 1000\]"),
+        ("600,600", "cannot take 600 steps from a section of 500"),
+        ([], r"must lie in \[0, 1000\)"),
+        ([-1, 5], r"must lie in \[0, 1000\)"),
+        ([0, 1000], r"must lie in \[0, 1000\)"),
+    ],
+)
 def test_bad_spacings_raise(bad, message):
     with pytest.raises(ValueError, match=message):
         space_timesteps(T, bad)
@@ -128,8 +132,9 @@ def test_explicit_list_is_sorted_and_deduplicated():
 
 # --- the respaced process -------------------------------------------------------------------------
 def make(var_type: str = "fixed_small") -> GaussianDiffusion:
-    return GaussianDiffusion(torch.from_numpy(BETAS), var_type=var_type,
-                             loss_type="hybrid" if var_type == "learned_range" else "simple")
+    return GaussianDiffusion(
+        torch.from_numpy(BETAS), var_type=var_type, loss_type="hybrid" if var_type == "learned_range" else "simple"
+    )
 
 
 @pytest.mark.parametrize("spacing", ["50", "ddim50", "quad20", "10,15,20", [3, 10, 500, 999]])
@@ -162,8 +167,7 @@ def test_respaced_calls_the_network_with_original_timesteps():
     spaced = respaced(make(), spacing=[0, 250, 999])
     x = torch.zeros(2, 1, 2, 2)
     for k in range(3):
-        spaced.p_mean_variance(lambda xt, t: (seen.append(t.tolist()), torch.zeros_like(xt))[1], x,
-                               torch.full((2,), k))
+        spaced.p_mean_variance(lambda xt, t: (seen.append(t.tolist()), torch.zeros_like(xt))[1], x, torch.full((2,), k))
     assert seen == [[0, 0], [250, 250], [999, 999]]
 
 

@@ -1,4 +1,5 @@
 """Resume: a run stopped and resumed matches the uninterrupted run bit for bit (CPU, deterministic)."""
+
 import csv
 import logging
 import os
@@ -71,9 +72,11 @@ def assert_same_run(uninterrupted: Path, resumed: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("epochs,val_check_interval", [(EPOCHS_OF_4, 3), (EPOCHS_OF_4, 4), (None, 3)],
-                         ids=["validation-off-the-checkpoint-step", "validation-at-the-checkpoint-step",
-                              "stop-inside-an-epoch"])
+@pytest.mark.parametrize(
+    "epochs,val_check_interval",
+    [(EPOCHS_OF_4, 3), (EPOCHS_OF_4, 4), (None, 3)],
+    ids=["validation-off-the-checkpoint-step", "validation-at-the-checkpoint-step", "stop-inside-an-epoch"],
+)
 def test_stop_and_resume_matches_uninterrupted_run(compose_train, tmp_path, epochs, val_check_interval):
     # With validation due at the checkpoint step (as in the default config: 500 and 500), Lightning counts
     # that validation as done on resume by creating, not running, the validation DataLoader's iterator;
@@ -98,8 +101,14 @@ def test_stop_and_resume_matches_uninterrupted_run(compose_train, tmp_path, epoc
 def test_sigterm_and_resume_matches_uninterrupted_run_with_importance_sampling(compose_train, tmp_path, monkeypatch):
     # L_vlb with importance-sampled t: with one stored loss per t and 4 x 32 draws over T=25 the sampler
     # is warmed up when the run is stopped, so the resumed steps draw t from the restored history.
-    vlb = [*EXACT, "objective=vlb", "schedule.num_timesteps=25", "objective.timestep_sampler.history_per_term=1",
-           "data.batch_size=32", "trainer.max_steps=8"]
+    vlb = [
+        *EXACT,
+        "objective=vlb",
+        "schedule.num_timesteps=25",
+        "objective.timestep_sampler.history_per_term=1",
+        "data.batch_size=32",
+        "trainer.max_steps=8",
+    ]
     uninterrupted = compose_train(*vlb)
     train(uninterrupted)
 
@@ -130,8 +139,12 @@ def test_sigterm_and_resume_matches_uninterrupted_run_with_importance_sampling(c
 
 @pytest.mark.slow
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(compose_train):
-    cfg = compose_train("trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=2",
-                        "callbacks.sample_grid=null", "+trainer.limit_val_batches=0")
+    cfg = compose_train(
+        "trainer.max_steps=3",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.sample_grid=null",
+        "+trainer.limit_val_batches=0",
+    )
     train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3  # not 2, the last periodic save
@@ -164,19 +177,39 @@ def test_resume_true_finds_last_checkpoint(compose_train):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "Ctrl+C"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "Ctrl+C"]
+)
 def test_stop_signal_to_train_py_saves_and_ckpt_path_last_resumes(tmp_path, signum):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "trainer.accelerator=cpu", "schedule.num_timesteps=50", "model.base_channels=32",
-           "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=1", "data.batch_size=16",
-           "callbacks.sample_grid=null", "callbacks.progress_bar=null", "trainer.val_check_interval=100000",
-           "callbacks.model_checkpoint.every_n_train_steps=5", f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path}/data"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "trainer.accelerator=cpu",
+        "schedule.num_timesteps=50",
+        "model.base_channels=32",
+        "model.channel_mult=[1,2]",
+        "model.num_res_blocks=1",
+        "model.num_heads=1",
+        "data.batch_size=16",
+        "callbacks.sample_grid=null",
+        "callbacks.progress_bar=null",
+        "trainer.val_check_interval=100000",
+        "callbacks.model_checkpoint.every_n_train_steps=5",
+        f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={tmp_path}/data",
+    ]
     last = run_dir / "checkpoints" / "last.ckpt"
     # A shell starts background jobs with SIGINT ignored and Python keeps that; the child takes Ctrl+C as
     # a terminal would deliver it, whatever way the tests themselves were started.
-    proc = subprocess.Popen([*cmd, "trainer.max_steps=100000"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [*cmd, "trainer.max_steps=100000"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 240
         while not last.exists():  # training has run at least 5 steps
@@ -192,8 +225,9 @@ def test_stop_signal_to_train_py_saves_and_ckpt_path_last_resumes(tmp_path, sign
     step = torch.load(last, weights_only=False)["global_step"]
     assert step > 0
 
-    resumed = subprocess.run([*cmd, f"trainer.max_steps={step + 2}", "ckpt_path=last"], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*cmd, f"trainer.max_steps={step + 2}", "ckpt_path=last"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {last} (step {step})" in resumed.stdout + resumed.stderr
     assert torch.load(last, weights_only=False)["global_step"] == step + 2

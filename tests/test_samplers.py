@@ -7,6 +7,7 @@ with abar from the BASE schedule at the original timestep the network receives. 
 then affine in x_t, so the mean and variance of what it produces follow from the schedule in closed form
 (numpy below, from the papers' formulas), including the discretisation error of few-step samplers.
 """
+
 import math
 import runpy
 import sys
@@ -43,9 +44,15 @@ def process(kept) -> dict:
     a_prev = np.concatenate([[1.0], a[:-1]])
     b = 1.0 - a / a_prev
     b_tilde = b * (1.0 - a_prev) / (1.0 - a)
-    return {"abar": a, "abar_prev": a_prev, "beta": b, "beta_tilde": b_tilde,
-            "log_beta_tilde_clipped": np.log(np.concatenate([[b_tilde[1]], b_tilde[1:]])),
-            "c1": b * np.sqrt(a_prev) / (1.0 - a), "c2": np.sqrt(1.0 - b) * (1.0 - a_prev) / (1.0 - a)}
+    return {
+        "abar": a,
+        "abar_prev": a_prev,
+        "beta": b,
+        "beta_tilde": b_tilde,
+        "log_beta_tilde_clipped": np.log(np.concatenate([[b_tilde[1]], b_tilde[1:]])),
+        "c1": b * np.sqrt(a_prev) / (1.0 - a),
+        "c2": np.sqrt(1.0 - b) * (1.0 - a_prev) / (1.0 - a),
+    }
 
 
 def even(n: int) -> np.ndarray:
@@ -68,7 +75,7 @@ class Oracle:
         if learned_over is not None:
             kept = np.asarray(learned_over)
             p = process(kept)
-            var_x0 = S ** 2 * (1.0 - p["abar"]) / (p["abar"] * S ** 2 + 1.0 - p["abar"])
+            var_x0 = S**2 * (1.0 - p["abar"]) / (p["abar"] * S**2 + 1.0 - p["abar"])
             var_star = p["beta_tilde"] + p["c1"] ** 2 * var_x0
             frac = (np.log(var_star) - p["log_beta_tilde_clipped"]) / (np.log(p["beta"]) - p["log_beta_tilde_clipped"])
             frac[0] = 0.5  # the last step adds no noise
@@ -79,14 +86,15 @@ class Oracle:
     def __call__(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls.append(int(t[0]))
         a = self.abar[t].to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
-        eps = torch.sqrt(1.0 - a) * (xt - torch.sqrt(a) * M) / (a * S ** 2 + 1.0 - a)
+        eps = torch.sqrt(1.0 - a) * (xt - torch.sqrt(a) * M) / (a * S**2 + 1.0 - a)
         if self.v is None:
             return eps
         return torch.cat([eps, self.v[t].to(xt.dtype).view_as(a).expand_as(eps)], dim=1)
 
 
-def predicted_moments(kept, sampler: str, var: str = "fixed_large", eta: float = 0.0,
-                      x_t_moments=(0.0, 1.0)) -> tuple[float, float]:
+def predicted_moments(
+    kept, sampler: str, var: str = "fixed_large", eta: float = 0.0, x_t_moments=(0.0, 1.0)
+) -> tuple[float, float]:
     """Mean and std of the sampler's output for the oracle, from x_T ~ N(0, 1): each step is
     x_{k-1} = A_k x_k + B_k + sigma_k z, so the moments propagate exactly (clipping never triggers
     for this data)."""
@@ -94,19 +102,22 @@ def predicted_moments(kept, sampler: str, var: str = "fixed_large", eta: float =
     mean, variance = x_t_moments
     for k in range(len(kept) - 1, -1, -1):
         a, a_prev = p["abar"][k], p["abar_prev"][k]
-        gain = S ** 2 * np.sqrt(a) / (a * S ** 2 + 1.0 - a)  # E[x_0 | x_t] = gain x_t + offset
+        gain = S**2 * np.sqrt(a) / (a * S**2 + 1.0 - a)  # E[x_0 | x_t] = gain x_t + offset
         offset = M * (1.0 - gain * np.sqrt(a))
         if sampler == "ddpm":  # posterior mean at E[x_0 | x_t] (DDPM eq. 7)
             slope, shift = p["c1"][k] * gain + p["c2"][k], p["c1"][k] * offset
-            sigma2 = {"fixed_small": p["beta_tilde"][k], "fixed_large": p["beta"][k],
-                      "exact": p["beta_tilde"][k] + p["c1"][k] ** 2 * S ** 2 * (1 - a) / (a * S ** 2 + 1 - a)}[var]
+            sigma2 = {
+                "fixed_small": p["beta_tilde"][k],
+                "fixed_large": p["beta"][k],
+                "exact": p["beta_tilde"][k] + p["c1"][k] ** 2 * S**2 * (1 - a) / (a * S**2 + 1 - a),
+            }[var]
         else:  # DDIM eq. 12 with eps = (x_t - sqrt(a) x0_hat) / sqrt(1 - a)
             sigma = eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)
-            direction = np.sqrt(1 - a_prev - sigma ** 2) / np.sqrt(1 - a)
+            direction = np.sqrt(1 - a_prev - sigma**2) / np.sqrt(1 - a)
             slope = np.sqrt(a_prev) * gain + direction * (1 - np.sqrt(a) * gain)
             shift = np.sqrt(a_prev) * offset - direction * np.sqrt(a) * offset
-            sigma2 = sigma ** 2
-        mean, variance = slope * mean + shift, slope ** 2 * variance + (sigma2 if k > 0 else 0.0)
+            sigma2 = sigma**2
+        mean, variance = slope * mean + shift, slope**2 * variance + (sigma2 if k > 0 else 0.0)
     return mean, math.sqrt(variance)
 
 
@@ -122,7 +133,9 @@ MC_TOL = 0.003  # 5 standard errors
 
 
 def run_oracle(diffusion, oracle, seed=0, **options) -> tuple[float, float]:
-    x = sample(diffusion, oracle, SHAPE, SamplerOptions(**options), generator=torch.Generator().manual_seed(seed)).double()
+    x = sample(
+        diffusion, oracle, SHAPE, SamplerOptions(**options), generator=torch.Generator().manual_seed(seed)
+    ).double()
     return x.mean().item(), x.std().item()
 
 
@@ -209,8 +222,13 @@ def test_ddim_eta0_is_deterministic_given_x_t():
 def test_ddpm_same_seed_same_images():
     net = lambda x, t: torch.tanh(x)  # noqa: E731
     diffusion = make()
-    draw = lambda seed: sample(diffusion, net, (3, 1, 8, 8), SamplerOptions("ddpm", steps=25),  # noqa: E731
-                               generator=torch.Generator().manual_seed(seed))
+    draw = lambda seed: sample(
+        diffusion,
+        net,
+        (3, 1, 8, 8),
+        SamplerOptions("ddpm", steps=25),  # noqa: E731
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert torch.equal(draw(0), draw(0))
     assert not torch.allclose(draw(0), draw(1))
 
@@ -237,14 +255,30 @@ def in_float64(scheduler):
 
 
 def ddpm_scheduler(variance_type: str) -> DDPMScheduler:
-    return in_float64(DDPMScheduler(num_train_timesteps=T, trained_betas=BETAS, variance_type=variance_type,
-                                    clip_sample=True, clip_sample_range=1.0, prediction_type="epsilon"))
+    return in_float64(
+        DDPMScheduler(
+            num_train_timesteps=T,
+            trained_betas=BETAS,
+            variance_type=variance_type,
+            clip_sample=True,
+            clip_sample_range=1.0,
+            prediction_type="epsilon",
+        )
+    )
 
 
 def ddim_scheduler(steps_offset: int = 0) -> DDIMScheduler:
-    return in_float64(DDIMScheduler(num_train_timesteps=T, trained_betas=BETAS, clip_sample=True,
-                                    set_alpha_to_one=True, steps_offset=steps_offset, timestep_spacing="leading",
-                                    prediction_type="epsilon"))
+    return in_float64(
+        DDIMScheduler(
+            num_train_timesteps=T,
+            trained_betas=BETAS,
+            clip_sample=True,
+            set_alpha_to_one=True,
+            steps_offset=steps_offset,
+            timestep_spacing="leading",
+            prediction_type="epsilon",
+        )
+    )
 
 
 def inputs(seed: int, channels_out: int = 3):
@@ -281,26 +315,32 @@ def test_variances_match_diffusers_get_variance(var_type):
         if var_type == "learned_range":  # diffusers returns the log variance here
             np.testing.assert_allclose(ours["log_variance"].numpy(), theirs.numpy(), rtol=1e-12)
         else:
-            np.testing.assert_allclose(ours["variance"][:, 0].numpy().ravel(),
-                                       theirs.expand(5).numpy(), rtol=1e-12)
+            np.testing.assert_allclose(ours["variance"][:, 0].numpy().ravel(), theirs.expand(5).numpy(), rtol=1e-12)
 
 
 def test_fixed_large_differs_from_diffusers_only_at_t0():
     """At t=0 diffusers' fixed_large is beta_0 while ours is beta~_1 (improved-diffusion's choice, so the
     decoder likelihood stays finite). The last step adds no noise in either, so samples agree."""
     theirs = ddpm_scheduler("fixed_large")._get_variance(0).item()
-    ours = make("fixed_large").p_mean_variance_from_output(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1),
-                                                           torch.zeros(1, dtype=torch.long))["variance"].item()
+    ours = (
+        make("fixed_large")
+        .p_mean_variance_from_output(
+            torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.long)
+        )["variance"]
+        .item()
+    )
     assert theirs == pytest.approx(BETAS[0], rel=1e-12)
     assert ours == pytest.approx(BETAS[1] * (1 - ABAR[0]) / (1 - ABAR[1]), rel=1e-9)
 
 
 def smooth_net(channels_out: int = 3):
     """A deterministic stand-in network of x and t (v in [-1, 1] for learned_range)."""
+
     def net(x, t):
         tt = t.to(x.dtype).view(-1, 1, 1, 1) / T
         eps = torch.tanh(1.5 * x) * (0.5 + tt) + 0.2 * torch.sin(3 * tt)
         return torch.cat([eps, torch.tanh(x - tt)], dim=1) if channels_out == 6 else eps
+
     return net
 
 
@@ -320,8 +360,14 @@ def test_strided_ddpm_loop_matches_diffusers(var_type):
     for t in scheduler.timesteps:
         x = scheduler.step(net(x, t.view(1).expand(x.shape[0])), t, x, generator=g).prev_sample
     seen = []
-    ours = sample(make(var_type), lambda xt, t: (seen.append(int(t[0])), net(xt, t))[1], x_t.shape,
-                  SamplerOptions("ddpm", spacing=timesteps), noise=x_t, generator=torch.Generator().manual_seed(1))
+    ours = sample(
+        make(var_type),
+        lambda xt, t: (seen.append(int(t[0])), net(xt, t))[1],
+        x_t.shape,
+        SamplerOptions("ddpm", spacing=timesteps),
+        noise=x_t,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert seen == timesteps  # the network gets the original timesteps
     np.testing.assert_allclose(ours.numpy(), x.clamp(-1, 1).numpy(), rtol=1e-10, atol=1e-12)
 
@@ -344,10 +390,17 @@ def test_ddim_loop_matches_diffusers(eta, steps_offset):
     for t in scheduler.timesteps:
         # our sampler draws the step noise only when eta > 0, with the generator, every step
         z = torch.randn(x.shape, generator=g, dtype=x.dtype) if eta > 0 else None
-        x = scheduler.step(net(x, t.view(1).expand(x.shape[0])), t, x, eta=eta, use_clipped_model_output=True,
-                           variance_noise=z).prev_sample
-    ours = sample(make(), net, x_t.shape, SamplerOptions("ddim", eta=eta, spacing=timesteps), noise=x_t,
-                  generator=torch.Generator().manual_seed(1))
+        x = scheduler.step(
+            net(x, t.view(1).expand(x.shape[0])), t, x, eta=eta, use_clipped_model_output=True, variance_noise=z
+        ).prev_sample
+    ours = sample(
+        make(),
+        net,
+        x_t.shape,
+        SamplerOptions("ddim", eta=eta, spacing=timesteps),
+        noise=x_t,
+        generator=torch.Generator().manual_seed(1),
+    )
     np.testing.assert_allclose(ours.numpy(), x.clamp(-1, 1).numpy(), rtol=1e-10, atol=1e-12)
 
 
@@ -372,8 +425,9 @@ def test_trajectory_records_and_matches_sample():
     diffusion, net = make(), smooth_net(1)
     options = SamplerOptions("ddpm", steps=30)
     plain = sample(diffusion, net, (3, 1, 8, 8), options, generator=torch.Generator().manual_seed(0))
-    traj = sample_trajectory(diffusion, net, (3, 1, 8, 8), options, record_every=10,
-                             generator=torch.Generator().manual_seed(0))
+    traj = sample_trajectory(
+        diffusion, net, (3, 1, 8, 8), options, record_every=10, generator=torch.Generator().manual_seed(0)
+    )
     assert isinstance(traj, Trajectory)
     assert torch.equal(traj.sample, plain)  # recording changes nothing
     assert traj.xt.shape == traj.pred_x0.shape == (3, 4, 1, 8, 8)  # steps 1, 11, 21 and 30 of 30
@@ -383,8 +437,13 @@ def test_trajectory_records_and_matches_sample():
 
     default = sample_trajectory(diffusion, net, (2, 1, 8, 8), SamplerOptions("ddim", steps=25))
     assert default.xt.shape[1] == 10 and default.timesteps[0] == 999 and default.timesteps[-1] == 0
-    chosen = sample_trajectory(diffusion, net, (2, 1, 8, 8), SamplerOptions("ddim", steps=25),
-                               record_timesteps=[kept_t := round(24 * 999 / 24), 0])
+    chosen = sample_trajectory(
+        diffusion,
+        net,
+        (2, 1, 8, 8),
+        SamplerOptions("ddim", steps=25),
+        record_timesteps=[kept_t := round(24 * 999 / 24), 0],
+    )
     assert chosen.timesteps == [kept_t, 0]
     with pytest.raises(ValueError, match="not among the sampled timesteps"):
         sample_trajectory(diffusion, net, (2, 1, 8, 8), SamplerOptions(steps=25), record_timesteps=[501])
@@ -399,7 +458,7 @@ def test_trajectory_grid_rows_are_samples_columns_are_steps():
     assert grid.shape == (3, 3 * (8 + 2) + 2, 4 * (8 + 2) + 2)  # make_grid repeats 1 channel to RGB
     assert 0.0 <= grid.min() and grid.max() <= 1.0
     # cell (row 1, column 2) is sample 1 at the third recorded step
-    cell = grid[0, 2 + 1 * 10: 2 + 1 * 10 + 8, 2 + 2 * 10: 2 + 2 * 10 + 8]
+    cell = grid[0, 2 + 1 * 10 : 2 + 1 * 10 + 8, 2 + 2 * 10 : 2 + 2 * 10 + 8]
     np.testing.assert_allclose(cell.numpy(), ((traj.pred_x0[1, 2, 0].clamp(-1, 1) + 1) / 2).numpy(), atol=1e-6)
     assert image_grid(traj.sample, nrow=3).shape == (3, 12, 32)
     with pytest.raises(ValueError):
@@ -415,9 +474,12 @@ def test_denoise_from_t_visits_steps_up_to_t():
     denoise_from(make(), oracle, x, 4)
     assert oracle.calls == [4, 3, 2, 1, 0]
     # from T - 1 with a seed it is `sample` from that x_T
-    a = denoise_from(make(), smooth_net(1), x, T - 1, SamplerOptions(steps=10),
-                     generator=torch.Generator().manual_seed(5))
-    b = sample(make(), smooth_net(1), x.shape, SamplerOptions(steps=10), noise=x, generator=torch.Generator().manual_seed(5))
+    a = denoise_from(
+        make(), smooth_net(1), x, T - 1, SamplerOptions(steps=10), generator=torch.Generator().manual_seed(5)
+    )
+    b = sample(
+        make(), smooth_net(1), x.shape, SamplerOptions(steps=10), noise=x, generator=torch.Generator().manual_seed(5)
+    )
     assert torch.equal(a, b)
     oracle.calls.clear()
     denoise_from(make(), oracle, x, T - 1, SamplerOptions("ddim", spacing="ddim10"))  # from noise DDIM starts at 900
@@ -438,8 +500,14 @@ def write_checkpoint(compose_train, path: Path) -> Path:
 
     cfg = compose_train()
     module = build_module(cfg, channels=1, image_size=16)
-    torch.save({"state_dict": module.state_dict(), "global_step": 0,
-                "hyper_parameters": {"run_config": module.hparams["run_config"]}}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "global_step": 0,
+            "hyper_parameters": {"run_config": module.hparams["run_config"]},
+        },
+        path,
+    )
     return path
 
 
@@ -456,15 +524,30 @@ def test_sample_command_writes_each_mode(compose_train, compose_sample, tmp_path
     common = [f"ckpt_path={ckpt}", "device=cpu", "seed=1", "min_image_size=null"]  # PNGs at the images' own size
     cases = {
         "grid": (["mode=grid", "num_samples=4", "sampler=ddim", "steps=3"], {"samples": (3, 2 + 2 * 18, 2 + 2 * 18)}),
-        "trajectory": (["mode=trajectory", "num_samples=2", "steps=4", "trajectory.record_every=2"],
-                       {"pred_x0": (3, 2 + 2 * 18, 2 + 3 * 18), "xt": (3, 2 + 2 * 18, 2 + 3 * 18)}),
-        "interpolate": (["mode=interpolate", "num_samples=2", "interpolate.num_lambdas=3", "interpolate.t=20",
-                         "steps=3"], {"interpolate": (3, 2 + 2 * 18, 2 + 5 * 18)}),
-        "interpolate_ddim": (["mode=interpolate", "num_samples=2", "interpolate.num_lambdas=3",
-                              "interpolate.encoder=ddim", "interpolate.method=slerp", "sampler=ddim", "steps=3"],
-                             {"interpolate": (3, 2 + 2 * 18, 2 + 5 * 18)}),
-        "invert": (["mode=invert", "num_samples=2", "sampler=ddim", "steps=3"],
-                   {"invert": (3, 2 + 2 * 18, 2 + 3 * 18)}),
+        "trajectory": (
+            ["mode=trajectory", "num_samples=2", "steps=4", "trajectory.record_every=2"],
+            {"pred_x0": (3, 2 + 2 * 18, 2 + 3 * 18), "xt": (3, 2 + 2 * 18, 2 + 3 * 18)},
+        ),
+        "interpolate": (
+            ["mode=interpolate", "num_samples=2", "interpolate.num_lambdas=3", "interpolate.t=20", "steps=3"],
+            {"interpolate": (3, 2 + 2 * 18, 2 + 5 * 18)},
+        ),
+        "interpolate_ddim": (
+            [
+                "mode=interpolate",
+                "num_samples=2",
+                "interpolate.num_lambdas=3",
+                "interpolate.encoder=ddim",
+                "interpolate.method=slerp",
+                "sampler=ddim",
+                "steps=3",
+            ],
+            {"interpolate": (3, 2 + 2 * 18, 2 + 5 * 18)},
+        ),
+        "invert": (
+            ["mode=invert", "num_samples=2", "sampler=ddim", "steps=3"],
+            {"invert": (3, 2 + 2 * 18, 2 + 3 * 18)},
+        ),
     }
     for name, (overrides, expected) in cases.items():
         written = sample_command.run(compose_sample(*common, *overrides, output_dir=tmp_path / name))
@@ -477,19 +560,21 @@ def test_sample_command_writes_each_mode(compose_train, compose_sample, tmp_path
     # the same seed gives the same grid
     again = sample_command.run(compose_sample(*common, *cases["grid"][0], output_dir=tmp_path / "again"))
     assert np.array_equal(read_png(again["samples"]), read_png(tmp_path / "grid" / "samples.png"))
-    for overrides, message in [(["mode=video"], "unknown mode"),
-                               (["mode=interpolate", "interpolate.t=20", "steps=50"], r"must be in \[1, 21\]"),
-                               (["spacing=ddim11"], "exactly 11 equally strided steps"),
-                               (["mode=interpolate", "interpolate.method=cubic"], "unknown interpolate.method")]:
+    for overrides, message in [
+        (["mode=video"], "unknown mode"),
+        (["mode=interpolate", "interpolate.t=20", "steps=50"], r"must be in \[1, 21\]"),
+        (["spacing=ddim11"], "exactly 11 equally strided steps"),
+        (["mode=interpolate", "interpolate.method=cubic"], "unknown interpolate.method"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             sample_command.run(compose_sample(*common, *overrides, output_dir=tmp_path / "bad"))
 
 
 @pytest.mark.slow
 def test_sample_command_compiled_network_draws_the_eager_grid(compose_train, compose_sample, tmp_path):
-    import sample as sample_command
     from torch._dynamo.utils import counters
 
+    import sample as sample_command
 
     ckpt = write_checkpoint(compose_train, tmp_path / "last.ckpt")
     common = [f"ckpt_path={ckpt}", "device=cpu", "seed=1", "mode=grid", "num_samples=4", "sampler=ddim", "steps=3"]
@@ -507,8 +592,10 @@ def test_sample_command_compiled_network_draws_the_eager_grid(compose_train, com
 @pytest.mark.slow
 def test_sample_command_missing_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
     script = str(REPO / "sample.py")
-    for args, message in [([], "error: ckpt_path is required"),
-                          ([f"ckpt_path={tmp_path / 'nope.ckpt'}"], "error: checkpoint not found")]:
+    for args, message in [
+        ([], "error: ckpt_path is required"),
+        ([f"ckpt_path={tmp_path / 'nope.ckpt'}"], "error: checkpoint not found"),
+    ]:
         monkeypatch.setattr(sys, "argv", [script, *args, f"hydra.run.dir={tmp_path / 'run'}"])
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(script, run_name="__main__")  # as `python sample.py ...`, in this process
@@ -524,12 +611,14 @@ def test_small_images_are_enlarged_pixel_by_pixel_in_the_grids(compose_train, co
 
     ckpt = write_checkpoint(compose_train, tmp_path / "last.ckpt")
     common = [f"ckpt_path={ckpt}", "device=cpu", "seed=1", "mode=grid", "num_samples=4", "sampler=ddim", "steps=2"]
-    raw = read_png(sample_command.run(compose_sample(*common, "min_image_size=null",
-                                                     output_dir=tmp_path / "raw"))["samples"])
+    raw = read_png(
+        sample_command.run(compose_sample(*common, "min_image_size=null", output_dir=tmp_path / "raw"))["samples"]
+    )
     shown = read_png(sample_command.run(compose_sample(*common, output_dir=tmp_path / "shown"))["samples"])
     # 16 px images, at least 64 px shown: every pixel of the raw grid becomes a 4 x 4 block
     assert shown.shape == (4 * raw.shape[0], 4 * raw.shape[1], 3)
     np.testing.assert_array_equal(shown, raw.repeat(4, axis=0).repeat(4, axis=1))
-    odd = read_png(sample_command.run(compose_sample(*common, "min_image_size=40",
-                                                     output_dir=tmp_path / "odd"))["samples"])
+    odd = read_png(
+        sample_command.run(compose_sample(*common, "min_image_size=40", output_dir=tmp_path / "odd"))["samples"]
+    )
     assert odd.shape[0] == 3 * raw.shape[0]  # ceil(40 / 16): whole blocks only

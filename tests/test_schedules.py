@@ -1,4 +1,5 @@
 """Beta schedules against diffusers' DDPMScheduler and the closed forms of the papers."""
+
 import math
 
 import numpy as np
@@ -14,8 +15,13 @@ T = 1000
 
 
 def reference_scheduler(name: str) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02,
-                         beta_schedule=DIFFUSERS_NAMES[name], variance_type="fixed_small")
+    return DDPMScheduler(
+        num_train_timesteps=T,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule=DIFFUSERS_NAMES[name],
+        variance_type="fixed_small",
+    )
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -74,8 +80,9 @@ def test_linear_schedule_scales_with_num_timesteps():
     betas = make_beta_schedule("linear", 4000)
     assert betas.dtype == torch.float64 and betas.shape == (4000,)
     np.testing.assert_allclose(betas.numpy(), np.linspace(0.25e-4, 0.005, 4000), rtol=1e-12, atol=0)
-    np.testing.assert_allclose(make_beta_schedule("linear", 1000).numpy(), np.linspace(1e-4, 0.02, 1000),
-                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        make_beta_schedule("linear", 1000).numpy(), np.linspace(1e-4, 0.02, 1000), rtol=1e-12, atol=0
+    )
 
 
 @pytest.mark.parametrize("num_timesteps", [50, 1000, 4000])

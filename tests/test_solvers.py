@@ -11,21 +11,40 @@ diffusers keeps sigmas in float32 (and the Euler / DPM-Solver steps compute in f
 float64 and compare the states before `sample`'s final clamp within 1e-4 (measured: 8e-9 .. 4e-6, run with -s
 to see each).
 """
+
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       UniPCMultistepScheduler)
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
-from src.diffusion import (SAMPLERS, GaussianDiffusion, Guidance, SamplerOptions, make_beta_schedule, sample,
-                           space_timesteps)
-from src.diffusion.respace import log_snr, log_snr_grid
+from src.diffusion import (
+    SAMPLERS,
+    GaussianDiffusion,
+    Guidance,
+    SamplerOptions,
+    make_beta_schedule,
+    sample,
+    space_timesteps,
+)
 from src.diffusion.options import NO_GUIDANCE
-from src.diffusion.sampling import (_reverse, check_options, denoise_from, generator_randn_like, process_for,
-                                    sample_trajectory, visited_timesteps)
+from src.diffusion.respace import log_snr, log_snr_grid
+from src.diffusion.sampling import (
+    _reverse,
+    check_options,
+    denoise_from,
+    generator_randn_like,
+    process_for,
+    sample_trajectory,
+    visited_timesteps,
+)
 from src.diffusion.solvers import SolverSchedule
 from src.errors import ConfigError
 
@@ -42,8 +61,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def make(schedule: str = "linear", mean_type: str = "eps", var_type: str = "fixed_large") -> GaussianDiffusion:
     loss_type = "hybrid" if var_type == "learned_range" else "simple"
-    return GaussianDiffusion(torch.from_numpy(SCHEDULES[schedule]), mean_type=mean_type, var_type=var_type,
-                             loss_type=loss_type)
+    return GaussianDiffusion(
+        torch.from_numpy(SCHEDULES[schedule]), mean_type=mean_type, var_type=var_type, loss_type=loss_type
+    )
 
 
 def abar_at(schedule: str, t: torch.Tensor) -> torch.Tensor:
@@ -64,20 +84,22 @@ class Oracle:
     def __call__(self, x, t):
         self.calls.append(t[0].item())
         a = abar_at(self.schedule, t).to(x.dtype)
-        eps = torch.sqrt(1 - a) * (x - torch.sqrt(a) * M) / (a * S ** 2 + 1 - a)
+        eps = torch.sqrt(1 - a) * (x - torch.sqrt(a) * M) / (a * S**2 + 1 - a)
         return torch.cat([eps, torch.full_like(eps, 0.3)], dim=1) if self.channels_out else eps
 
 
 def fixed_net(schedule: str, overshoot: float = 0.0, channels_out: int = 3):
     """A fixed smooth non-linear eps network: the oracle's x_0 guess plus a ripple in x and t; `overshoot`
     adds overshoot * t / T * sign(x) to x_0 (past [-1, 1] at high noise, so clipping bites, and 0 at t = 0)."""
+
     def net(x, t):
         a = abar_at(schedule, t).to(x.dtype)
         tt = t.to(x.dtype).view(-1, 1, 1, 1) / T
         ripple = 0.05 * torch.sin(3 * x + 5 * tt) + overshoot * tt * torch.tanh(10 * x)
-        x0 = M + S ** 2 * a.sqrt() / (a * S ** 2 + 1 - a) * (x - a.sqrt() * M) + ripple
+        x0 = M + S**2 * a.sqrt() / (a * S**2 + 1 - a) * (x - a.sqrt() * M) + ripple
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         return torch.cat([eps, torch.tanh(x)], dim=1) if channels_out == 6 else eps
+
     return net
 
 
@@ -113,8 +135,16 @@ def run_diffusers(s, x, net, *, edm: bool = False, noises=None) -> torch.Tensor:
 def run_ours(diffusion, net, options, x, seed: int | None = None, guidance=NO_GUIDANCE) -> torch.Tensor:
     """`sample`'s reverse run from x_T = x, before its final clamp to [-1, 1] (so nothing hides behind it)."""
     seeded = lambda: None if seed is None else torch.Generator().manual_seed(seed)  # noqa: E731
-    out = _reverse(process_for(diffusion, options), net, x, options, guidance,
-                   randn_like=generator_randn_like(seeded()), model_kwargs=None, progress=False)
+    out = _reverse(
+        process_for(diffusion, options),
+        net,
+        x,
+        options,
+        guidance,
+        randn_like=generator_randn_like(seeded()),
+        model_kwargs=None,
+        progress=False,
+    )
     drawn = sample(diffusion, net, x.shape, options, guidance, noise=x, generator=seeded())
     assert torch.equal(out.clamp(-1, 1), drawn)
     return out
@@ -154,8 +184,9 @@ def test_multistep_solvers_match_diffusers(case, schedule, steps, spacing):
 PLACEMENTS = {"karras": dict(use_karras_sigmas=True), "logsnr": dict(use_lu_lambdas=True)}
 
 
-@pytest.mark.parametrize("case, spacing", [(case, "karras") for case in MULTISTEP_CASES]
-                         + [("dpmpp_2m", "logsnr"), ("dpmpp_3m", "logsnr")])
+@pytest.mark.parametrize(
+    "case, spacing", [(case, "karras") for case in MULTISTEP_CASES] + [("dpmpp_2m", "logsnr"), ("dpmpp_3m", "logsnr")]
+)
 @pytest.mark.parametrize("steps", [10, 20])
 def test_multistep_solvers_between_training_steps_match_diffusers(case, spacing, steps):
     """Karras sigmas and uniform logSNR: the same noise levels as diffusers'. diffusers rounds the timestep the
@@ -183,8 +214,9 @@ def test_clipping_is_diffusers_thresholding_at_ratio_one(case):
     s.set_timesteps(10)
     net, x = fixed_net("linear", overshoot=3.0), x_T(1)
     ours = run_ours(make(), net, SamplerOptions(sampler, spacing="linspace10", order=order), x)
-    unclipped = run_ours(make(), net, SamplerOptions(sampler, spacing="linspace10", order=order,
-                                                     clip_denoised=False), x)
+    unclipped = run_ours(
+        make(), net, SamplerOptions(sampler, spacing="linspace10", order=order, clip_denoised=False), x
+    )
     assert (ours - unclipped).abs().max() > 0.01  # clipping changed the run
     diff = compare(ours, run_diffusers(s, x, net))
     print(f"{case} linear linspace10 clipped: max |ours - diffusers| = {diff:.1e}")
@@ -195,8 +227,9 @@ def test_learned_variance_channels_are_ignored_as_in_diffusers():
     s = scheduler(DPMSolverMultistepScheduler, "linear", solver_order=2, variance_type="learned_range")
     s.set_timesteps(10)
     net, x = fixed_net("linear", channels_out=6), x_T()
-    ours = run_ours(make(var_type="learned_range"), net, SamplerOptions("dpmpp_2m", spacing="linspace10",
-                                                                        clip_denoised=False), x)
+    ours = run_ours(
+        make(var_type="learned_range"), net, SamplerOptions("dpmpp_2m", spacing="linspace10", clip_denoised=False), x
+    )
     assert compare(ours, run_diffusers(s, x, net)) < TOL
 
 
@@ -210,8 +243,9 @@ def test_sde_dpmpp_2m_matches_diffusers_with_the_same_noise(schedule, steps):
     net, x = fixed_net(schedule), x_T()
     g = torch.Generator().manual_seed(3)
     noises = [torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in range(steps - 1)] + [torch.zeros_like(x)]
-    ours = run_ours(make(schedule), net, SamplerOptions("dpmpp_2m_sde", spacing=f"linspace{steps}",
-                                                        clip_denoised=False), x, seed=3)
+    ours = run_ours(
+        make(schedule), net, SamplerOptions("dpmpp_2m_sde", spacing=f"linspace{steps}", clip_denoised=False), x, seed=3
+    )
     diff = compare(ours, run_diffusers(s, x, net, noises=noises))
     print(f"dpmpp_2m_sde {schedule} linspace{steps}: max |ours - diffusers| = {diff:.1e}")
     assert diff < TOL
@@ -252,8 +286,9 @@ def test_euler_and_heun_match_diffusers_at_training_timesteps(sampler, steps):
 
 
 # --- EDM's own sampler (for the churn, which diffusers' Heun lacks and its Euler applies after the call) --
-def edm_reference(net, schedule: str, sigmas: np.ndarray, x: torch.Tensor, randn_like, s_churn: float,
-                  s_tmax: float, heun: bool) -> torch.Tensor:
+def edm_reference(
+    net, schedule: str, sigmas: np.ndarray, x: torch.Tensor, randn_like, s_churn: float, s_tmax: float, heun: bool
+) -> torch.Tensor:
     """NVlabs/edm generate.py's edm_sampler (S_min = 0, S_noise = 1), transcribed, with the VP network as
     D(x; sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)) and t(sigma) from log sigma interpolated.
     (EDM draws the churn noise at every step, multiplied by 0 where gamma = 0; here, as ours, only where used.)"""
@@ -261,9 +296,8 @@ def edm_reference(net, schedule: str, sigmas: np.ndarray, x: torch.Tensor, randn
     log_sigmas = 0.5 * np.log((1.0 - abar) / abar)
 
     def denoise(x_hat, sigma):
-        t = torch.full((x_hat.shape[0],), float(np.interp(np.log(sigma), log_sigmas, np.arange(T))),
-                       dtype=x_hat.dtype)
-        return x_hat - sigma * net(x_hat / math.sqrt(1.0 + sigma ** 2), t)
+        t = torch.full((x_hat.shape[0],), float(np.interp(np.log(sigma), log_sigmas, np.arange(T))), dtype=x_hat.dtype)
+        return x_hat - sigma * net(x_hat / math.sqrt(1.0 + sigma**2), t)
 
     t_steps = list(sigmas) + [0.0]
     num_steps = len(sigmas)
@@ -272,7 +306,7 @@ def edm_reference(net, schedule: str, sigmas: np.ndarray, x: torch.Tensor, randn
         x_cur = x_next
         gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if 0 <= t_cur <= s_tmax else 0
         t_hat = t_cur + gamma * t_cur
-        x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * randn_like(x_cur) if gamma > 0 else x_cur
+        x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * randn_like(x_cur) if gamma > 0 else x_cur
         denoised = denoise(x_hat, t_hat)
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
@@ -293,8 +327,16 @@ def test_euler_and_heun_with_churn_match_edms_sampler(sampler, s_churn):
     net, x = fixed_net("linear"), x_T()
     ours = run_ours(make(), net, options, x, seed=5)
     g = torch.Generator().manual_seed(5)
-    theirs = edm_reference(net, "linear", sigmas, x, lambda y: torch.randn(y.shape, generator=g, dtype=y.dtype),
-                           s_churn, s_tmax=sigmas[0] * (1 - 1e-9), heun=sampler == "heun")
+    theirs = edm_reference(
+        net,
+        "linear",
+        sigmas,
+        x,
+        lambda y: torch.randn(y.shape, generator=g, dtype=y.dtype),
+        s_churn,
+        s_tmax=sigmas[0] * (1 - 1e-9),
+        heun=sampler == "heun",
+    )
     assert compare(ours, theirs) < 1e-9
     if s_churn:
         assert (ours - run_ours(make(), net, options.replace(s_churn=0.0), x)).abs().max() > 1e-3
@@ -308,8 +350,10 @@ def test_placements_are_diffusers_timesteps_and_sigmas():
             s = scheduler(DPMSolverMultistepScheduler, "linear", timestep_spacing=spacing)
             s.set_timesteps(steps)
             assert space_timesteps(T, f"{spacing}{steps}") == sorted(s.timesteps.tolist())
-        for spacing, cls, config in [("karras", EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
-                                     ("logsnr", DPMSolverMultistepScheduler, dict(use_lu_lambdas=True))]:
+        for spacing, cls, config in [
+            ("karras", EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+            ("logsnr", DPMSolverMultistepScheduler, dict(use_lu_lambdas=True)),
+        ]:
             s = scheduler(cls, "cosine", **config)
             s.set_timesteps(steps)
             times, lambdas = log_snr_grid(make("cosine").alphas_cumprod, f"{spacing}{steps}")
@@ -332,25 +376,44 @@ def test_each_sampler_takes_the_spacings_that_apply_to_it():
             with pytest.raises(ValueError, match=f"does not apply to sampler={name}; .*sampler=dpmpp_2m"):
                 SamplerOptions(name, spacing=spacing)
     for name in SOLVERS:
-        for spacing in ("50", "ddim50", "quad20", "10,20", [0, 500, 999], "linspace20", "trailing20", "karras20",
-                        "logsnr20"):
+        for spacing in (
+            "50",
+            "ddim50",
+            "quad20",
+            "10,20",
+            [0, 500, 999],
+            "linspace20",
+            "trailing20",
+            "karras20",
+            "logsnr20",
+        ):
             SamplerOptions(name, spacing=spacing)
     assert {name: entry.default_spacing for name, entry in SAMPLERS.items()} == {
-        "ddpm": None, "ddim": None, "dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr", "dpmpp_2m_sde": "logsnr",
-        "unipc": "logsnr", "euler": "karras", "heun": "karras"}
+        "ddpm": None,
+        "ddim": None,
+        "dpmpp_2m": "logsnr",
+        "dpmpp_3m": "logsnr",
+        "dpmpp_2m_sde": "logsnr",
+        "unipc": "logsnr",
+        "euler": "karras",
+        "heun": "karras",
+    }
 
 
-@pytest.mark.parametrize("values, message", [
-    (dict(sampler="dpmpp_2m", spacing="karras"), r"takes its number of steps from steps; set steps"),
-    (dict(sampler="dpmpp_2m", spacing="karrasx"), "unknown timestep spacing"),
-    (dict(sampler="dpmpp_2m", spacing="foo"), "unknown timestep spacing"),
-    (dict(sampler="dpmpp_2m", order=3), r"order=3 has no effect with sampler=dpmpp_2m .*sampler=unipc"),
-    (dict(sampler="unipc", order=4), "sampler=unipc takes order 1 or 2 or 3"),
-    (dict(sampler="unipc", order=2.0), "order must be an integer"),
-    (dict(sampler="ddim", s_churn=1.0), r"s_churn=1.0 has no effect with sampler=ddim; .*sampler=euler, heun"),
-    (dict(sampler="euler", s_churn=-1), "s_churn must be a number >= 0"),
-    (dict(sampler="dpmpp_2m", eta=0.5), "eta=0.5 has no effect with sampler=dpmpp_2m"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(sampler="dpmpp_2m", spacing="karras"), r"takes its number of steps from steps; set steps"),
+        (dict(sampler="dpmpp_2m", spacing="karrasx"), "unknown timestep spacing"),
+        (dict(sampler="dpmpp_2m", spacing="foo"), "unknown timestep spacing"),
+        (dict(sampler="dpmpp_2m", order=3), r"order=3 has no effect with sampler=dpmpp_2m .*sampler=unipc"),
+        (dict(sampler="unipc", order=4), "sampler=unipc takes order 1 or 2 or 3"),
+        (dict(sampler="unipc", order=2.0), "order must be an integer"),
+        (dict(sampler="ddim", s_churn=1.0), r"s_churn=1.0 has no effect with sampler=ddim; .*sampler=euler, heun"),
+        (dict(sampler="euler", s_churn=-1), "s_churn must be a number >= 0"),
+        (dict(sampler="dpmpp_2m", eta=0.5), "eta=0.5 has no effect with sampler=dpmpp_2m"),
+    ],
+)
 def test_bad_solver_options_fail_on_construction(values, message):
     with pytest.raises(ValueError, match=message):
         SamplerOptions(**values)
@@ -374,8 +437,7 @@ def test_nfe_and_what_the_options_record():
     assert SamplerOptions("unipc").replace(sampler="ddim").sampler == "ddim"  # no order was set
     assert SamplerOptions("euler", steps=10).as_dict()["spacing"] == "karras10"  # as placed
     assert set(SamplerOptions("ddim").as_dict()) == {"sampler", "steps", "spacing", "eta", "clip_denoised"}
-    assert set(SamplerOptions("heun").as_dict()) == {"sampler", "steps", "spacing", "eta", "clip_denoised",
-                                                     "s_churn"}
+    assert set(SamplerOptions("heun").as_dict()) == {"sampler", "steps", "spacing", "eta", "clip_denoised", "s_churn"}
     assert visited_timesteps(make(), SamplerOptions("ddim", steps=4)) == [0, 333, 666, 999]
     assert visited_timesteps(make(), SamplerOptions("heun", spacing="trailing4")) == [249, 499, 749, 999]
     karras = visited_timesteps(make(), SamplerOptions("euler", steps=4))
@@ -397,8 +459,17 @@ def test_every_sampler_yaml_builds_its_options():
     assert set(SAMPLERS) <= set(names)  # every sampler has its file; presets of one (ddim_eta1) add more
     for name in names:
         values = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
-        assert set(values) == {"sampler", "steps", "spacing", "eta", "clip_denoised", "order", "s_churn",
-                               "threshold", "threshold_percentile"}
+        assert set(values) == {
+            "sampler",
+            "steps",
+            "spacing",
+            "eta",
+            "clip_denoised",
+            "order",
+            "s_churn",
+            "threshold",
+            "threshold_percentile",
+        }
         options = SamplerOptions.from_mapping(values)
         assert name == options.sampler or name.startswith(f"{options.sampler}_"), name
         assert options.nfe(T) >= 1
@@ -418,16 +489,39 @@ def affine_map(schedule: str, options: SamplerOptions, delta: float = 1e-3) -> t
 # and lose the spread: DDIM 10 gives 0.098 (linear) / 0.139 (cosine). Order 3 and Heun overshoot on this
 # stiff data (s = 0.2) until ~20 / ~50 NFE; Euler is first order.
 ORACLE_STD = {  # (sampler, order): {(schedule, NFE): std}
-    ("dpmpp_2m", None): {("linear", 10): 0.2038, ("cosine", 10): 0.1954, ("linear", 20): 0.2025,
-                         ("cosine", 20): 0.2052, ("linear", 50): 0.2002, ("cosine", 50): 0.2010},
-    ("unipc", 2): {("linear", 10): 0.2096, ("cosine", 10): 0.2040, ("linear", 20): 0.2017, ("cosine", 20): 0.2059,
-                   ("linear", 50): 0.1999, ("cosine", 50): 0.2004},
-    ("dpmpp_3m", None): {("linear", 10): 0.2312, ("cosine", 10): 0.2507, ("linear", 20): 0.2016,
-                         ("cosine", 20): 0.2067, ("linear", 50): 0.1999, ("cosine", 50): 0.2004},
-    ("unipc", 3): {("linear", 10): 0.2318, ("cosine", 10): 0.2635, ("linear", 20): 0.1999, ("cosine", 20): 0.2028,
-                   ("linear", 50): 0.1998, ("cosine", 50): 0.1999},
-    ("euler", None): {("linear", 10): 0.1359, ("cosine", 10): 0.0813, ("linear", 50): 0.1863,
-                      ("cosine", 50): 0.1696},
+    ("dpmpp_2m", None): {
+        ("linear", 10): 0.2038,
+        ("cosine", 10): 0.1954,
+        ("linear", 20): 0.2025,
+        ("cosine", 20): 0.2052,
+        ("linear", 50): 0.2002,
+        ("cosine", 50): 0.2010,
+    },
+    ("unipc", 2): {
+        ("linear", 10): 0.2096,
+        ("cosine", 10): 0.2040,
+        ("linear", 20): 0.2017,
+        ("cosine", 20): 0.2059,
+        ("linear", 50): 0.1999,
+        ("cosine", 50): 0.2004,
+    },
+    ("dpmpp_3m", None): {
+        ("linear", 10): 0.2312,
+        ("cosine", 10): 0.2507,
+        ("linear", 20): 0.2016,
+        ("cosine", 20): 0.2067,
+        ("linear", 50): 0.1999,
+        ("cosine", 50): 0.2004,
+    },
+    ("unipc", 3): {
+        ("linear", 10): 0.2318,
+        ("cosine", 10): 0.2635,
+        ("linear", 20): 0.1999,
+        ("cosine", 20): 0.2028,
+        ("linear", 50): 0.1998,
+        ("cosine", 50): 0.1999,
+    },
+    ("euler", None): {("linear", 10): 0.1359, ("cosine", 10): 0.0813, ("linear", 50): 0.1863, ("cosine", 50): 0.1696},
     ("heun", None): {("linear", 19): 0.2645, ("cosine", 19): 0.5217, ("linear", 49): 0.2077, ("cosine", 49): 0.2505},
 }
 
@@ -469,7 +563,7 @@ def sde_moments(schedule: str, options: SamplerOptions) -> tuple[float, float]:
     z = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
 
     def run(x, impulse: int | None) -> float:
-        calls = iter(range(10 ** 6))
+        calls = iter(range(10**6))
         unit = lambda y: torch.full_like(y, 1.0 if next(calls) == impulse else 0.0)  # noqa: E731
         return denoise_from(make(schedule), Oracle(schedule), x, T - 1, options, randn_like=unit).item()
 
@@ -478,23 +572,27 @@ def sde_moments(schedule: str, options: SamplerOptions) -> tuple[float, float]:
     coefficients = []
     for k in range(options.nfe(T)):
         coefficients.append(run(z, k) - shift)
-    return shift, math.sqrt(slope ** 2 + sum(c ** 2 for c in coefficients))
+    return shift, math.sqrt(slope**2 + sum(c**2 for c in coefficients))
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("options, expected", [
-    (SamplerOptions("dpmpp_2m_sde", steps=10, clip_denoised=False), {"linear": 0.1987, "cosine": 0.1819}),
-    (SamplerOptions("dpmpp_2m_sde", steps=20, clip_denoised=False), {"linear": 0.2058, "cosine": 0.2080}),
-    (SamplerOptions("heun", steps=25, s_churn=40.0, clip_denoised=False), {"linear": 0.2188, "cosine": 0.2846}),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (SamplerOptions("dpmpp_2m_sde", steps=10, clip_denoised=False), {"linear": 0.1987, "cosine": 0.1819}),
+        (SamplerOptions("dpmpp_2m_sde", steps=20, clip_denoised=False), {"linear": 0.2058, "cosine": 0.2080}),
+        (SamplerOptions("heun", steps=25, s_churn=40.0, clip_denoised=False), {"linear": 0.2188, "cosine": 0.2846}),
+    ],
+)
 def test_oracle_stochastic_samplers(schedule, options, expected):
     """The exact moments of the SDE solver and of Heun with churn, and 65536 sampled pixels around them
     (standard error of the std ~ s / sqrt(2 * 65536) ~ 0.0006)."""
     mean, std = sde_moments(schedule, options)
     assert mean == pytest.approx(M, abs=3e-4)
     assert std == pytest.approx(expected[schedule], abs=3e-4)
-    x = sample(make(schedule), Oracle(schedule), (256, 1, 16, 16), options,
-               generator=torch.Generator().manual_seed(0)).double()
+    x = sample(
+        make(schedule), Oracle(schedule), (256, 1, 16, 16), options, generator=torch.Generator().manual_seed(0)
+    ).double()
     assert x.mean().item() == pytest.approx(mean, abs=0.003)
     assert x.std().item() == pytest.approx(std, abs=0.003)
 
@@ -525,8 +623,14 @@ def oracle_as(diffusion: GaussianDiffusion, schedule: str, mean_type: str):
 def test_every_parameterisation_and_variance_gives_the_same_run(sampler, spacing):
     x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     options = SamplerOptions(sampler, spacing=spacing, clip_denoised=False)
-    draw = lambda diffusion, net: sample(diffusion, net, x.shape, options, noise=x,  # noqa: E731
-                                         generator=torch.Generator().manual_seed(1))
+    draw = lambda diffusion, net: sample(
+        diffusion,
+        net,
+        x.shape,
+        options,
+        noise=x,  # noqa: E731
+        generator=torch.Generator().manual_seed(1),
+    )
     reference = draw(make(), Oracle())
     np.testing.assert_allclose(draw(make(var_type="learned_range"), Oracle(channels_out=2)), reference, atol=1e-12)
     for mean_type in ("x0", "mu"):
@@ -550,13 +654,18 @@ def test_classifier_free_guidance_combines_the_two_passes(sampler):
     y = torch.tensor([0, 1, 0, 1])
     net, w = TwoClassNet(), 2.0
     options = SamplerOptions(sampler, steps=6)
-    guided = sample(make(), net, x.shape, options, Guidance(y=y, scale=w), noise=x,
-                    generator=torch.Generator().manual_seed(1))
+    guided = sample(
+        make(), net, x.shape, options, Guidance(y=y, scale=w), noise=x, generator=torch.Generator().manual_seed(1)
+    )
     combined = lambda xt, t: (1 + w) * net(xt, t, y=y) - w * net(xt, t, y=torch.full_like(y, 2))  # noqa: E731
     by_hand = sample(make(), combined, x.shape, options, noise=x, generator=torch.Generator().manual_seed(1))
     np.testing.assert_allclose(guided, by_hand, atol=1e-12)
-    assert (guided - sample(make(), lambda xt, t: net(xt, t, y=y), x.shape, options, noise=x,
-                            generator=torch.Generator().manual_seed(1))).abs().max() > 1e-3
+    assert (
+        guided
+        - sample(
+            make(), lambda xt, t: net(xt, t, y=y), x.shape, options, noise=x, generator=torch.Generator().manual_seed(1)
+        )
+    ).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("sampler", SOLVERS)
@@ -573,15 +682,22 @@ def test_classifier_guidance_shifts_eps_by_sigma_times_the_gradient(sampler):
 
     net, scale = fixed_net("linear", channels_out=1), 3.0
     options = SamplerOptions(sampler, spacing="trailing6", clip_denoised=False)
-    guided = sample(make(), net, x.shape, options, Guidance(y=y, classifier=classifier, classifier_scale=scale),
-                    noise=x, generator=torch.Generator().manual_seed(1))
+    guided = sample(
+        make(),
+        net,
+        x.shape,
+        options,
+        Guidance(y=y, classifier=classifier, classifier_scale=scale),
+        noise=x,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert set(seen) <= set(options.timesteps(T))
 
     def shifted(xt, t):
         with torch.enable_grad():
             v = xt.detach().requires_grad_(True)
             log_p = torch.log_softmax(classifier(v, t), dim=1)[torch.arange(len(y)), y].sum()
-            grad, = torch.autograd.grad(log_p, v)
+            (grad,) = torch.autograd.grad(log_p, v)
         a = make().alphas_cumprod[t].view(-1, 1, 1, 1)
         return net(xt, t) - (1 - a).sqrt() * scale * grad
 
@@ -593,8 +709,9 @@ def test_trajectory_and_denoise_from_run_the_solvers():
     net = fixed_net("linear", channels_out=1)
     options = SamplerOptions("dpmpp_2m", spacing="karras", steps=8)
     plain = sample(make(), net, (2, 1, 4, 4), options, generator=torch.Generator().manual_seed(0))
-    traj = sample_trajectory(make(), net, (2, 1, 4, 4), options, record_every=3,
-                             generator=torch.Generator().manual_seed(0))
+    traj = sample_trajectory(
+        make(), net, (2, 1, 4, 4), options, record_every=3, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(traj.sample, plain) and traj.xt.shape[1] == 4  # steps 1, 4, 7 and 8
     assert traj.timesteps[0] == pytest.approx(T - 1) and traj.timesteps[-1] == pytest.approx(0, abs=1e-9)
     assert all(isinstance(t, float) for t in traj.timesteps[1:-1])  # Karras levels fall between training steps
@@ -626,29 +743,66 @@ def test_solver_schedule_levels():
 
 @pytest.mark.parametrize("sampler", SOLVERS)
 def test_solvers_sample_on_another_device_and_in_float32(sampler):
-    out = sample(make(), lambda x, t: torch.zeros_like(x), (1, 1, 4, 4), SamplerOptions(sampler, steps=3),
-                 device="meta")
+    out = sample(
+        make(), lambda x, t: torch.zeros_like(x), (1, 1, 4, 4), SamplerOptions(sampler, steps=3), device="meta"
+    )
     assert out.device.type == "meta"
-    x = sample(make(), fixed_net("linear", channels_out=1), (2, 1, 4, 4), SamplerOptions(sampler, steps=5),
-               generator=torch.Generator().manual_seed(0))
+    x = sample(
+        make(),
+        fixed_net("linear", channels_out=1),
+        (2, 1, 4, 4),
+        SamplerOptions(sampler, steps=5),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
 
 
 # --- benchmarks/sampler_quality.py ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_sampler_quality_script_runs_on_a_tiny_checkpoint(compose_train, tmp_path):
-    from benchmarks.sampler_quality import configurations, main
     from test_samplers import write_checkpoint
 
+    from benchmarks.sampler_quality import configurations, main
+
     grid = configurations(["dpmpp_2m", "heun", "ddpm", "ddim"], [5, 10], [10])
-    assert [(o.sampler, o.nfe(T)) for o in grid] == [("dpmpp_2m", 5), ("dpmpp_2m", 10), ("heun", 5), ("heun", 9),
-                                                    ("ddpm", T), ("ddim", 10)]
+    assert [(o.sampler, o.nfe(T)) for o in grid] == [
+        ("dpmpp_2m", 5),
+        ("dpmpp_2m", 10),
+        ("heun", 5),
+        ("heun", 9),
+        ("ddpm", T),
+        ("ddim", 10),
+    ]
     ckpt = write_checkpoint(compose_train, tmp_path / "last.ckpt")
-    result = main([str(ckpt), "--out", str(tmp_path / "out"), "--num-samples", "4", "--batch-size", "4",
-                   "--samplers", "dpmpp_2m", "heun", "ddim", "--nfe", "2", "3", "--ddim-steps", "2",
-                   "--device", "cpu"])
-    assert [(row["sampler"], row["nfe"]) for row in result["rows"]] == [("dpmpp_2m", 2), ("dpmpp_2m", 3),
-                                                                       ("heun", 1), ("heun", 3), ("ddim", 2)]
+    result = main(
+        [
+            str(ckpt),
+            "--out",
+            str(tmp_path / "out"),
+            "--num-samples",
+            "4",
+            "--batch-size",
+            "4",
+            "--samplers",
+            "dpmpp_2m",
+            "heun",
+            "ddim",
+            "--nfe",
+            "2",
+            "3",
+            "--ddim-steps",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert [(row["sampler"], row["nfe"]) for row in result["rows"]] == [
+        ("dpmpp_2m", 2),
+        ("dpmpp_2m", 3),
+        ("heun", 1),
+        ("heun", 3),
+        ("ddim", 2),
+    ]
     assert all(math.isfinite(row["fd"]) and row["seconds_per_image"] > 0 for row in result["rows"])
     written = json.loads((tmp_path / "out" / "sampler_quality.json").read_text())
     assert written["rows"] == result["rows"] and written["num_timesteps"] == 50
@@ -656,20 +810,26 @@ def test_sampler_quality_script_runs_on_a_tiny_checkpoint(compose_train, tmp_pat
 
 
 @pytest.mark.slow
-def test_sample_and_evaluate_commands_run_the_solvers_and_record_nfe(compose_train, compose_sample, compose_evaluate,
-                                                                     tmp_path):
+def test_sample_and_evaluate_commands_run_the_solvers_and_record_nfe(
+    compose_train, compose_sample, compose_evaluate, tmp_path
+):
+    from test_samplers import write_checkpoint
+
     import sample as sample_command
     from src.evaluation import run as evaluate
-    from test_samplers import write_checkpoint
 
     ckpt = write_checkpoint(compose_train, tmp_path / "last.ckpt")  # T=50
     common = [f"ckpt_path={ckpt}", "device=cpu"]
     for sampler, mode in [("dpmpp_2m", "grid"), ("heun", "trajectory"), ("unipc", "invert")]:
-        written = sample_command.run(compose_sample(*common, f"sampler={sampler}", "steps=3", f"mode={mode}",
-                                                    "num_samples=2", output_dir=tmp_path / sampler))
+        written = sample_command.run(
+            compose_sample(
+                *common, f"sampler={sampler}", "steps=3", f"mode={mode}", "num_samples=2", output_dir=tmp_path / sampler
+            )
+        )
         assert all(path.is_file() for path in written.values())
-    metrics = evaluate(compose_evaluate(*common, "sampler=heun", "steps=3", "num_samples=2", "fid=false",
-                                        output_dir=tmp_path / "eval"))
+    metrics = evaluate(
+        compose_evaluate(*common, "sampler=heun", "steps=3", "num_samples=2", "fid=false", output_dir=tmp_path / "eval")
+    )
     assert metrics["samples"]["nfe"] == 5 and len(metrics["samples"]["timesteps"]) == 3  # Heun: 2 calls but the last
     with pytest.raises(ConfigError, match="karras"):  # a placement ddim cannot take, before the model is built
         sample_command.run(compose_sample(*common, "sampler=ddim", "spacing=karras5", output_dir=tmp_path / "bad"))

@@ -1,4 +1,5 @@
 """Speed switches: the optimizer kernel choice and the channels_last callback (speed itself is not asserted)."""
+
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ def adam_steps(implementation: str) -> list[torch.Tensor]:
     params = [torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)]
     optimizer = make_optimizer(params, implementation=implementation, lr=1e-2)
     for _ in range(3):
-        loss = sum((p ** 2).sum() for p in params)
+        loss = sum((p**2).sum() for p in params)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -51,8 +52,14 @@ def test_compile_switch_trains_the_compiled_network_like_the_eager_one(compose_t
     from torch._dynamo.utils import counters
 
     def run(*switches: str):  # each run in its own folder
-        _, objects = train(compose_train("trainer.max_steps=2", "callbacks.sample_grid=null", *switches,
-                                         output_dir=tmp_path / ("compiled" if switches else "eager")))
+        _, objects = train(
+            compose_train(
+                "trainer.max_steps=2",
+                "callbacks.sample_grid=null",
+                *switches,
+                output_dir=tmp_path / ("compiled" if switches else "eager"),
+            )
+        )
         return objects
 
     eager = run()

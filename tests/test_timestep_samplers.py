@@ -1,4 +1,5 @@
 """Timestep samplers: uniform, and improved DDPM's loss-aware importance sampling (Sec. 3.3)."""
+
 import numpy as np
 import pytest
 import torch
@@ -45,8 +46,12 @@ def fill(sampler, losses_per_t: dict, rng, num_timesteps: int, rounds: int, skip
 
 def closed_form_probs(losses_per_t: dict, num_timesteps: int) -> np.ndarray:
     """p_t = (1 - 0.001) sqrt(E[L_t^2]) / sum_s sqrt(E[L_s^2]) + 0.001 / T over the last 10 losses."""
-    rms = np.array([np.sqrt(np.mean(np.square(np.float32(losses_per_t[t][-HISTORY:]), dtype=np.float64)))
-                    for t in range(num_timesteps)])
+    rms = np.array(
+        [
+            np.sqrt(np.mean(np.square(np.float32(losses_per_t[t][-HISTORY:]), dtype=np.float64)))
+            for t in range(num_timesteps)
+        ]
+    )
     return (1 - UNIFORM_PROB) * rms / rms.sum() + UNIFORM_PROB / num_timesteps
 
 
@@ -113,7 +118,7 @@ def test_history_keeps_only_the_last_losses():
     np.testing.assert_allclose(sampler.weights(), np.full(num_timesteps, 0.25), rtol=1e-12)
     # One more large loss at t=0 displaces exactly one of the ones: rms = sqrt((9 + 100^2)/10).
     sampler.update(torch.tensor([0]), torch.tensor([100.0]))
-    rms = np.array([np.sqrt((9 + 100.0 ** 2) / 10), 1.0, 1.0, 1.0])
+    rms = np.array([np.sqrt((9 + 100.0**2) / 10), 1.0, 1.0, 1.0])
     expected = (1 - UNIFORM_PROB) * rms / rms.sum() + UNIFORM_PROB / num_timesteps
     np.testing.assert_allclose(sampler.weights(), expected, rtol=1e-9)
 

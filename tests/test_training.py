@@ -1,4 +1,5 @@
 """End-to-end runs of train.py's config through the Trainer (CPU, tiny settings)."""
+
 import csv
 import math
 import subprocess
@@ -28,8 +29,13 @@ def test_fast_dev_run_every_objective_and_schedule(compose_train, objective, sch
 
 
 def test_short_run_writes_checkpoint_grid_and_metrics(compose_train):
-    cfg = compose_train("trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-                        "callbacks.sample_grid.every_n_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3")
+    cfg = compose_train(
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=1",
+        "callbacks.sample_grid.every_n_steps=3",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+    )
     _, objects = train(cfg)
     out = Path(cfg.paths.output_dir)
     assert objects["trainer"].global_step == 6
@@ -56,11 +62,25 @@ def test_ema_differs_from_live_weights_after_training(compose_train):
 
 
 def test_multirun_runs_each_job_in_its_own_folder(tmp_path):
-    cmd = [sys.executable, "train.py", "-m", "schedule=linear,cosine", "objective=simple,hybrid",
-           "trainer.max_steps=2", "trainer.accelerator=cpu", "schedule.num_timesteps=50", "sampler.steps=5",
-           "model.base_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=1",
-           "callbacks.sample_grid.num_samples=4", "callbacks.progress_bar=null",
-           f"hydra.sweep.dir={tmp_path}", f"paths.data_dir={tmp_path}/data"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "schedule=linear,cosine",
+        "objective=simple,hybrid",
+        "trainer.max_steps=2",
+        "trainer.accelerator=cpu",
+        "schedule.num_timesteps=50",
+        "sampler.steps=5",
+        "model.base_channels=32",
+        "model.channel_mult=[1,2]",
+        "model.num_res_blocks=1",
+        "model.num_heads=1",
+        "callbacks.sample_grid.num_samples=4",
+        "callbacks.progress_bar=null",
+        f"hydra.sweep.dir={tmp_path}",
+        f"paths.data_dir={tmp_path}/data",
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
@@ -71,8 +91,15 @@ def test_multirun_runs_each_job_in_its_own_folder(tmp_path):
 
 
 def test_offline_cifar10_stops_with_one_clear_line(tmp_path):
-    cmd = [sys.executable, "train.py", "data=cifar10", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run",
-           f"data.root={tmp_path}/cifar10", "data.download=false"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "data=cifar10",
+        "trainer.accelerator=cpu",
+        f"hydra.run.dir={tmp_path}/run",
+        f"data.root={tmp_path}/cifar10",
+        "data.download=false",
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -81,9 +108,14 @@ def test_offline_cifar10_stops_with_one_clear_line(tmp_path):
 
 
 def test_a_cosine_run_logs_the_decaying_lr_down_to_max_steps(compose_train):
-    cfg = compose_train("module.lr_schedule=cosine", "module.lr_warmup_steps=2", "trainer.max_steps=6",
-                        "trainer.log_every_n_steps=1", "trainer.val_check_interval=6",
-                        "callbacks.sample_grid.on_train_end=false")
+    cfg = compose_train(
+        "module.lr_schedule=cosine",
+        "module.lr_warmup_steps=2",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=6",
+        "callbacks.sample_grid.on_train_end=false",
+    )
     train(cfg)
     with open(next(Path(cfg.paths.output_dir).rglob("metrics.csv"))) as f:
         lrs = [float(row["lr-Adam"]) for row in csv.DictReader(f) if row.get("lr-Adam")]

@@ -1,4 +1,5 @@
 """The DDPM U-Net: shapes, the paper's size, conditioning, validation errors, gradient flow, configs."""
+
 import math
 from pathlib import Path
 
@@ -12,11 +13,27 @@ from src.models import NoisyClassifier, UNet
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 # A tiny net for the behavioural tests (fast on CPU).
-TINY = dict(in_channels=1, out_channels=1, image_size=16, base_channels=32, channel_mult=[1, 2],
-            num_res_blocks=1, attention_resolutions=[8], num_heads=2)
+TINY = dict(
+    in_channels=1,
+    out_channels=1,
+    image_size=16,
+    base_channels=32,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attention_resolutions=[8],
+    num_heads=2,
+)
 # The DDPM paper's CIFAR-10 net (Ho et al. 2020, appendix B).
-CIFAR10 = dict(in_channels=3, out_channels=3, image_size=32, base_channels=128, channel_mult=[1, 2, 2, 2],
-               num_res_blocks=2, attention_resolutions=[16], dropout=0.1)
+CIFAR10 = dict(
+    in_channels=3,
+    out_channels=3,
+    image_size=32,
+    base_channels=128,
+    channel_mult=[1, 2, 2, 2],
+    num_res_blocks=2,
+    attention_resolutions=[16],
+    dropout=0.1,
+)
 
 
 def num_params(module: torch.nn.Module) -> int:
@@ -32,29 +49,45 @@ def perturb_zero_init(net: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
 
 
-def diffusers_unet(in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                   attention_resolutions, **_):
+def diffusers_unet(
+    in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions, **_
+):
     """diffusers' UNet2DModel at the same configuration (one attention head, 32 GroupNorm groups)."""
     diffusers = pytest.importorskip("diffusers")
     resolutions = [image_size // 2**i for i in range(len(channel_mult))]
     attn = [r in attention_resolutions for r in resolutions]
     return diffusers.UNet2DModel(
-        sample_size=image_size, in_channels=in_channels, out_channels=out_channels,
-        block_out_channels=tuple(base_channels * m for m in channel_mult), layers_per_block=num_res_blocks,
+        sample_size=image_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=tuple(base_channels * m for m in channel_mult),
+        layers_per_block=num_res_blocks,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        norm_num_groups=32, attention_head_dim=None)
+        norm_num_groups=32,
+        attention_head_dim=None,
+    )
 
 
-@pytest.mark.parametrize("channels,size,out_mult,mult,attn", [
-    (1, 16, 1, [1, 2, 2], [8]),
-    (3, 32, 1, [1, 2, 2, 2], [16]),
-    (3, 32, 2, [1, 2], [32, 16]),   # learned variance: 2C outputs
-    (1, 16, 2, [1], []),            # a single level, no attention, no resampling
-])
+@pytest.mark.parametrize(
+    "channels,size,out_mult,mult,attn",
+    [
+        (1, 16, 1, [1, 2, 2], [8]),
+        (3, 32, 1, [1, 2, 2, 2], [16]),
+        (3, 32, 2, [1, 2], [32, 16]),  # learned variance: 2C outputs
+        (1, 16, 2, [1], []),  # a single level, no attention, no resampling
+    ],
+)
 def test_output_shape(channels, size, out_mult, mult, attn):
-    net = UNet(in_channels=channels, out_channels=out_mult * channels, image_size=size, base_channels=32,
-               channel_mult=mult, num_res_blocks=1, attention_resolutions=attn)
+    net = UNet(
+        in_channels=channels,
+        out_channels=out_mult * channels,
+        image_size=size,
+        base_channels=32,
+        channel_mult=mult,
+        num_res_blocks=1,
+        attention_resolutions=attn,
+    )
     x = torch.randn(3, channels, size, size)
     out = net(x, torch.tensor([0, 10, 999]))
     assert out.shape == (3, out_mult * channels, size, size)
@@ -73,11 +106,15 @@ def test_paper_parameter_count():
     assert abs(n - 35.7e6) <= 0.1e6, n
 
 
-@pytest.mark.parametrize("config", [
-    CIFAR10,
-    dict(TINY, base_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 4]),
-    dict(TINY, in_channels=3, out_channels=6, image_size=32, channel_mult=[1, 2], attention_resolutions=[32]),
-], ids=["cifar10", "three-levels-two-attn", "learned-variance"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        CIFAR10,
+        dict(TINY, base_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 4]),
+        dict(TINY, in_channels=3, out_channels=6, image_size=32, channel_mult=[1, 2], attention_resolutions=[32]),
+    ],
+    ids=["cifar10", "three-levels-two-attn", "learned-variance"],
+)
 def test_parameter_count_matches_diffusers(config):
     # Same architecture as diffusers' UNet2DModel (google/ddpm-cifar10-32 layout), layer for layer.
     assert num_params(UNet(**config)) == num_params(diffusers_unet(**config))
@@ -96,7 +133,7 @@ def test_attention_matches_reference():
         qkv = block.qkv(block.norm(x)).flatten(2)  # [B, 3C, HW]
         heads = []
         for h in range(2):
-            q, k, v = (qkv[:, i * 8 + h * 4: i * 8 + h * 4 + 4] for i in range(3))  # [B, 4, HW]
+            q, k, v = (qkv[:, i * 8 + h * 4 : i * 8 + h * 4 + 4] for i in range(3))  # [B, 4, HW]
             weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / 2.0, dim=-1)
             heads.append(torch.einsum("bij,bcj->bci", weights, v))
         expected = x + block.proj(torch.cat(heads, dim=1).reshape(2, 8, 4, 4))
@@ -138,20 +175,28 @@ def test_labels_rejected_when_unconditional():
         net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(image_size=18, channel_mult=[1, 2, 2]), r"divisible by 2\*\*\(len\(channel_mult\)-1\)=4.*such as 16 or 20"),
-    (dict(attention_resolutions=[4]), r"never visited.*resolutions \[16, 8\]"),
-    (dict(base_channels=48), r"multiple of 32"),
-    (dict(num_heads=3), r"num_heads=3 does not divide"),
-    (dict(num_res_blocks=0), r"num_res_blocks must be >= 1"),
-    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-    (dict(channel_mult=[]), r"channel_mult must be a non-empty"),
-    (dict(num_classes=0), r"num_classes must be >= 1"),
-    (dict(patch_size=3), r"patch_size must be a positive divisor of image_size=16, got 3"),
-    (dict(patch_size=2, attention_resolutions=[16]), r"image_size=16, patch_size=2 .*resolutions \[8, 4\]"),
-    (dict(image_size=20, patch_size=2, channel_mult=[1, 2, 2]),
-     r"image_size=20 must be divisible by patch_size \* 2\*\*\(len\(channel_mult\)-1\)=8.*such as 16 or 24"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (
+            dict(image_size=18, channel_mult=[1, 2, 2]),
+            r"divisible by 2\*\*\(len\(channel_mult\)-1\)=4.*such as 16 or 20",
+        ),
+        (dict(attention_resolutions=[4]), r"never visited.*resolutions \[16, 8\]"),
+        (dict(base_channels=48), r"multiple of 32"),
+        (dict(num_heads=3), r"num_heads=3 does not divide"),
+        (dict(num_res_blocks=0), r"num_res_blocks must be >= 1"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(channel_mult=[]), r"channel_mult must be a non-empty"),
+        (dict(num_classes=0), r"num_classes must be >= 1"),
+        (dict(patch_size=3), r"patch_size must be a positive divisor of image_size=16, got 3"),
+        (dict(patch_size=2, attention_resolutions=[16]), r"image_size=16, patch_size=2 .*resolutions \[8, 4\]"),
+        (
+            dict(image_size=20, patch_size=2, channel_mult=[1, 2, 2]),
+            r"image_size=20 must be divisible by patch_size \* 2\*\*\(len\(channel_mult\)-1\)=8.*such as 16 or 24",
+        ),
+    ],
+)
 def test_constructor_validation(change, match):
     with pytest.raises(ValueError, match=match):
         UNet(**{**TINY, **change})
@@ -183,10 +228,13 @@ def test_gradients_reach_every_parameter(num_classes):
     assert dead == []
 
 
-@pytest.mark.parametrize("name,channels,size", [
-    ("unet_small", 1, 16),
-    ("unet_ddpm_cifar10", 3, 32),  # run at batch 1 only
-])
+@pytest.mark.parametrize(
+    "name,channels,size",
+    [
+        ("unet_small", 1, 16),
+        ("unet_ddpm_cifar10", 3, 32),  # run at batch 1 only
+    ],
+)
 def test_yaml_configs_instantiate(name, channels, size):
     import src.builders  # noqa: F401  (registers the sizes_at_downsample resolver of unet_small's attention)
 
@@ -255,22 +303,29 @@ def test_same_padding_downsample_pads_after_the_image():
     assert torch.equal(block(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), block.conv.weight, block.conv.bias, stride=2))
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(num_head_channels=24), r"num_head_channels=24 does not divide the 64 channels"),
-    (dict(resblock_updown=True, downsample_padding="same"), r"resblock_updown=true replaces"),
-    (dict(timestep_scale=0.0), r"timestep_scale must be > 0"),
-    (dict(timestep_freq_shift=2), r"freq_shift must be 0 or 1"),
-    (dict(downsample_padding="valid"), r"downsample_padding must be 'symmetric' or 'same'"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(num_head_channels=24), r"num_head_channels=24 does not divide the 64 channels"),
+        (dict(resblock_updown=True, downsample_padding="same"), r"resblock_updown=true replaces"),
+        (dict(timestep_scale=0.0), r"timestep_scale must be > 0"),
+        (dict(timestep_freq_shift=2), r"freq_shift must be 0 or 1"),
+        (dict(downsample_padding="valid"), r"downsample_padding must be 'symmetric' or 'same'"),
+    ],
+)
 def test_option_validation(change, match):
     with pytest.raises(ValueError, match=match):
         UNet(**{**TINY, **change})
 
 
-@pytest.mark.parametrize("options", [
-    dict(scale_shift_norm=True, resblock_updown=True, num_head_channels=32, num_classes=3, null_label=False),
-    dict(timestep_freq_shift=1, downsample_padding="same", norm_eps=1e-5, timestep_scale=0.25),
-], ids=["adm", "ddpm-tf"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(scale_shift_norm=True, resblock_updown=True, num_head_channels=32, num_classes=3, null_label=False),
+        dict(timestep_freq_shift=1, downsample_padding="same", norm_eps=1e-5, timestep_scale=0.25),
+    ],
+    ids=["adm", "ddpm-tf"],
+)
 def test_gradients_reach_every_parameter_with_the_options(options):
     torch.manual_seed(0)
     net = UNet(**TINY, **options)
@@ -282,8 +337,16 @@ def test_gradients_reach_every_parameter_with_the_options(options):
 
 def test_default_options_build_the_same_seeded_net():
     # Today's configs pass none of the new options; passing their defaults changes nothing either.
-    defaults = dict(num_head_channels=None, scale_shift_norm=False, resblock_updown=False, null_label=True,
-                    norm_eps=1e-6, timestep_freq_shift=0, timestep_scale=1.0, downsample_padding="symmetric")
+    defaults = dict(
+        num_head_channels=None,
+        scale_shift_norm=False,
+        resblock_updown=False,
+        null_label=True,
+        norm_eps=1e-6,
+        timestep_freq_shift=0,
+        timestep_scale=1.0,
+        downsample_padding="symmetric",
+    )
     torch.manual_seed(0)
     a = UNet(**TINY, num_classes=3).state_dict()
     torch.manual_seed(0)
@@ -291,10 +354,16 @@ def test_default_options_build_the_same_seeded_net():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name,channels,size,out", [
-    ("iddpm_cifar10", 3, 32, 6), ("ddpm_cifar10_released", 3, 32, 3), ("ddpm_256_released", 3, 256, 3),
-    ("adm_imagenet64_cond", 3, 64, 6), ("adm_imagenet64_classifier", 3, 64, None),
-])
+@pytest.mark.parametrize(
+    "name,channels,size,out",
+    [
+        ("iddpm_cifar10", 3, 32, 6),
+        ("ddpm_cifar10_released", 3, 32, 3),
+        ("ddpm_256_released", 3, 256, 3),
+        ("adm_imagenet64_cond", 3, 64, 6),
+        ("adm_imagenet64_classifier", 3, 64, None),
+    ],
+)
 def test_released_model_configs_build(name, channels, size, out):
     import src.builders  # noqa: F401  (registers the sizes_at_downsample resolver of unet_small's attention)
 
@@ -312,8 +381,9 @@ def test_patches_are_the_plain_net_on_pixel_unshuffled_images(out_channels):
     """patch_size=2 on [B, 1, 16, 16] is the plain net on torch's pixel_unshuffle (4 channels at 8x8) followed
     by pixel_shuffle of its 4 * out_channels outputs, with the very same weights."""
     patched = UNet(**{**TINY, "out_channels": out_channels, "attention_resolutions": [4], "patch_size": 2})
-    plain = UNet(**{**TINY, "in_channels": 4, "out_channels": 4 * out_channels, "image_size": 8,
-                    "attention_resolutions": [4]})
+    plain = UNet(
+        **{**TINY, "in_channels": 4, "out_channels": 4 * out_channels, "image_size": 8, "attention_resolutions": [4]}
+    )
     perturb_zero_init(patched)
     plain.load_state_dict(patched.state_dict())
     x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999])

@@ -1,10 +1,19 @@
 from .fid import FIDCallback
 from .model_summary import ModelSummary
 from .posthoc_ema import PostHocEMA
+from .preemption import PreemptionCheckpoint
 from .run_info import RunInfoCallback
 from .sample_grid import SampleGridCallback
 from .speedups import Speedups
 from .throughput import ThroughputCallback
-from .preemption import PreemptionCheckpoint
 
-__all__ = ["FIDCallback", "ModelSummary", "PostHocEMA", "RunInfoCallback", "SampleGridCallback", "Speedups", "ThroughputCallback", "PreemptionCheckpoint"]
+__all__ = [
+    "FIDCallback",
+    "ModelSummary",
+    "PostHocEMA",
+    "RunInfoCallback",
+    "SampleGridCallback",
+    "Speedups",
+    "ThroughputCallback",
+    "PreemptionCheckpoint",
+]

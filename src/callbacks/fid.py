@@ -1,5 +1,6 @@
 """FID, Inception Score, KID and precision / recall of EMA samples during training (distributed over all
 processes), with Inception-v3 or any extractor of src.evaluation.extractors."""
+
 from __future__ import annotations
 
 import logging
@@ -12,14 +13,22 @@ from src.diffusion import Guidance, SamplerOptions
 from src.evaluation import atomic
 from src.evaluation.extractors import ExtractorRequest, build_extractor
 from src.evaluation.guidance import balanced_labels
-from src.evaluation.metrics import (FeatureStats, MissingWeightsError, ReferenceStats, dataset_name,
-                                    load_reference, reference_cache_path, reference_meta, resolve_weights,
-                                    save_reference)
+from src.evaluation.metrics import (
+    FeatureStats,
+    MissingWeightsError,
+    ReferenceStats,
+    dataset_name,
+    load_reference,
+    reference_cache_path,
+    reference_meta,
+    resolve_weights,
+    save_reference,
+)
 from src.evaluation.references import resolve_source
 from src.evaluation.samples import sample_uint8_batches
+from src.evaluation.scores import SampleFeatures, ScoreSettings, score
 
 from .preemption import interruptible_batches
-from src.evaluation.scores import SampleFeatures, ScoreSettings, score
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +76,38 @@ class FIDCallback(L.Callback):
         samples_dir: folder of those files.
     """
 
-    def __init__(self, every_n_steps: int, num_samples: int, batch_size: int, seed: int, sampler: dict | None,
-                 feature_extractor_weights_path: str | None, cache_dir: str, reference: str,
-                 num_reference_images: int | None, isc_splits: int, on_train_end: bool, save_samples: bool,
-                 samples_dir: str | None, metrics: list[str], extractor: str, kid_subsets: int,
-                 kid_subset_size: int | None, prc_num_images: int | None, guidance_scale: float | None = None):
+    def __init__(
+        self,
+        every_n_steps: int,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        sampler: dict | None,
+        feature_extractor_weights_path: str | None,
+        cache_dir: str,
+        reference: str,
+        num_reference_images: int | None,
+        isc_splits: int,
+        on_train_end: bool,
+        save_samples: bool,
+        samples_dir: str | None,
+        metrics: list[str],
+        extractor: str,
+        kid_subsets: int,
+        kid_subset_size: int | None,
+        prc_num_images: int | None,
+        guidance_scale: float | None = None,
+    ):
         super().__init__()
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")
-        self.settings = ScoreSettings.checked(list(metrics), isc_splits=isc_splits, kid_subsets=kid_subsets,
-                                              kid_subset_size=kid_subset_size, prc_num_images=prc_num_images)
+        self.settings = ScoreSettings.checked(
+            list(metrics),
+            isc_splits=isc_splits,
+            kid_subsets=kid_subsets,
+            kid_subset_size=kid_subset_size,
+            prc_num_images=prc_num_images,
+        )
         if "is" in self.settings.metrics and num_samples < isc_splits:
             raise ValueError(f"num_samples={num_samples} is below isc_splits={isc_splits}")
         if batch_size <= 0:
@@ -117,8 +148,12 @@ class FIDCallback(L.Callback):
             strategy.barrier("fid_weights")
             if error is not None:
                 raise error
-        request = ExtractorRequest(image_shape=tuple(pl_module.net.image_shape), weights_path=self.weights_path,
-                                   weights_key=key, download=False)
+        request = ExtractorRequest(
+            image_shape=tuple(pl_module.net.image_shape),
+            weights_path=self.weights_path,
+            weights_key=key,
+            download=False,
+        )
         self.extractor = build_extractor(self.extractor_choice, request, strategy.root_device)
         # The widths of features and logits, for the empty shares of processes that draw no sample.
         blank = torch.zeros(1, *request.image_shape, dtype=torch.uint8, device=strategy.root_device)
@@ -148,8 +183,13 @@ class FIDCallback(L.Callback):
                 log.info("reference: %s (cached in %s)", self._describe_reference(), path)
             return
         if trainer.is_global_zero:
-            log.info("computing reference features: %s %s, %d images -> %s", meta["dataset"], meta["split"],
-                     len(images), path)
+            log.info(
+                "computing reference features: %s %s, %d images -> %s",
+                meta["dataset"],
+                meta["split"],
+                len(images),
+                path,
+            )
         # Contiguous shares, gathered in rank order: the rows keep the images' order (KID's subsets depend on it).
         world, rank = trainer.world_size, trainer.global_rank
         counts = [share(len(images), world, r) for r in range(world)]
@@ -175,8 +215,13 @@ class FIDCallback(L.Callback):
     # --- when to evaluate ------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if (self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step
-                and self.extractor is not None):
+        if (
+            self.every_n_steps > 0
+            and step > 0
+            and step % self.every_n_steps == 0
+            and step != self.last_step
+            and self.extractor is not None
+        ):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
@@ -210,9 +255,12 @@ class FIDCallback(L.Callback):
         stats, logits_list, rows_list, kept = FeatureStats(self.feature_dim, device=device), [], [], []
         labels, guidance = self._labels(getattr(pl_module.net, "num_classes", None), counts, rank)
         if counts[rank] > 0:
-            for images in interruptible_batches(trainer, sample_uint8_batches(  # a stop signal ends it at once
-                    pl_module, counts[rank], self.batch_size, self.options, guidance, generator=generator,
-                    labels=labels)):
+            for images in interruptible_batches(
+                trainer,
+                sample_uint8_batches(  # a stop signal ends it at once
+                    pl_module, counts[rank], self.batch_size, self.options, guidance, generator=generator, labels=labels
+                ),
+            ):
                 pool, logits = self.extractor(images)
                 stats.update(pool)
                 logits_list.append(logits)
@@ -238,11 +286,15 @@ class FIDCallback(L.Callback):
             values, unavailable = score(features, self.reference, self.settings, self.extractor.name)
             for key, why in unavailable.items():
                 log.warning("%s not computed: %s", key, why)
-            metrics = {**{k: v for k, v in values.items() if isinstance(v, float)},
-                       "num_samples": int(stats.count.item())}
+            metrics = {
+                **{k: v for k, v in values.items() if isinstance(v, float)},
+                "num_samples": int(stats.count.item()),
+            }
             if self.save_samples:
-                atomic.savez(self.samples_dir / f"fid_samples_step_{step:07d}.npz",
-                             arr_0=all_images.permute(0, 2, 3, 1).cpu().numpy())
+                atomic.savez(
+                    self.samples_dir / f"fid_samples_step_{step:07d}.npz",
+                    arr_0=all_images.permute(0, 2, 3, 1).cpu().numpy(),
+                )
         # Every process gets the values (so e.g. a checkpoint monitoring eval/fid agrees across ranks);
         # only rank zero writes them to the loggers.
         metrics = trainer.strategy.broadcast(metrics)
@@ -267,8 +319,16 @@ class FIDCallback(L.Callback):
             logger.log_metrics(values, step=step)
         nfe = self.options.nfe(trainer.lightning_module.diffusion.num_timesteps)
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items())
-        log.info("step %d: %s (%s; %d EMA samples, %s, %d NFE; reference: %s)", step, shown, self.extractor.name,
-                 num_samples, self.options.as_dict(), nfe, self._describe_reference())
+        log.info(
+            "step %d: %s (%s; %d EMA samples, %s, %d NFE; reference: %s)",
+            step,
+            shown,
+            self.extractor.name,
+            num_samples,
+            self.options.as_dict(),
+            nfe,
+            self._describe_reference(),
+        )
 
     def _describe_reference(self) -> str:
         m = self.reference.meta

@@ -1,4 +1,5 @@
 """Lightning's model summary, without the FLOPs it has not counted."""
+
 import logging
 
 from lightning.pytorch import callbacks
@@ -17,12 +18,27 @@ class ModelSummary(callbacks.ModelSummary):
     """
 
     @staticmethod
-    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
-                  total_flops, **summarize_kwargs) -> None:
+    def summarize(
+        summary_data,
+        total_parameters,
+        trainable_parameters,
+        model_size,
+        total_training_modes,
+        total_flops,
+        **summarize_kwargs,
+    ) -> None:
         if total_flops:
-            return callbacks.ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
-                                                    total_training_modes, total_flops, **summarize_kwargs)
+            return callbacks.ModelSummary.summarize(
+                summary_data,
+                total_parameters,
+                trainable_parameters,
+                model_size,
+                total_training_modes,
+                total_flops,
+                **summarize_kwargs,
+            )
         columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
-        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes, 0,
-                                      *columns)
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, 0, *columns
+        )
         log.info("\n" + "\n".join(line for line in table.splitlines() if not line.endswith("Total Flops")))

@@ -1,11 +1,13 @@
 """Post-hoc EMA during training (EDM2, Karras et al. 2024, Sec. 3): power-function EMAs of the network tracked at a
 few relative widths, and their snapshots written every N steps, from which evaluate.py / sample.py reconstruct an
 EMA of any width after training (src.lit.posthoc_ema, src.evaluation.posthoc)."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 
@@ -48,8 +50,9 @@ class PostHocEMA(L.Callback):
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if not self.stds or len(set(self.stds)) != len(self.stds):
-            raise ConfigError(f"posthoc_ema.stds must be distinct relative widths such as [0.05,0.10], "
-                              f"got {list(stds)}")
+            raise ConfigError(
+                f"posthoc_ema.stds must be distinct relative widths such as [0.05,0.10], got {list(stds)}"
+            )
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
             raise ConfigError(f"posthoc_ema.every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.gammas = [std_to_gamma(s) for s in self.stds]
@@ -71,12 +74,16 @@ class PostHocEMA(L.Callback):
                 ema.load_state_dict(state)
             self._restored = None
         elif trainer.global_step > 0:
-            raise ConfigError(f"posthoc_ema.enabled=true but the checkpoint resumed at step {trainer.global_step} was "
-                              f"trained without it (the EMA profiles must start at step 1); resume with "
-                              f"posthoc_ema.enabled=false, or train a new run with posthoc_ema.enabled=true")
+            raise ConfigError(
+                f"posthoc_ema.enabled=true but the checkpoint resumed at step {trainer.global_step} was "
+                f"trained without it (the EMA profiles must start at step 1); resume with "
+                f"posthoc_ema.enabled=false, or train a new run with posthoc_ema.enabled=true"
+            )
         if trainer.global_step != self.emas[0].num_updates:
-            raise ConfigError(f"the checkpoint's post-hoc EMA has {self.emas[0].num_updates} updates but the run is at "
-                              f"step {trainer.global_step}; resume from a checkpoint written by the same run")
+            raise ConfigError(
+                f"the checkpoint's post-hoc EMA has {self.emas[0].num_updates} updates but the run is at "
+                f"step {trainer.global_step}; resume from a checkpoint written by the same run"
+            )
 
     def _catch_up(self) -> None:
         """One update per optimizer step not yet averaged (none under gradient accumulation's non-stepping batches).
@@ -110,11 +117,16 @@ class PostHocEMA(L.Callback):
             return
         # the persistent buffers (the state_dict's entries that are not parameters), copied from the live net
         names = {name for name, _ in self.emas[0].model.named_parameters()}
-        buffers = {name: b.detach().to("cpu", copy=True) for name, b in self.emas[0].model.state_dict().items()
-                   if name not in names}
+        buffers = {
+            name: b.detach().to("cpu", copy=True)
+            for name, b in self.emas[0].model.state_dict().items()
+            if name not in names
+        }
         for std, ema in zip(self.stds, self.emas):
-            atomic_torch_save({"step": step, "std": std, "gamma": ema.gamma, "parameters": ema.averaged_state(),
-                               "buffers": buffers}, self.dirpath / snapshot_name(step, std))
+            atomic_torch_save(
+                {"step": step, "std": std, "gamma": ema.gamma, "parameters": ema.averaged_state(), "buffers": buffers},
+                self.dirpath / snapshot_name(step, std),
+            )
         log.debug("post-hoc EMA snapshots of step %d written to %s", step, self.dirpath)
 
     # --- checkpoint state ---------------------------------------------------------------------------
@@ -129,6 +141,8 @@ class PostHocEMA(L.Callback):
             return
         if [float(s) for s in state_dict["stds"]] != self.stds:
             saved = ",".join(f"{s:g}" for s in state_dict["stds"])
-            raise ConfigError(f"the checkpoint tracks post-hoc EMA profiles stds=[{saved}], this run asks for "
-                              f"{self.stds}; resume with posthoc_ema.stds=[{saved}]")
+            raise ConfigError(
+                f"the checkpoint tracks post-hoc EMA profiles stds=[{saved}], this run asks for "
+                f"{self.stds}; resume with posthoc_ema.stds=[{saved}]"
+            )
         self._restored = state_dict["emas"]

@@ -1,11 +1,13 @@
 """Saving `last.ckpt` when the run is told to stop (preemption, Ctrl+C)."""
+
 import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -89,8 +91,11 @@ class PreemptionCheckpoint(L.Callback):
         elif isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1:
             progress = trainer.fit_loop.epoch_loop.batch_progress.current
             if progress.started > progress.processed:
-                log.warning("interrupted inside training step %d (the weights may be half-updated): nothing saved; "
-                            "the last checkpoint stays as it was", trainer.global_step + 1)
+                log.warning(
+                    "interrupted inside training step %d (the weights may be half-updated): nothing saved; "
+                    "the last checkpoint stays as it was",
+                    trainer.global_step + 1,
+                )
                 return
             self._save(trainer, "Ctrl+C")
 
@@ -100,8 +105,13 @@ class PreemptionCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path, weights_only=False)  # a collective under DDP: every rank gets here
             self._saved_step = trainer.global_step
         if trainer.is_global_zero:
-            log.warning("stopped by %s after step %d; %s %s", reason, trainer.global_step,
-                        "already up to date:" if up_to_date else "saved", self.path)
+            log.warning(
+                "stopped by %s after step %d; %s %s",
+                reason,
+                trainer.global_step,
+                "already up to date:" if up_to_date else "saved",
+                self.path,
+            )
 
     def _mark_last_saved(self, trainer: L.Trainer) -> None:
         """ModelCheckpoint's own on_train_end (Lightning 2.6; it runs after this callback's) writes last.ckpt again
@@ -118,8 +128,11 @@ class PreemptionCheckpoint(L.Callback):
         """Whether ModelCheckpoint already wrote this path at this step (a periodic save just before the stop)."""
         callback = trainer.checkpoint_callback
         last = getattr(callback, "last_model_path", "") if callback is not None else ""
-        return (bool(last) and os.path.realpath(last) == os.path.realpath(self.path)
-                and getattr(callback, "_last_global_step_saved", None) == trainer.global_step)
+        return (
+            bool(last)
+            and os.path.realpath(last) == os.path.realpath(self.path)
+            and getattr(callback, "_last_global_step_saved", None) == trainer.global_step
+        )
 
 
 def _install(signum, handler, unless_handled: bool) -> None:
@@ -138,8 +151,10 @@ def _forward_to_sigterm_handler(signum, frame) -> None:
 
 
 def _first_ctrl_c(signum, frame) -> None:
-    sys.stderr.write("\nCtrl+C: stopping after the current step and saving the last checkpoint "
-                     "(press Ctrl+C again to stop at once)\n")
+    sys.stderr.write(
+        "\nCtrl+C: stopping after the current step and saving the last checkpoint "
+        "(press Ctrl+C again to stop at once)\n"
+    )
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _forward_to_sigterm_handler(signum, frame)
 

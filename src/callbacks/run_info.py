@@ -1,4 +1,5 @@
 """Records which code produced a run."""
+
 import lightning as L
 
 from src.evaluation.provenance import git_info

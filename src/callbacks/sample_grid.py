@@ -1,4 +1,5 @@
 """PNG sample grids from fixed noise during training."""
+
 import logging
 from pathlib import Path
 
@@ -33,15 +34,24 @@ class SampleGridCallback(L.Callback):
     no grid is started.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int, num_samples: int, seed: int, sampler: dict | None,
-                 min_image_size: int | None, on_train_end: bool, nrow: int | None = None,
-                 guidance_scale: float | None = None):
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_steps: int,
+        num_samples: int,
+        seed: int,
+        sampler: dict | None,
+        min_image_size: int | None,
+        on_train_end: bool,
+        nrow: int | None = None,
+        guidance_scale: float | None = None,
+    ):
         super().__init__()
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         self.dirpath = Path(dirpath)
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
-        self.nrow = nrow or max(1, int(num_samples ** 0.5))
+        self.nrow = nrow or max(1, int(num_samples**0.5))
         self.at_train_end = on_train_end
         self.min_image_size = min_image_size
         self.options = SamplerOptions.from_mapping(sampler)

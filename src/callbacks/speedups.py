@@ -1,4 +1,5 @@
 """Speed switches for the network: channels_last memory format and torch.compile."""
+
 import lightning as L
 import torch
 
@@ -17,7 +18,11 @@ class Speedups(L.Callback):
 
     def __init__(self, channels_last: bool = False, compile: bool = False, compile_kwargs: dict | None = None):
         super().__init__()
-        self.channels_last, self.compile, self.compile_kwargs = bool(channels_last), bool(compile), dict(compile_kwargs or {})
+        self.channels_last, self.compile, self.compile_kwargs = (
+            bool(channels_last),
+            bool(compile),
+            dict(compile_kwargs or {}),
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":

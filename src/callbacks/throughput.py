@@ -1,4 +1,5 @@
 """Training throughput in images per second."""
+
 import logging
 import time
 from collections import deque
@@ -50,5 +51,9 @@ class ThroughputCallback(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero and self.total_seconds > 0:
-            log.info("training throughput: %.1f images/s (%d images in %.1f s of training steps)",
-                     self.total_images / self.total_seconds, self.total_images, self.total_seconds)
+            log.info(
+                "training throughput: %.1f images/s (%d images in %.1f s of training steps)",
+                self.total_images / self.total_seconds,
+                self.total_images,
+                self.total_seconds,
+            )

@@ -1,4 +1,5 @@
 """Diffusion math (pure torch, no Lightning): schedules, the Gaussian diffusion, samplers."""
+
 from .editing import ddim_invert, ddim_sample, interpolate, interpolate_ddim, lerp, slerp
 from .gaussian_diffusion import GaussianDiffusion, Threshold
 from .guidance import ClassifierFreeGuidance, classifier_guidance, drop_labels
@@ -6,17 +7,61 @@ from .likelihoods import discretized_gaussian_log_likelihood, mean_flat, normal_
 from .options import NO_GUIDANCE, Guidance, SamplerOptions
 from .respace import SpacedDiffusion, space_timesteps
 from .samplers import SAMPLERS, Sampler
-from .sampling import (Trajectory, check_options, ddpm_sample, denoise_from, image_grid, process_for, respaced,
-                       respaced_for, sample, sample_trajectory, trajectory_grid, visited_timesteps)
-from .solvers import SolverSchedule
+from .sampling import (
+    Trajectory,
+    check_options,
+    ddpm_sample,
+    denoise_from,
+    image_grid,
+    process_for,
+    respaced,
+    respaced_for,
+    sample,
+    sample_trajectory,
+    trajectory_grid,
+    visited_timesteps,
+)
 from .schedules import make_beta_schedule, rescale_zero_terminal_snr
+from .solvers import SolverSchedule
 from .timestep_samplers import LossSecondMomentResampler, UniformSampler
 
 __all__ = [
-    "NO_GUIDANCE", "SAMPLERS", "ClassifierFreeGuidance", "GaussianDiffusion", "Guidance", "LossSecondMomentResampler",
-    "Sampler", "SamplerOptions", "SpacedDiffusion", "Trajectory", "UniformSampler", "check_options",
-    "classifier_guidance", "ddim_invert", "ddim_sample", "ddpm_sample", "denoise_from",
-    "discretized_gaussian_log_likelihood", "drop_labels", "image_grid", "interpolate", "interpolate_ddim", "lerp",
-    "make_beta_schedule", "mean_flat", "rescale_zero_terminal_snr", "normal_kl", "process_for", "respaced", "respaced_for", "sample", "SolverSchedule", "visited_timesteps", "sample_trajectory", "slerp",
-    "space_timesteps", "Threshold", "trajectory_grid",
+    "NO_GUIDANCE",
+    "SAMPLERS",
+    "ClassifierFreeGuidance",
+    "GaussianDiffusion",
+    "Guidance",
+    "LossSecondMomentResampler",
+    "Sampler",
+    "SamplerOptions",
+    "SpacedDiffusion",
+    "Trajectory",
+    "UniformSampler",
+    "check_options",
+    "classifier_guidance",
+    "ddim_invert",
+    "ddim_sample",
+    "ddpm_sample",
+    "denoise_from",
+    "discretized_gaussian_log_likelihood",
+    "drop_labels",
+    "image_grid",
+    "interpolate",
+    "interpolate_ddim",
+    "lerp",
+    "make_beta_schedule",
+    "mean_flat",
+    "rescale_zero_terminal_snr",
+    "normal_kl",
+    "process_for",
+    "respaced",
+    "respaced_for",
+    "sample",
+    "SolverSchedule",
+    "visited_timesteps",
+    "sample_trajectory",
+    "slerp",
+    "space_timesteps",
+    "Threshold",
+    "trajectory_grid",
 ]

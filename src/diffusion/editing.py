@@ -1,6 +1,8 @@
 """Editing with a trained diffusion: interpolation between images (DDPM Sec. 4.4), DDIM inversion of
 images to latents x_T and their deterministic reconstruction (DDIM Sec. 5.4)."""
-from typing import Literal, Sequence
+
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -46,8 +48,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, lambdas: Sequence[float] | torch.Ten
     return out.to(a.dtype).view(a.shape[0], -1, *a.shape[1:])
 
 
-def blend(a: torch.Tensor, b: torch.Tensor, lambdas: Sequence[float] | torch.Tensor,
-          method: Blend = "linear") -> torch.Tensor:
+def blend(
+    a: torch.Tensor, b: torch.Tensor, lambdas: Sequence[float] | torch.Tensor, method: Blend = "linear"
+) -> torch.Tensor:
     if method == "linear":
         return lerp(a, b, lambdas)
     if method == "slerp":
@@ -56,11 +59,21 @@ def blend(a: torch.Tensor, b: torch.Tensor, lambdas: Sequence[float] | torch.Ten
 
 
 @torch.no_grad()
-def interpolate(diffusion: GaussianDiffusion, model: Model, x_a: torch.Tensor, x_b: torch.Tensor,
-                lambdas: Sequence[float] | torch.Tensor, t: int, options: SamplerOptions = DEFAULT_OPTIONS, *,
-                method: Blend = "linear", generator: torch.Generator | None = None,
-                noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
-                progress: bool = False) -> torch.Tensor:
+def interpolate(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    lambdas: Sequence[float] | torch.Tensor,
+    t: int,
+    options: SamplerOptions = DEFAULT_OPTIONS,
+    *,
+    method: Blend = "linear",
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Interpolate images in the diffusion's latent space (DDPM Sec. 4.4, Fig. 8).
 
     1. encode x_a, x_b [N x C x H x W] to x_t = q_sample(x, t, noise) with the same noise for both;
@@ -88,8 +101,16 @@ def interpolate(diffusion: GaussianDiffusion, model: Model, x_a: torch.Tensor, x
         z = torch.randn((n, 1, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
         return z.expand(n, num_lambdas, *x.shape[1:]).reshape(x.shape)
 
-    images = denoise_from(diff, model, mixed.flatten(0, 1), t, options, randn_like=shared_randn_like,
-                          model_kwargs=_repeat_kwargs(model_kwargs, num_lambdas), progress=progress)
+    images = denoise_from(
+        diff,
+        model,
+        mixed.flatten(0, 1),
+        t,
+        options,
+        randn_like=shared_randn_like,
+        model_kwargs=_repeat_kwargs(model_kwargs, num_lambdas),
+        progress=progress,
+    )
     return images.view(n, num_lambdas, *x_a.shape[1:])
 
 
@@ -97,14 +118,22 @@ def _repeat_kwargs(model_kwargs: dict | None, repeats: int) -> dict | None:
     """Per-example model kwargs (tensors with a batch dimension) repeated for each lambda."""
     if not model_kwargs:
         return model_kwargs
-    return {k: v.repeat_interleave(repeats, dim=0) if torch.is_tensor(v) and v.ndim > 0 else v
-            for k, v in model_kwargs.items()}
+    return {
+        k: v.repeat_interleave(repeats, dim=0) if torch.is_tensor(v) and v.ndim > 0 else v
+        for k, v in model_kwargs.items()
+    }
 
 
 @torch.no_grad()
-def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor,
-                options: SamplerOptions = DEFAULT_OPTIONS, *, model_kwargs: dict | None = None,
-                progress: bool = False) -> torch.Tensor:
+def ddim_invert(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x0: torch.Tensor,
+    options: SamplerOptions = DEFAULT_OPTIONS,
+    *,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Encode images x0 [N x C x H x W] in [-1, 1] to DDIM latents x_T (the ODE run forward, eta=0).
 
     Only the options' steps, spacing and threshold (clip_denoised) apply (the encoder is DDIM with eta=0).
@@ -129,6 +158,7 @@ def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor,
     indices = range(diff.num_timesteps - 1)
     if progress:
         from tqdm.auto import tqdm
+
         indices = tqdm(indices, desc="ddim inversion", leave=False)
     for i in indices:
         t = torch.full((n,), i, device=x0.device, dtype=torch.long)
@@ -136,32 +166,58 @@ def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor,
     return x
 
 
-def ddim_sample(diffusion: GaussianDiffusion, model: Model, latent: torch.Tensor,
-                options: SamplerOptions = DEFAULT_OPTIONS, *, model_kwargs: dict | None = None,
-                progress: bool = False) -> torch.Tensor:
+def ddim_sample(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    latent: torch.Tensor,
+    options: SamplerOptions = DEFAULT_OPTIONS,
+    *,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Decode DDIM latents [N x C x H x W] (e.g. from `ddim_invert` with the same options) to images in
     [-1, 1] with the deterministic DDIM sampler (the options' steps, spacing and clipping; eta = 0)."""
-    return sample(diffusion, model, tuple(latent.shape), options.replace(sampler="ddim", eta=0.0, order=None, s_churn=0.0),
-                  device=latent.device, noise=latent, model_kwargs=model_kwargs, progress=progress)
+    return sample(
+        diffusion,
+        model,
+        tuple(latent.shape),
+        options.replace(sampler="ddim", eta=0.0, order=None, s_churn=0.0),
+        device=latent.device,
+        noise=latent,
+        model_kwargs=model_kwargs,
+        progress=progress,
+    )
 
 
 @torch.no_grad()
-def interpolate_ddim(diffusion: GaussianDiffusion, model: Model, x_a: torch.Tensor, x_b: torch.Tensor,
-                     lambdas: Sequence[float] | torch.Tensor, options: SamplerOptions = DEFAULT_OPTIONS, *,
-                     method: Blend = "slerp", model_kwargs: dict | None = None,
-                     progress: bool = False) -> torch.Tensor:
+def interpolate_ddim(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    lambdas: Sequence[float] | torch.Tensor,
+    options: SamplerOptions = DEFAULT_OPTIONS,
+    *,
+    method: Blend = "slerp",
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Deterministic interpolation: DDIM-invert x_a and x_b to x_T, blend the latents (slerp by default,
     DDIM Sec. 5.3) and decode with DDIM eta=0. Returns [N x L x C x H x W] in [-1, 1]; with enough
     steps lambda = 0 / 1 reconstruct x_a / x_b."""
     if x_a.shape != x_b.shape:
         raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
     kwargs = dict(progress=progress)
-    both_kwargs = None if not model_kwargs else {
-        k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in model_kwargs.items()}
+    both_kwargs = (
+        None
+        if not model_kwargs
+        else {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in model_kwargs.items()}
+    )
     latents = ddim_invert(diffusion, model, torch.cat([x_a, x_b]), options, model_kwargs=both_kwargs, **kwargs)
     lat_a, lat_b = latents.chunk(2)
     mixed = blend(lat_a, lat_b, lambdas, method)
     n, num_lambdas = mixed.shape[:2]
-    images = ddim_sample(diffusion, model, mixed.flatten(0, 1), options,
-                         model_kwargs=_repeat_kwargs(model_kwargs, num_lambdas), **kwargs)
+    images = ddim_sample(
+        diffusion, model, mixed.flatten(0, 1), options, model_kwargs=_repeat_kwargs(model_kwargs, num_lambdas), **kwargs
+    )
     return images.view(n, num_lambdas, *x_a.shape[1:])

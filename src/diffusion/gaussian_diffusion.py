@@ -3,8 +3,10 @@
 Notation follows Ho et al. 2020 and Nichol & Dhariwal 2021; timesteps are 0-based (t = 0..T-1 stands
 for the papers' 1..T). Pure torch: the network is an argument (`model(x_t, t, **model_kwargs)`).
 """
+
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -36,8 +38,11 @@ class Threshold:
 
     def __post_init__(self):
         _check_choice("threshold", self.kind, ThresholdType)
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
-                or not 0 < self.percentile <= 1:
+        if (
+            isinstance(self.percentile, bool)
+            or not isinstance(self.percentile, (int, float))
+            or not 0 < self.percentile <= 1
+        ):
             raise ValueError(f"threshold_percentile must be a number in (0, 1], got {self.percentile!r}")
 
     @classmethod
@@ -103,17 +108,25 @@ class GaussianDiffusion(nn.Module):
         _check_choice("loss_type", loss_type, LossType)
         _check_choice("loss_weighting", loss_weighting, LossWeighting)
         if loss_weighting != "none" and loss_type == "vlb":
-            raise ValueError(f"loss_weighting={loss_weighting!r} weights the MSE term, which loss_type='vlb' does not "
-                             f"have; use loss_type='simple' or 'hybrid', or loss_weighting='none'")
+            raise ValueError(
+                f"loss_weighting={loss_weighting!r} weights the MSE term, which loss_type='vlb' does not "
+                f"have; use loss_type='simple' or 'hybrid', or loss_weighting='none'"
+            )
         if loss_weighting != "none" and mean_type == "mu":
-            raise ValueError(f"loss_weighting={loss_weighting!r} is defined for mean_type eps, x0 or v, not 'mu'; use "
-                             f"one of those or loss_weighting='none'")
+            raise ValueError(
+                f"loss_weighting={loss_weighting!r} is defined for mean_type eps, x0 or v, not 'mu'; use "
+                f"one of those or loss_weighting='none'"
+            )
         if not min_snr_gamma > 0 or not p2_k > 0 or not p2_gamma >= 0:
-            raise ValueError(f"need min_snr_gamma > 0, p2_k > 0 and p2_gamma >= 0; got min_snr_gamma={min_snr_gamma}, "
-                             f"p2_k={p2_k}, p2_gamma={p2_gamma}")
+            raise ValueError(
+                f"need min_snr_gamma > 0, p2_k > 0 and p2_gamma >= 0; got min_snr_gamma={min_snr_gamma}, "
+                f"p2_k={p2_k}, p2_gamma={p2_gamma}"
+            )
         if loss_type == "simple" and var_type == "learned_range":
-            raise ValueError("loss_type='simple' gives the learned variance no training signal; use "
-                             "loss_type='hybrid' or 'vlb' with var_type='learned_range'")
+            raise ValueError(
+                "loss_type='simple' gives the learned variance no training signal; use "
+                "loss_type='hybrid' or 'vlb' with var_type='learned_range'"
+            )
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
         self.p2_gamma, self.p2_k = float(p2_gamma), float(p2_k)
@@ -130,8 +143,10 @@ class GaussianDiffusion(nn.Module):
         if mean_type in ("eps", "mu") and not bool((alphas_cumprod > 0).all()):
             # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero where abar = 0 (SNR 0)
             first = int((alphas_cumprod == 0).nonzero()[0])
-            raise ValueError(f"alphas_cumprod reaches 0 at t={first} (beta_t = 1): mean_type={mean_type!r} is undefined "
-                             f"at SNR 0; use mean_type='v' or 'x0' (or betas below 1)")
+            raise ValueError(
+                f"alphas_cumprod reaches 0 at t={first} (beta_t = 1): mean_type={mean_type!r} is undefined "
+                f"at SNR 0; use mean_type='v' or 'x0' (or betas below 1)"
+            )
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -212,8 +227,10 @@ class GaussianDiffusion(nn.Module):
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): [N x C x H x W]."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return self.extract("sqrt_alphas_cumprod", t, x0) * x0 + self.extract(
-            "sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * x0
+            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7)."""
@@ -225,27 +242,36 @@ class GaussianDiffusion(nn.Module):
     # --- parameterisations -------------------------------------------------------------------
     def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - self.extract(
-            "sqrt_recipm1_alphas_cumprod", t, xt) * eps
+        return (
+            self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt
+            - self.extract("sqrt_recipm1_alphas_cumprod", t, xt) * eps
+        )
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1); at abar_t = 0 (zero terminal SNR) x_t is eps."""
         eps = (self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self.extract(
-            "sqrt_recipm1_alphas_cumprod", t, xt)
+            "sqrt_recipm1_alphas_cumprod", t, xt
+        )
         return torch.where(self.extract("alphas_cumprod", t, xt) == 0, xt, eps)
 
     def predict_x0_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x_0 = alpha_t x_t - sigma_t v (Salimans & Ho 2022, Sec. 4; finite at abar_t = 0)."""
-        return self.extract("sqrt_alphas_cumprod", t, xt) * xt - self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * v
+        return (
+            self.extract("sqrt_alphas_cumprod", t, xt) * xt - self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * v
+        )
 
     def predict_eps_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eps = sigma_t x_t + alpha_t v."""
-        return self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * xt + self.extract("sqrt_alphas_cumprod", t, xt) * v
+        return (
+            self.extract("sqrt_one_minus_alphas_cumprod", t, xt) * xt + self.extract("sqrt_alphas_cumprod", t, xt) * v
+        )
 
     def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """v = alpha_t eps - sigma_t x_0, the velocity target of x_t = alpha_t x_0 + sigma_t eps: [N x C x ...]."""
-        return self.extract("sqrt_alphas_cumprod", t, x0) * noise - self.extract(
-            "sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * noise
+            - self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        )
 
     def predict_x0_from_mu(self, xt: torch.Tensor, t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """Invert the posterior mean: x_0 = (mu - coef2 x_t) / coef1."""
@@ -256,10 +282,11 @@ class GaussianDiffusion(nn.Module):
         channels = xt.shape[1]
         expected = 2 * channels if self.learns_variance else channels
         if output.shape[1] != expected:
-            hint = (" (var_type='learned_range' needs out_channels = 2 * image channels)"
-                    if self.learns_variance else "")
-            raise ValueError(f"model returned {output.shape[1]} channels for {channels}-channel images "
-                             f"with var_type={self.var_type!r}; expected {expected}{hint}")
+            hint = " (var_type='learned_range' needs out_channels = 2 * image channels)" if self.learns_variance else ""
+            raise ValueError(
+                f"model returned {output.shape[1]} channels for {channels}-channel images "
+                f"with var_type={self.var_type!r}; expected {expected}{hint}"
+            )
         if self.learns_variance:
             return output[:, :channels], output[:, channels:]
         return output, None
@@ -308,11 +335,22 @@ class GaussianDiffusion(nn.Module):
         else:
             mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
         pred_eps = mean_out if self.mean_type == "eps" else self.predict_eps_from_x0(xt, t, pred_x0)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance,
-                "pred_x0": pred_x0, "pred_eps": pred_eps}
+        return {
+            "mean": mean,
+            "variance": variance,
+            "log_variance": log_variance,
+            "pred_x0": pred_x0,
+            "pred_eps": pred_eps,
+        }
 
-    def p_mean_variance(self, model: Model, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
-                        model_kwargs: dict | None = None) -> dict:
+    def p_mean_variance(
+        self,
+        model: Model,
+        xt: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+    ) -> dict:
         """Run the network and return p(x_{t-1} | x_t): dict(mean, variance, log_variance, pred_x0, pred_eps)."""
         output = model(xt, t, **(model_kwargs or {}))
         return self.p_mean_variance_from_output(output, xt, t, clip_denoised)
@@ -331,8 +369,16 @@ class GaussianDiffusion(nn.Module):
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
         return {**out, "mean": mean, "pred_x0": pred_x0, "pred_eps": eps}
 
-    def p_sample(self, model: Model, xt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                 clip_denoised: bool = True, model_kwargs: dict | None = None, cond_fn=None) -> dict:
+    def p_sample(
+        self,
+        model: Model,
+        xt: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        cond_fn=None,
+    ) -> dict:
         """One ancestral step x_t -> x_{t-1} = mean + sigma_t z (no noise at t=0). Returns dict(sample, pred_x0).
         cond_fn(x_t, t) (classifier guidance) shifts the mean, see `condition_mean`."""
         out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
@@ -342,9 +388,17 @@ class GaussianDiffusion(nn.Module):
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_x0": out["pred_x0"]}
 
-    def ddim_step(self, model: Model, xt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None,
-                  eta: float = 0.0, clip_denoised: bool = True, model_kwargs: dict | None = None,
-                  cond_fn=None) -> dict:
+    def ddim_step(
+        self,
+        model: Model,
+        xt: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None,
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        cond_fn=None,
+    ) -> dict:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12). eta=0 is deterministic; eta=1 uses
         the DDPM posterior variance beta~_t. Returns dict(sample, pred_x0). cond_fn(x_t, t) (classifier
         guidance) shifts eps, see `condition_score`."""
@@ -358,14 +412,20 @@ class GaussianDiffusion(nn.Module):
         # 2. sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         # 3. x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
-        sample = abar_prev.sqrt() * out["pred_x0"] + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
+        sample = abar_prev.sqrt() * out["pred_x0"] + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * eps
         if eta > 0:
             nonzero = (t != 0).to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
             sample = sample + nonzero * sigma * noise
         return {"sample": sample, "pred_x0": out["pred_x0"]}
 
-    def ddim_reverse_step(self, model: Model, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
-                          model_kwargs: dict | None = None) -> dict:
+    def ddim_reverse_step(
+        self,
+        model: Model,
+        xt: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+    ) -> dict:
         """Deterministic DDIM encoder step x_t -> x_{t+1} (the ODE run forward, eta=0)."""
         out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
         eps = self.predict_eps_from_x0(xt, t, out["pred_x0"])
@@ -374,19 +434,28 @@ class GaussianDiffusion(nn.Module):
         return {"sample": sample, "pred_x0": out["pred_x0"]}
 
     # --- losses ------------------------------------------------------------------------------
-    def vb_terms_bpd(self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                     clip_denoised: bool = False) -> dict:
+    def vb_terms_bpd(
+        self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
+    ) -> dict:
         """Per-step variational bound term in bits/dim [N]: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
         for t > 0 and the discretized Gaussian decoder NLL -log p(x_0|x_1) at t = 0 (DDPM eq. 5)."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
         out = self.p_mean_variance_from_output(output, xt, t, clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / LOG2
-        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x0, means=out["mean"], log_scales=0.5 * out["log_variance"])) / LOG2
+        decoder_nll = (
+            -mean_flat(discretized_gaussian_log_likelihood(x0, means=out["mean"], log_scales=0.5 * out["log_variance"]))
+            / LOG2
+        )
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_x0": out["pred_x0"]}
 
-    def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor,
-                        noise: torch.Tensor | None = None, model_kwargs: dict | None = None) -> dict:
+    def training_losses(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        model_kwargs: dict | None = None,
+    ) -> dict:
         """Per-example losses for x0 [N x C x H x W] in [-1, 1] at timesteps t [N].
 
         Returns dict(loss [N], mse [N], vb [N]); mse is unweighted (loss holds w_t mse, see loss_weighting); vb is
@@ -433,9 +502,15 @@ class GaussianDiffusion(nn.Module):
         return mean_flat(normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean))) / LOG2
 
     @torch.no_grad()
-    def calc_bpd_loop(self, model: Model, x0: torch.Tensor, clip_denoised: bool = True,
-                      model_kwargs: dict | None = None, generator: torch.Generator | None = None,
-                      progress: bool = False) -> dict:
+    def calc_bpd_loop(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> dict:
         """The full-T variational bound on -log p(x_0) in bits/dim.
 
         Returns dict(total_bpd [N], prior_bpd [N], vb [N x T], xstart_mse [N x T], mse [N x T]);
@@ -446,6 +521,7 @@ class GaussianDiffusion(nn.Module):
         steps = range(num_t - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
+
             steps = tqdm(steps, desc="bpd", leave=False)
         for i in steps:
             t = torch.full((n,), i, device=x0.device, dtype=torch.long)
@@ -457,5 +533,4 @@ class GaussianDiffusion(nn.Module):
             xstart_mse[:, i] = mean_flat((terms["pred_x0"] - x0) ** 2)
             mse[:, i] = mean_flat((self.predict_eps_from_x0(xt, t, terms["pred_x0"]) - noise) ** 2)
         prior = self.prior_bpd(x0)
-        return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb,
-                "xstart_mse": xstart_mse, "mse": mse}
+        return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb, "xstart_mse": xstart_mse, "mse": mse}

@@ -7,7 +7,8 @@
 
 Pure torch, like the rest of src.diffusion: the network and the classifier are arguments.
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,10 @@ def check_labels(y: torch.Tensor, num_classes: int) -> None:
     if y.dtype not in (torch.int64, torch.int32) or y.ndim != 1:
         raise ValueError(f"labels must be a 1-D integer tensor, got {y.dtype} of shape {tuple(y.shape)}")
     if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
-        raise ValueError(f"labels must lie in 0..{num_classes - 1} (the model has {num_classes} classes), got "
-                         f"{int(y.min())}..{int(y.max())}")
+        raise ValueError(
+            f"labels must lie in 0..{num_classes - 1} (the model has {num_classes} classes), got "
+            f"{int(y.min())}..{int(y.max())}"
+        )
 
 
 def drop_labels(y: torch.Tensor, p: float, null: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -55,8 +58,9 @@ class ClassifierFreeGuidance:
     def __call__(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if y is None:
             raise ValueError("classifier-free guidance needs class labels y")
-        out = self.model(torch.cat([xt, xt]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, self.null)]),
-                         **kwargs)
+        out = self.model(
+            torch.cat([xt, xt]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, self.null)]), **kwargs
+        )
         cond, uncond = out.chunk(2)
         c = xt.shape[1]
         guided = (1.0 + self.w) * cond[:, :c] - self.w * uncond[:, :c]
@@ -73,14 +77,20 @@ def classifier_guidance(classifier: Classifier, scale: float, y: torch.Tensor) -
             logits = classifier(x, t)
             log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             selected = log_probs[torch.arange(len(y), device=y.device), y]
-            grad, = torch.autograd.grad(selected.sum(), x)
+            (grad,) = torch.autograd.grad(selected.sum(), x)
         return scale * grad.to(xt.dtype)
 
     return cond_fn
 
 
-def guide(model: Model, y: torch.Tensor | None, guidance_scale: float = 0.0, classifier: Classifier | None = None,
-          classifier_scale: float = 1.0, model_kwargs: dict | None = None) -> tuple[Model, dict | None, CondFn | None]:
+def guide(
+    model: Model,
+    y: torch.Tensor | None,
+    guidance_scale: float = 0.0,
+    classifier: Classifier | None = None,
+    classifier_scale: float = 1.0,
+    model_kwargs: dict | None = None,
+) -> tuple[Model, dict | None, CondFn | None]:
     """What a sampler runs with: (model, model_kwargs, cond_fn).
 
     A class-conditional model (one with `num_classes`) gets the labels y in its kwargs (none: it samples
@@ -89,8 +99,10 @@ def guide(model: Model, y: torch.Tensor | None, guidance_scale: float = 0.0, cla
     """
     num_classes = getattr(model, "num_classes", None)
     if guidance_scale and num_classes is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model (model.num_classes set, "
-                         f"trained with label dropout); this model is unconditional: use guidance_scale=0")
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a class-conditional model (model.num_classes set, "
+            f"trained with label dropout); this model is unconditional: use guidance_scale=0"
+        )
     if y is None:
         if guidance_scale or classifier is not None:
             raise ValueError("guided sampling needs class labels y to guide towards")
@@ -99,8 +111,10 @@ def guide(model: Model, y: torch.Tensor | None, guidance_scale: float = 0.0, cla
         check_labels(y, int(num_classes))
         model_kwargs = {**(model_kwargs or {}), "y": y}
     elif classifier is None:
-        raise ValueError("labels were given but the model is unconditional (no num_classes); sample without labels, "
-                         "add a classifier for classifier guidance, or use a class-conditional checkpoint")
+        raise ValueError(
+            "labels were given but the model is unconditional (no num_classes); sample without labels, "
+            "add a classifier for classifier guidance, or use a class-conditional checkpoint"
+        )
     if guidance_scale:
         model = ClassifierFreeGuidance(model, guidance_scale)
     cond_fn = classifier_guidance(classifier, classifier_scale, y) if classifier is not None else None

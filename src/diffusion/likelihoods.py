@@ -1,4 +1,5 @@
 """Closed-form Gaussian KL and the discretized Gaussian decoder log-likelihood (DDPM Sec. 3.3)."""
+
 import math
 
 import torch
@@ -11,9 +12,7 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats. Broadcasts."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(
@@ -26,8 +25,9 @@ def discretized_gaussian_log_likelihood(
     edge bins stay accurate far in the tails.
     """
     if not x.shape == means.shape == log_scales.shape:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, means {tuple(means.shape)}, "
-                         f"log_scales {tuple(log_scales.shape)}")
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, means {tuple(means.shape)}, log_scales {tuple(log_scales.shape)}"
+        )
     inv_std = torch.exp(-log_scales)
     upper = inv_std * (x - means + bin_width / 2)
     lower = inv_std * (x - means - bin_width / 2)

@@ -1,5 +1,6 @@
 """Typed options of every sampling entry point: how to sample (SamplerOptions) and what to guide
 towards (Guidance). Both are frozen and checked on construction, so a bad value fails before any work."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,9 @@ class SamplerOptions:
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
-                                       or self.steps < 1):
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
             raise ValueError(f"steps must be a positive integer or null, got {self.steps!r}")
         spacing = self.spacing
         if isinstance(spacing, int) and not isinstance(spacing, bool):
@@ -59,8 +61,9 @@ class SamplerOptions:
                 raise ValueError(f"spacing as a list must hold integer timesteps, got {list(spacing)!r}")
             spacing = tuple(spacing)
         elif spacing is not None and not isinstance(spacing, str):
-            raise ValueError(f"spacing must be a string such as '50' or 'ddim50', or a list of timesteps; "
-                             f"got {spacing!r}")
+            raise ValueError(
+                f"spacing must be a string such as '50' or 'ddim50', or a list of timesteps; got {spacing!r}"
+            )
         object.__setattr__(self, "spacing", spacing)
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or self.eta < 0:
             raise ValueError(f"eta must be a number >= 0, got {self.eta!r}")
@@ -73,8 +76,10 @@ class SamplerOptions:
         if self.threshold is not None:
             Threshold(self.threshold)  # an unknown name lists the choices
             if not self.clip_denoised and self.threshold != "none":
-                raise ValueError(f"clip_denoised=false contradicts threshold={self.threshold}; give only threshold "
-                                 f"(none, clip or dynamic)")
+                raise ValueError(
+                    f"clip_denoised=false contradicts threshold={self.threshold}; give only threshold "
+                    f"(none, clip or dynamic)"
+                )
         Threshold("dynamic", self.threshold_percentile)  # checks the percentile
         self._check_solver_options()
         self._check_spacing()
@@ -85,18 +90,22 @@ class SamplerOptions:
             raise ValueError(f"order must be an integer or null, got {self.order!r}")
         if self.order is not None and not entry.orders:
             users = ", ".join(name for name, s in SAMPLERS.items() if s.orders)
-            raise ValueError(f"order={self.order} has no effect with sampler={self.sampler} (its order is fixed); "
-                             f"use order=null or sampler={users}")
+            raise ValueError(
+                f"order={self.order} has no effect with sampler={self.sampler} (its order is fixed); "
+                f"use order=null or sampler={users}"
+            )
         if self.order is not None and self.order not in entry.orders:
-            raise ValueError(f"sampler={self.sampler} takes order {' or '.join(map(str, entry.orders))}, "
-                             f"got {self.order}")
+            raise ValueError(
+                f"sampler={self.sampler} takes order {' or '.join(map(str, entry.orders))}, got {self.order}"
+            )
         if isinstance(self.s_churn, bool) or not isinstance(self.s_churn, (int, float)) or self.s_churn < 0:
             raise ValueError(f"s_churn must be a number >= 0, got {self.s_churn!r}")
         object.__setattr__(self, "s_churn", float(self.s_churn))
         if self.s_churn != 0 and not entry.uses_churn:
             users = ", ".join(name for name, s in SAMPLERS.items() if s.uses_churn)
-            raise ValueError(f"s_churn={self.s_churn} has no effect with sampler={self.sampler}; use s_churn=0 or "
-                             f"sampler={users}")
+            raise ValueError(
+                f"s_churn={self.s_churn} has no effect with sampler={self.sampler}; use s_churn=0 or sampler={users}"
+            )
 
     def _check_spacing(self) -> None:
         entry = SAMPLERS[self.sampler]
@@ -105,11 +114,15 @@ class SamplerOptions:
         kind = spacing_kind(self.spacing)
         if kind not in entry.spacings:
             users = ", ".join(name for name, s in SAMPLERS.items() if kind in s.spacings)
-            raise ValueError(f"spacing {self._spacing_text()!r} ({SPACINGS[kind]}) does not apply to "
-                             f"sampler={self.sampler}; use another spacing or sampler={users}")
+            raise ValueError(
+                f"spacing {self._spacing_text()!r} ({SPACINGS[kind]}) does not apply to "
+                f"sampler={self.sampler}; use another spacing or sampler={users}"
+            )
         if self._is_bare_name() and self.steps is None:
-            raise ValueError(f"spacing={self.spacing!r} takes its number of steps from steps; set steps (e.g. "
-                             f"steps=10) or give the count, spacing={self.spacing}10")
+            raise ValueError(
+                f"spacing={self.spacing!r} takes its number of steps from steps; set steps (e.g. "
+                f"steps=10) or give the count, spacing={self.spacing}10"
+            )
         if kind in CONTINUOUS_SPACINGS and not self._is_bare_name():
             spacing_count(self.spacing)  # a bad count fails here, not at the first batch
 
@@ -126,7 +139,9 @@ class SamplerOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown sampler option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown sampler option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}"
+            )
         return cls(**{k: v for k, v in values.items() if v is not None or k in ("steps", "spacing")})
 
     def replace(self, **changes) -> SamplerOptions:
@@ -171,8 +186,10 @@ class SamplerOptions:
         if spacing is None and (self.steps is None or self.steps == num_timesteps):
             return list(range(num_timesteps))
         if self.is_continuous():
-            raise ValueError(f"spacing {spacing!r} places steps between training timesteps; they follow from the "
-                             f"noise schedule: src.diffusion.sampling.visited_timesteps(diffusion, options)")
+            raise ValueError(
+                f"spacing {spacing!r} places steps between training timesteps; they follow from the "
+                f"noise schedule: src.diffusion.sampling.visited_timesteps(diffusion, options)"
+            )
         return space_timesteps(num_timesteps, spacing if spacing is not None else self.steps)
 
     def num_steps(self, num_timesteps: int) -> int:

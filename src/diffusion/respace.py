@@ -8,6 +8,7 @@ The ODE / SDE solvers also take placements that fall between training timesteps 
 Karras sigmas): `log_snr_grid` places them on the continuous-time view, lambda_t = log(alpha_t / sigma_t)
 interpolated linearly in t between the T training steps (exact at integer t).
 """
+
 import numpy as np
 import torch
 
@@ -28,8 +29,10 @@ INTEGER_SPACINGS = frozenset({"even", "ddim", "quad", "list", "linspace", "trail
 CONTINUOUS_SPACINGS = frozenset({"logsnr", "karras"})  # between training timesteps: the solvers only
 NAMED_SPACINGS = ("linspace", "trailing", "logsnr", "karras", "ddim", "quad")  # a bare name counts `steps`
 KARRAS_RHO = 7.0
-_SPACING_HELP = ("use N, 'ddimN', 'quadN', comma-separated section counts like '10,20', or for the solvers "
-                 "'linspaceN', 'trailingN', 'logsnrN', 'karrasN'")
+_SPACING_HELP = (
+    "use N, 'ddimN', 'quadN', comma-separated section counts like '10,20', or for the solvers "
+    "'linspaceN', 'trailingN', 'logsnrN', 'karrasN'"
+)
 
 
 def spacing_kind(spacing: str | int | list[int] | tuple[int, ...]) -> str:
@@ -49,7 +52,7 @@ def spacing_count(spacing: str) -> int:
     """N of a named spacing such as 'karras10' (a positive integer)."""
     text = str(spacing).strip().lower()
     name = spacing_kind(text)
-    return _positive_int(text[len(name):], spacing, 10 ** 9)
+    return _positive_int(text[len(name) :], spacing, 10**9)
 
 
 def log_snr(alphas_cumprod: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -65,8 +68,9 @@ def time_of_log_snr(lam: np.ndarray | float, table: np.ndarray) -> np.ndarray:
     return np.interp(-np.asarray(lam, dtype=np.float64), -table, np.arange(len(table), dtype=np.float64))
 
 
-def log_snr_grid(alphas_cumprod: torch.Tensor | np.ndarray, spacing: str, until: int | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def log_snr_grid(
+    alphas_cumprod: torch.Tensor | np.ndarray, spacing: str, until: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(times [N], lambdas [N]), ascending in t, of a continuous spacing from timestep `until` (default
     T - 1, i.e. from noise) down to t = 0; a solver evaluates the network at these N points and ends at the
     clean image (lambda = +inf).
@@ -118,16 +122,17 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
         return steps
     text = str(spacing).strip().lower()
     if text.startswith("uniform:"):
-        text = text[len("uniform:"):]
+        text = text[len("uniform:") :]
     if text.startswith(tuple(CONTINUOUS_SPACINGS)):
-        raise ValueError(f"spacing {spacing!r} places steps between training timesteps; only the ODE / SDE "
-                         f"solvers take it (see log_snr_grid)")
+        raise ValueError(
+            f"spacing {spacing!r} places steps between training timesteps; only the ODE / SDE "
+            f"solvers take it (see log_snr_grid)"
+        )
     for prefix, place in PLACED_AT_TIMESTEPS.items():
         if text.startswith(prefix):
             largest = num_timesteps - 1 if prefix == "linspace" else num_timesteps
-            return place(_positive_int(text[len(prefix):], spacing, largest), num_timesteps)
-    return _sections([_positive_int(part, spacing, num_timesteps) for part in text.split(",")], num_timesteps,
-                     spacing)
+            return place(_positive_int(text[len(prefix) :], spacing, largest), num_timesteps)
+    return _sections([_positive_int(part, spacing, num_timesteps) for part in text.split(",")], num_timesteps, spacing)
 
 
 def _linspace(n: int, num_timesteps: int) -> list[int]:
@@ -151,8 +156,10 @@ def _ddim(n: int, num_timesteps: int) -> list[int]:
     for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == n:
             return list(range(0, num_timesteps, stride))
-    raise ValueError(f"cannot take exactly {n} equally strided steps of T={num_timesteps} ('ddim{n}'); "
-                     f"use '{n}' (improved-diffusion's even spacing) instead")
+    raise ValueError(
+        f"cannot take exactly {n} equally strided steps of T={num_timesteps} ('ddim{n}'); "
+        f"use '{n}' (improved-diffusion's even spacing) instead"
+    )
 
 
 def _quad(n: int, num_timesteps: int) -> list[int]:
@@ -211,8 +218,16 @@ class SpacedDiffusion(GaussianDiffusion):
         kept = torch.tensor(sorted(timesteps), dtype=torch.long)
         abar_kept = abar[kept]
         abar_prev = torch.cat([abar.new_ones(1), abar_kept[:-1]])
-        super().__init__(1.0 - abar_kept / abar_prev, base.mean_type, base.var_type, base.loss_type,
-                         base.loss_weighting, base.min_snr_gamma, base.p2_gamma, base.p2_k)
+        super().__init__(
+            1.0 - abar_kept / abar_prev,
+            base.mean_type,
+            base.var_type,
+            base.loss_type,
+            base.loss_weighting,
+            base.min_snr_gamma,
+            base.p2_gamma,
+            base.p2_k,
+        )
         if isinstance(base, SpacedDiffusion):  # kept indexes base's steps: the network needs the original ones
             kept = base.timestep_map.cpu()[kept]
         self.register_buffer("timestep_map", kept, persistent=False)

@@ -3,10 +3,12 @@ from an intermediate x_t, and the recorded trajectory of a run (DDPM Fig. 6) wit
 
 A sampler steps through its process: the (respaced) GaussianDiffusion for ddpm / ddim, or for the ODE / SDE
 solvers a SolverSchedule, the noise levels of the options' spacing on the diffusion's continuous-time view."""
+
 import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 from torchvision.utils import make_grid
@@ -21,8 +23,9 @@ from .solvers import SolverSchedule, check_finite_log_snr
 DEFAULT_OPTIONS = SamplerOptions()
 
 
-def respaced(diffusion: GaussianDiffusion, steps: int | None = None,
-             spacing: str | list[int] | None = None) -> GaussianDiffusion:
+def respaced(
+    diffusion: GaussianDiffusion, steps: int | None = None, spacing: str | list[int] | None = None
+) -> GaussianDiffusion:
     """The diffusion to sample with: itself for all T steps, else a SpacedDiffusion over `spacing`
     (default: `steps` evenly strided timesteps, first and last included)."""
     num_t = diffusion.num_timesteps
@@ -37,8 +40,9 @@ def respaced_for(diffusion: GaussianDiffusion, options: SamplerOptions) -> Gauss
     return respaced(diffusion, options.steps, options.explicit_spacing())
 
 
-def process_for(diffusion: GaussianDiffusion, options: SamplerOptions,
-                until: int | None = None) -> GaussianDiffusion | SolverSchedule:
+def process_for(
+    diffusion: GaussianDiffusion, options: SamplerOptions, until: int | None = None
+) -> GaussianDiffusion | SolverSchedule:
     """What the options' sampler steps through on a run from timestep `until` (default T - 1, from noise):
     the diffusion, or a SpacedDiffusion over the kept timesteps (ddpm, ddim); a SolverSchedule over the
     spacing's noise levels for the solvers (every training step 0..until when neither steps nor spacing is
@@ -88,25 +92,45 @@ def generator_randn_like(generator: torch.Generator | None) -> RandnLike:
     return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _reverse(diff: GaussianDiffusion, model: Model, x: torch.Tensor, options: SamplerOptions, guidance: Guidance,
-             *, randn_like: RandnLike, model_kwargs: dict | None, progress: bool,
-             on_step: Callable[[int, dict], None] | None = None) -> torch.Tensor:
+def _reverse(
+    diff: GaussianDiffusion,
+    model: Model,
+    x: torch.Tensor,
+    options: SamplerOptions,
+    guidance: Guidance,
+    *,
+    randn_like: RandnLike,
+    model_kwargs: dict | None,
+    progress: bool,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> torch.Tensor:
     """Run the reverse process of `diff` from x at its last index down to index 0 with the options'
     sampler; returns the state after the last step (unclamped). on_step(index, step_output) sees every
     step when given."""
-    model, model_kwargs, cond_fn = guide(model, guidance.y, guidance.scale, guidance.classifier,
-                                         guidance.classifier_scale, model_kwargs)
+    model, model_kwargs, cond_fn = guide(
+        model, guidance.y, guidance.scale, guidance.classifier, guidance.classifier_scale, model_kwargs
+    )
     step = SAMPLERS[options.sampler].step
     indices = range(diff.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
+
         indices = tqdm(indices, desc=f"{options.sampler} sampling", leave=False)
     state: dict = {}
     for i in indices:
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         state["index"] = i  # t as a Python int: solvers branch on it without a device sync
-        out = step(diff, model, x, t, options=options, randn_like=randn_like, model_kwargs=model_kwargs,
-                   cond_fn=cond_fn, state=state)
+        out = step(
+            diff,
+            model,
+            x,
+            t,
+            options=options,
+            randn_like=randn_like,
+            model_kwargs=model_kwargs,
+            cond_fn=cond_fn,
+            state=state,
+        )
         x = out["sample"]
         if on_step is not None:
             on_step(i, out)
@@ -121,19 +145,35 @@ def _start(diffusion, shape, options, generator, device, noise):
 
 
 @torch.no_grad()
-def sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...],
-           options: SamplerOptions = DEFAULT_OPTIONS, guidance: Guidance = NO_GUIDANCE, *,
-           generator: torch.Generator | None = None, device: torch.device | str | None = None,
-           noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
-           progress: bool = False) -> torch.Tensor:
+def sample(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    shape: tuple[int, ...],
+    options: SamplerOptions = DEFAULT_OPTIONS,
+    guidance: Guidance = NO_GUIDANCE,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    noise: torch.Tensor | None = None,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Draw images [N x C x H x W] in [-1, 1] with `options` (sampler, steps / spacing over the T training
     steps, eta, clipping) and `guidance` (labels, classifier-free and classifier guidance).
 
     All randomness comes from `generator` (and `noise` = x_T if given), so a seed fixes the samples.
     """
     diff, x = _start(diffusion, shape, options, generator, device, noise)
-    x = _reverse(diff, model, x, options, guidance, randn_like=generator_randn_like(generator),
-                 model_kwargs=model_kwargs, progress=progress)
+    x = _reverse(
+        diff,
+        model,
+        x,
+        options,
+        guidance,
+        randn_like=generator_randn_like(generator),
+        model_kwargs=model_kwargs,
+        progress=progress,
+    )
     return x.clamp(-1.0, 1.0)
 
 
@@ -142,8 +182,9 @@ def ddpm_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ..
     return sample(diffusion, model, shape, SamplerOptions("ddpm"), **kwargs)
 
 
-def _recorded_indices(num_steps: int, timestep_of: list[int], record_every: int | None,
-                      record_timesteps: Sequence[int] | None) -> set[int]:
+def _recorded_indices(
+    num_steps: int, timestep_of: list[int], record_every: int | None, record_timesteps: Sequence[int] | None
+) -> set[int]:
     """The indices (into the kept steps) whose state a trajectory keeps; the last step (index 0) always."""
     if record_every is not None and record_timesteps is not None:
         raise ValueError("give record_every or record_timesteps, not both")
@@ -151,8 +192,10 @@ def _recorded_indices(num_steps: int, timestep_of: list[int], record_every: int 
         where = {t: i for i, t in enumerate(timestep_of)}
         missing = [t for t in record_timesteps if t not in where]
         if missing:
-            raise ValueError(f"record_timesteps {missing} are not among the sampled timesteps "
-                             f"({num_steps} steps from {timestep_of[0]} to {timestep_of[-1]})")
+            raise ValueError(
+                f"record_timesteps {missing} are not among the sampled timesteps "
+                f"({num_steps} steps from {timestep_of[0]} to {timestep_of[-1]})"
+            )
         return {where[t] for t in record_timesteps} | {0}
     # steps counted n = 1..K in the order they run; the n-th runs at index K - n
     if record_every is None:
@@ -166,12 +209,21 @@ def _recorded_indices(num_steps: int, timestep_of: list[int], record_every: int 
 
 
 @torch.no_grad()
-def sample_trajectory(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...],
-                      options: SamplerOptions = DEFAULT_OPTIONS, guidance: Guidance = NO_GUIDANCE, *,
-                      record_every: int | None = None, record_timesteps: Sequence[int] | None = None,
-                      generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                      noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
-                      progress: bool = False) -> Trajectory:
+def sample_trajectory(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    shape: tuple[int, ...],
+    options: SamplerOptions = DEFAULT_OPTIONS,
+    guidance: Guidance = NO_GUIDANCE,
+    *,
+    record_every: int | None = None,
+    record_timesteps: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    noise: torch.Tensor | None = None,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> Trajectory:
     """`sample`, keeping x_t and the predicted x_0 at chosen steps (progressive generation, DDPM Fig. 6).
 
     record_every: record the first step and every k-th after it (steps counted 1..K in the order they
@@ -193,10 +245,20 @@ def sample_trajectory(diffusion: GaussianDiffusion, model: Model, shape: tuple[i
             preds.append(out["pred_x0"])
             timesteps.append(timestep_of[i])
 
-    x = _reverse(diff, model, x, options, guidance, randn_like=generator_randn_like(generator),
-                 model_kwargs=model_kwargs, progress=progress, on_step=on_step)
-    return Trajectory(sample=x.clamp(-1.0, 1.0), timesteps=timesteps,
-                      xt=torch.stack(states, dim=1), pred_x0=torch.stack(preds, dim=1))
+    x = _reverse(
+        diff,
+        model,
+        x,
+        options,
+        guidance,
+        randn_like=generator_randn_like(generator),
+        model_kwargs=model_kwargs,
+        progress=progress,
+        on_step=on_step,
+    )
+    return Trajectory(
+        sample=x.clamp(-1.0, 1.0), timesteps=timesteps, xt=torch.stack(states, dim=1), pred_x0=torch.stack(preds, dim=1)
+    )
 
 
 def visited_timesteps(diffusion: GaussianDiffusion, options: SamplerOptions, until: int | None = None) -> list:
@@ -213,8 +275,9 @@ def _timesteps_of(diff: GaussianDiffusion | SolverSchedule) -> list:
     return diff.timestep_map.tolist() if isinstance(diff, SpacedDiffusion) else list(range(diff.num_timesteps))
 
 
-def kept_timesteps_until(num_timesteps: int, t: int, steps: int | None = None,
-                         spacing: str | list[int] | None = None) -> list[int] | None:
+def kept_timesteps_until(
+    num_timesteps: int, t: int, steps: int | None = None, spacing: str | list[int] | None = None
+) -> list[int] | None:
     """The timesteps a reverse run from timestep t visits: all of 0..t (None: no respacing needed when
     t = T - 1), or `space_timesteps(t + 1, spacing or steps)`, which must end at t when t < T - 1 (from
     T - 1 the start is noise, so a spacing may begin lower, as DDIM's does)."""
@@ -229,8 +292,10 @@ def kept_timesteps_until(num_timesteps: int, t: int, steps: int | None = None,
             raise
         raise ValueError(f"{err} (a run from t={t} has the {t + 1} timesteps 0..{t})") from None
     if kept[-1] != t and t != num_timesteps - 1:  # from T - 1, x_t is noise: any spacing (e.g. DDIM's) is fine
-        raise ValueError(f"spacing {spacing if spacing is not None else steps!r} over timesteps 0..{t} ends at "
-                         f"{kept[-1]}, not at t={t}; use an even spacing (an int number of steps)")
+        raise ValueError(
+            f"spacing {spacing if spacing is not None else steps!r} over timesteps 0..{t} ends at "
+            f"{kept[-1]}, not at t={t}; use an even spacing (an int number of steps)"
+        )
     return kept
 
 
@@ -249,10 +314,19 @@ def check_options(options: SamplerOptions, num_timesteps: int, until: int | None
 
 
 @torch.no_grad()
-def denoise_from(diffusion: GaussianDiffusion, model: Model, xt: torch.Tensor, t: int,
-                 options: SamplerOptions = DEFAULT_OPTIONS, guidance: Guidance = NO_GUIDANCE, *,
-                 generator: torch.Generator | None = None, randn_like: RandnLike | None = None,
-                 model_kwargs: dict | None = None, progress: bool = False) -> torch.Tensor:
+def denoise_from(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    xt: torch.Tensor,
+    t: int,
+    options: SamplerOptions = DEFAULT_OPTIONS,
+    guidance: Guidance = NO_GUIDANCE,
+    *,
+    generator: torch.Generator | None = None,
+    randn_like: RandnLike | None = None,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Run the reverse process from xt [N x C x H x W] at the original timestep t (0-based) down to
     images in [-1, 1] (DDPM Sec. 4.4's decoding of an encoded x_t).
 
@@ -261,13 +335,20 @@ def denoise_from(diffusion: GaussianDiffusion, model: Model, xt: torch.Tensor, t
     shared across a batch). With t = T - 1 this is `sample` from noise=xt.
     """
     diff = on_device(process_for(diffusion, options, until=t), xt.device)
-    x = _reverse(diff, model, xt, options, guidance, randn_like=randn_like or generator_randn_like(generator),
-                 model_kwargs=model_kwargs, progress=progress)
+    x = _reverse(
+        diff,
+        model,
+        xt,
+        options,
+        guidance,
+        randn_like=randn_like or generator_randn_like(generator),
+        model_kwargs=model_kwargs,
+        progress=progress,
+    )
     return x.clamp(-1.0, 1.0)
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
-               pad_value: float = 1.0) -> torch.Tensor:
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
     """A [C x H' x W'] grid in [0, 1] for save_image from images in [-1, 1] (values outside are clipped):
     [N x C x H x W] in rows of `nrow` (default about sqrt(N)), or [R x S x C x H x W] as R rows of S."""
     images = images.detach().float().clamp(-1.0, 1.0).add(1.0).div(2.0).cpu()
@@ -281,8 +362,9 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
     return make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
 
 
-def trajectory_grid(trajectory: Trajectory, which: Literal["pred_x0", "xt"] = "pred_x0", padding: int = 2,
-                    pad_value: float = 1.0) -> torch.Tensor:
+def trajectory_grid(
+    trajectory: Trajectory, which: Literal["pred_x0", "xt"] = "pred_x0", padding: int = 2, pad_value: float = 1.0
+) -> torch.Tensor:
     """The trajectory as a [C x H' x W'] grid in [0, 1]: one row per sample, one column per recorded step
     (left to right in sampling order); `which` picks the predicted x_0 (DDPM Fig. 6) or the states x_t."""
     if which not in ("pred_x0", "xt"):

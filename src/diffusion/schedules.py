@@ -1,4 +1,5 @@
 """Noise schedules beta_1..beta_T, always in float64 (the products of T terms lose precision in float32)."""
+
 import math
 from typing import Literal
 
@@ -9,7 +10,10 @@ SCHEDULES = ("linear", "cosine")
 
 
 def make_beta_schedule(
-    name: ScheduleName, num_timesteps: int, cosine_s: float = 0.008, max_beta: float = 0.999,
+    name: ScheduleName,
+    num_timesteps: int,
+    cosine_s: float = 0.008,
+    max_beta: float = 0.999,
     zero_terminal_snr: bool = False,
 ) -> torch.Tensor:
     """Return the betas of a named schedule as a float64 tensor [T].
@@ -38,7 +42,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     # 2. shift so the last is 0, scale so the first is unchanged
     sqrt_abar = (sqrt_abar - last) * first / (first - last)
     # 3. back to betas: alpha_t = abar_t / abar_{t-1}, alpha_1 = abar_1
-    abar = sqrt_abar ** 2
+    abar = sqrt_abar**2
     alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
     return 1.0 - alphas
 

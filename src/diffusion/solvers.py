@@ -16,6 +16,7 @@ ignored (the ODE and the SDE fix their own noise). Classifier guidance shifts ep
 (Dhariwal & Nichol 2021, Alg. 2); the options' threshold bounds x_theta after guidance (clip: DPM-Solver++'s
 thresholding at ratio 1; dynamic: Imagen's).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,14 +53,19 @@ def check_finite_log_snr(base: GaussianDiffusion, alternatives: tuple[str, ...] 
     that names the `alternatives` (the samplers that can run it, from the registry, which imports this module)."""
     if float(base.alphas_cumprod[-1]) == 0:
         fix = f"; use {' or '.join(f'sampler={name}' for name in alternatives)}" if alternatives else ""
-        raise ValueError(f"the ODE / SDE solvers need a finite log-SNR at t = T, but alpha_bar_T = 0 (zero terminal "
-                         f"SNR){fix}")
+        raise ValueError(
+            f"the ODE / SDE solvers need a finite log-SNR at t = T, but alpha_bar_T = 0 (zero terminal SNR){fix}"
+        )
 
 
 def _level(time: float, lam: float) -> Level:
     # alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda), computed without overflow for |lambda| large
-    return Level(time=float(time), log_snr=float(lam), alpha=math.sqrt(1.0 / (1.0 + math.exp(-2.0 * lam))),
-                 sigma=math.sqrt(1.0 / (1.0 + math.exp(2.0 * lam))))
+    return Level(
+        time=float(time),
+        log_snr=float(lam),
+        alpha=math.sqrt(1.0 / (1.0 + math.exp(-2.0 * lam))),
+        sigma=math.sqrt(1.0 / (1.0 + math.exp(2.0 * lam))),
+    )
 
 
 class SolverSchedule:
@@ -107,8 +113,16 @@ class SolverSchedule:
         lam = max(-math.log(noise), float(self.table[-1]))
         return _level(float(time_of_log_snr(lam, self.table)), lam)
 
-    def denoise(self, model: Model, x: torch.Tensor, level: Level, *, clip_denoised: bool | Threshold,
-                model_kwargs: dict | None, cond_fn: CondFn | None) -> dict:
+    def denoise(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        level: Level,
+        *,
+        clip_denoised: bool | Threshold,
+        model_kwargs: dict | None,
+        cond_fn: CondFn | None,
+    ) -> dict:
         """The network's prediction at x [N x C x H x W] on `level`: dict(pred_x0, pred_eps, t), with t [N]
         the timestep the network (and the classifier) received."""
         integral = level.time == round(level.time)
@@ -140,8 +154,9 @@ class SolverSchedule:
 
 
 def _denoise(schedule: SolverSchedule, model, x, level, options, model_kwargs, cond_fn) -> torch.Tensor:
-    return schedule.denoise(model, x, level, clip_denoised=options.thresholding, model_kwargs=model_kwargs,
-                            cond_fn=cond_fn)["pred_x0"]
+    return schedule.denoise(
+        model, x, level, clip_denoised=options.thresholding, model_kwargs=model_kwargs, cond_fn=cond_fn
+    )["pred_x0"]
 
 
 # --- DPM-Solver++ -----------------------------------------------------------------------------------
@@ -156,8 +171,20 @@ def _multistep_order(order: int, available: int, k: int, num_steps: int) -> int:
     return min(order, available)
 
 
-def dpmpp_multistep(schedule: SolverSchedule, model: Model, x: torch.Tensor, t: torch.Tensor, *, options,
-                    randn_like, model_kwargs, cond_fn, state: dict, order: int, sde: bool = False) -> dict:
+def dpmpp_multistep(
+    schedule: SolverSchedule,
+    model: Model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    options,
+    randn_like,
+    model_kwargs,
+    cond_fn,
+    state: dict,
+    order: int,
+    sde: bool = False,
+) -> dict:
     """One step of multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++"; 2M is their Alg. 2, 3M the third-order
     multistep update of their reference code) from level k to k - 1 with data predictions D_j = x_theta at the
     last `order` levels; sde=True: SDE-DPM-Solver++(2M), the same midpoint rule on the reverse SDE (diffusers'
@@ -196,8 +223,12 @@ def dpmpp_multistep(schedule: SolverSchedule, model: Model, x: torch.Tensor, t: 
         sample = (there.sigma / here.sigma) * x - (there.alpha * math.expm1(-h)) * d
     else:  # 3M: D1 and D2 from the last three predictions (diffusers' third-order update)
         phi1 = math.expm1(-h)
-        sample = ((there.sigma / here.sigma) * x - (there.alpha * phi1) * d0
-                  + (there.alpha * (phi1 / h + 1.0)) * d1 - (there.alpha * ((phi1 + h) / h ** 2 - 0.5)) * d2)
+        sample = (
+            (there.sigma / here.sigma) * x
+            - (there.alpha * phi1) * d0
+            + (there.alpha * (phi1 / h + 1.0)) * d1
+            - (there.alpha * ((phi1 + h) / h**2 - 0.5)) * d2
+        )
     return {"sample": sample, "pred_x0": x0}
 
 
@@ -228,8 +259,15 @@ def _unipc_coefficients(rks: list[float], hh: float, order: int) -> tuple[np.nda
     return np.array(rows, dtype=np.float64), np.array(b, dtype=np.float64)
 
 
-def _unipc_update(schedule: SolverSchedule, x: torch.Tensor, s0: int, target: int, history: list, order: int,
-                  x0_target: torch.Tensor | None) -> torch.Tensor:
+def _unipc_update(
+    schedule: SolverSchedule,
+    x: torch.Tensor,
+    s0: int,
+    target: int,
+    history: list,
+    order: int,
+    x0_target: torch.Tensor | None,
+) -> torch.Tensor:
     """UniP-p from level s0 to `target` with the data predictions `history` [(index, x0), ...] (newest, at
     s0, last) when x0_target is None; else UniC-p: the same step corrected with x0_target, the prediction at
     `target` (x the state at s0)."""
@@ -260,8 +298,18 @@ def _unipc_update(schedule: SolverSchedule, x: torch.Tensor, s0: int, target: in
     return sample - (there.alpha * b_h) * correction
 
 
-def unipc_step(schedule: SolverSchedule, model: Model, x: torch.Tensor, t: torch.Tensor, *, options, randn_like,
-               model_kwargs, cond_fn, state: dict) -> dict:
+def unipc_step(
+    schedule: SolverSchedule,
+    model: Model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    options,
+    randn_like,
+    model_kwargs,
+    cond_fn,
+    state: dict,
+) -> dict:
     """One step of UniPC with B(h) = e^h - 1 (bh2) on data predictions (Zhao et al. 2023; diffusers'
     UniPCMultistepScheduler): the network's prediction at level k first corrects the state the previous
     predictor reached (UniC, no extra network call), then the predictor UniP moves it to level k - 1.
@@ -283,8 +331,19 @@ def unipc_step(schedule: SolverSchedule, model: Model, x: torch.Tensor, t: torch
 
 
 # --- EDM Euler / Heun -------------------------------------------------------------------------------
-def edm_step(schedule: SolverSchedule, model: Model, x: torch.Tensor, t: torch.Tensor, *, options, randn_like,
-             model_kwargs, cond_fn, state: dict, heun: bool) -> dict:
+def edm_step(
+    schedule: SolverSchedule,
+    model: Model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    options,
+    randn_like,
+    model_kwargs,
+    cond_fn,
+    state: dict,
+    heun: bool,
+) -> dict:
     """One step of EDM's sampler (Karras et al. 2022, Alg. 1; Alg. 2's churn when s_churn > 0) on the model's
     noise levels sigma = sigma_t / alpha_t, in EDM's variable x / alpha_t (s(t) = 1 there); Euler, or Heun's
     second-order correction for every step but the last into sigma = 0. x [N x C x H x W] (the VP state at
@@ -303,7 +362,7 @@ def edm_step(schedule: SolverSchedule, model: Model, x: torch.Tensor, t: torch.T
     if gamma > 0:
         level_hat = schedule.level_at_noise(here.noise * (1.0 + gamma))
         if level_hat.noise > here.noise:
-            x_cur = x_cur + math.sqrt(level_hat.noise ** 2 - here.noise ** 2) * randn_like(x)
+            x_cur = x_cur + math.sqrt(level_hat.noise**2 - here.noise**2) * randn_like(x)
         else:
             level_hat = here
     sigma_hat, sigma_next = level_hat.noise, there.noise

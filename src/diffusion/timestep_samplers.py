@@ -3,6 +3,7 @@
 A sampler returns timesteps t [N] and importance weights [N] such that the weighted loss is an
 unbiased estimate of the loss under uniform t.
 """
+
 import numpy as np
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class LossSecondMomentResampler(UniformSampler):
     def weights(self) -> np.ndarray:
         if not self.warmed_up:
             return super().weights()
-        w = np.sqrt(np.mean(self._history ** 2, axis=-1))
+        w = np.sqrt(np.mean(self._history**2, axis=-1))
         w /= w.sum()
         return w * (1.0 - self.uniform_prob) + self.uniform_prob / len(w)
 
@@ -71,6 +72,8 @@ class LossSecondMomentResampler(UniformSampler):
     def set_extra_state(self, state: dict) -> None:
         history, counts = state["history"].numpy(), state["counts"].numpy()
         if history.shape != self._history.shape:
-            raise ValueError(f"timestep sampler history has shape {history.shape}, expected "
-                             f"{self._history.shape}: the checkpoint was trained with another T")
+            raise ValueError(
+                f"timestep sampler history has shape {history.shape}, expected "
+                f"{self._history.shape}: the checkpoint was trained with another T"
+            )
         self._history, self._counts = history.astype(np.float64), counts.astype(np.int64)

@@ -1,5 +1,6 @@
 """Outputs written whole or not at all: a temp file in the same folder, then os.replace, so an interrupted
 run (Ctrl+C, SIGTERM, a full disk) never leaves a truncated metrics.json or npz behind."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """torch.compile for the network that sample.py and evaluate.py call at every sampling step."""
+
 from __future__ import annotations
 
 import logging

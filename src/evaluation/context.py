@@ -1,6 +1,7 @@
 """What evaluate.py and sample.py share: the sampler options of a command (one merge of the run's sampler
 config and the command line, checked before the model is built), and the loaded checkpoint (network with
 the chosen weights, device, image shape, the merged data config and its data module, each built once)."""
+
 from __future__ import annotations
 
 import logging
@@ -148,9 +149,15 @@ def load_checkpoint(cfg: DictConfig, until: int | None = None) -> tuple[LoadedCh
     except ValueError as err:
         raise ConfigError(str(err)) from None
     module = module_from_checkpoint(ckpt, "diffusion", source=str(ckpt_path)).to(device)
-    loaded = LoadedCheckpoint(path=ckpt_path.resolve(), global_step=ckpt.get("global_step"), trained=trained,
-                              module=module, use_ema=bool(cfg.get("use_ema", True)), device=device,
-                              data_overrides=cfg.get("data") or OmegaConf.create({}))
+    loaded = LoadedCheckpoint(
+        path=ckpt_path.resolve(),
+        global_step=ckpt.get("global_step"),
+        trained=trained,
+        module=module,
+        use_ema=bool(cfg.get("use_ema", True)),
+        device=device,
+        data_overrides=cfg.get("data") or OmegaConf.create({}),
+    )
     del ckpt
     if stds is not None:  # a sweep (evaluate.py) sets each in turn; the first one now
         loaded.use_posthoc_ema(stds[0])

@@ -16,6 +16,7 @@ reference and the held-out part have the same size, so the held-out floor carrie
 finite-sample bias as 500 samples. Measured (benchmarks/digits_sample_quality.py, 16x16): held-out
 FD 1.41 / digit IS 9.27; the same images blurred by a cross filter 5 pixels wide FD 6.5 / IS 8.65.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,9 @@ def judge_split(image_size: int) -> JudgeSplit:
 def flatten_unit(images: torch.Tensor) -> np.ndarray:
     """uint8 [N, 1, H, W] -> float64 [N, H * W] in [0, 1], the classifier's input."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"the digits extractor takes uint8 [N, 1, H, W] images, got {images.dtype} "
-                         f"{tuple(images.shape)}")
+        raise ValueError(
+            f"the digits extractor takes uint8 [N, 1, H, W] images, got {images.dtype} {tuple(images.shape)}"
+        )
     return images.reshape(len(images), -1).cpu().numpy().astype(np.float64) / 255.0
 
 
@@ -75,7 +77,8 @@ def fit_classifier(image_size: int) -> MLPClassifier:
     split = judge_split(image_size)
     with threadpool_limits(limits=1, user_api="blas"):
         return MLPClassifier(hidden_layer_sizes=(NUM_FEATURES,), alpha=1e-3, max_iter=2000, random_state=0).fit(
-            flatten_unit(split.classifier), split.classifier_labels.numpy())
+            flatten_unit(split.classifier), split.classifier_labels.numpy()
+        )
 
 
 class DigitsFeatures(nn.Module):
@@ -91,11 +94,13 @@ class DigitsFeatures(nn.Module):
         super().__init__()
         self.image_size = int(image_size)
         classifier = fit_classifier(self.image_size)
-        self.hidden = nn.Linear(self.image_size ** 2, NUM_FEATURES).double()
+        self.hidden = nn.Linear(self.image_size**2, NUM_FEATURES).double()
         self.output = nn.Linear(NUM_FEATURES, len(classifier.classes_)).double()
         with torch.no_grad():
-            for layer, weight, bias in ((self.hidden, classifier.coefs_[0], classifier.intercepts_[0]),
-                                        (self.output, classifier.coefs_[1], classifier.intercepts_[1])):
+            for layer, weight, bias in (
+                (self.hidden, classifier.coefs_[0], classifier.intercepts_[0]),
+                (self.output, classifier.coefs_[1], classifier.intercepts_[1]),
+            ):
                 layer.weight.copy_(torch.from_numpy(weight.T))
                 layer.bias.copy_(torch.from_numpy(bias))
         self.requires_grad_(False)
@@ -109,8 +114,10 @@ class DigitsFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"this digits extractor was fitted at {self.image_size}x{self.image_size}, "
-                             f"got images of {tuple(images.shape[-2:])}; build DigitsFeatures({images.shape[-1]})")
+            raise ValueError(
+                f"this digits extractor was fitted at {self.image_size}x{self.image_size}, "
+                f"got images of {tuple(images.shape[-2:])}; build DigitsFeatures({images.shape[-1]})"
+            )
         flatten_unit(images[:1])  # checks dtype and shape
         weight = self.hidden.weight
         x = images.reshape(len(images), -1).to(device=weight.device, dtype=weight.dtype) / 255.0

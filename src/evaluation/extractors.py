@@ -4,10 +4,11 @@ Each is an nn.Module mapping uint8 images [N, C, H, W] to (features float [N, D]
 `name` (every number computed from it is labelled with it, see `metric_key`) and a `fingerprint` of its
 weights (part of every cache key). A new extractor is one module plus one entry in EXTRACTORS.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -29,16 +30,19 @@ class ExtractorRequest:
 
 
 def _inception(request: ExtractorRequest) -> nn.Module:
-    return InceptionFeatures(resolve_weights(request.weights_path, download=request.download,
-                                             config_key=request.weights_key))
+    return InceptionFeatures(
+        resolve_weights(request.weights_path, download=request.download, config_key=request.weights_key)
+    )
 
 
 def _digits(request: ExtractorRequest) -> nn.Module:
 
     channels, height, width = request.image_shape
     if channels != 1 or height != width:
-        raise ConfigError(f"extractor=digits scores square 1-channel images (the digits data), these are "
-                          f"{channels}x{height}x{width}; use extractor=inception")
+        raise ConfigError(
+            f"extractor=digits scores square 1-channel images (the digits data), these are "
+            f"{channels}x{height}x{width}; use extractor=inception"
+        )
     return DigitsFeatures(height)
 
 

@@ -8,6 +8,7 @@
   steps carry most of the bound.
 Each is written as a PNG (matplotlib) and its numbers as JSON.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_bytes as atomic_write_bytes, write_text as atomic_write_text
+from .atomic import write_bytes as atomic_write_bytes
+from .atomic import write_text as atomic_write_text
 
 PIXEL_SCALE = 127.5  # [-1, 1] -> [0, 255]
 
@@ -27,17 +29,27 @@ def rate_distortion(terms: dict) -> dict:
     prior = float(terms["prior_bpd"].mean())
     after = np.concatenate([np.cumsum(vb[::-1])[::-1][1:], [0.0]])  # sum_{s > t} vb[s]
     distortion = PIXEL_SCALE * np.sqrt(terms["xstart_mse"].mean(axis=0))
-    return {"t": list(range(len(vb))), "rate_bpd": (prior + after).tolist(), "distortion_rmse": distortion.tolist(),
-            "prior_bpd": prior, "lossless_bpd": prior + float(vb.sum()), "num_images": int(terms["vb"].shape[0]),
-            "definition": "rate(t) = L_T + sum_{s>t} L_s (bits/dim received when x_t is held); distortion(t) = "
-                          "RMSE of the x_0 predicted from x_t, on [0, 255]; t is 0-based"}
+    return {
+        "t": list(range(len(vb))),
+        "rate_bpd": (prior + after).tolist(),
+        "distortion_rmse": distortion.tolist(),
+        "prior_bpd": prior,
+        "lossless_bpd": prior + float(vb.sum()),
+        "num_images": int(terms["vb"].shape[0]),
+        "definition": "rate(t) = L_T + sum_{s>t} L_s (bits/dim received when x_t is held); distortion(t) = "
+        "RMSE of the x_0 predicted from x_t, on [0, 255]; t is 0-based",
+    }
 
 
 def bound_terms(terms: dict) -> dict:
     vb = terms["vb"].mean(axis=0)
-    return {"t": list(range(len(vb))), "vb_bpd": vb.tolist(), "prior_bpd": float(terms["prior_bpd"].mean()),
-            "num_images": int(terms["vb"].shape[0]),
-            "definition": "vb_bpd[0] = L_0 (decoder NLL), vb_bpd[t] = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), bits/dim"}
+    return {
+        "t": list(range(len(vb))),
+        "vb_bpd": vb.tolist(),
+        "prior_bpd": float(terms["prior_bpd"].mean()),
+        "num_images": int(terms["vb"].shape[0]),
+        "definition": "vb_bpd[0] = L_0 (decoder NLL), vb_bpd[t] = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), bits/dim",
+    }
 
 
 def _save_png(fig, path: Path) -> Path:
@@ -75,8 +87,11 @@ def plot_bound_terms(data: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.semilogy(data["t"], np.maximum(np.asarray(data["vb_bpd"]), 1e-12))
-    ax.set(xlabel="diffusion step t", ylabel="bound term (bits/dim)",
-           title=f"terms of the bound, {data['num_images']} validation images")
+    ax.set(
+        xlabel="diffusion step t",
+        ylabel="bound term (bits/dim)",
+        title=f"terms of the bound, {data['num_images']} validation images",
+    )
     return _save_png(fig, path)
 
 

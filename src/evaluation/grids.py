@@ -1,5 +1,6 @@
 """Image grids a person can judge by eye: small images (16x16 digits) are enlarged by an integer factor with
 nearest-neighbour sampling, so every pixel stays one flat block and nothing is smoothed or invented."""
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,13 @@ def enlarge(grid: torch.Tensor, image_size: int, min_image_size: int | None) -> 
     return grid.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
 
 
-def save_grid_png(grid: torch.Tensor, path: str | Path, image_size: int, min_image_size: int | None,
-                  raw_path: str | Path | None = None) -> torch.Tensor:
+def save_grid_png(
+    grid: torch.Tensor,
+    path: str | Path,
+    image_size: int,
+    min_image_size: int | None,
+    raw_path: str | Path | None = None,
+) -> torch.Tensor:
     """Write the grid [C x H x W] in [0, 1] enlarged for viewing to `path` (and as it is to raw_path when
     given); returns the written (enlarged) grid."""
     shown = enlarge(grid, image_size, min_image_size)

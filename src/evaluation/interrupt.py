@@ -1,11 +1,12 @@
 """Stopping evaluate.py cleanly: SIGTERM raises like Ctrl+C does, so the run can mark its report partial
 before the CLI exits (130 for Ctrl+C, 143 for SIGTERM, see src.cli)."""
+
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 

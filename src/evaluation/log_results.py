@@ -1,6 +1,7 @@
 """evaluate.py's results in the training run's dashboards: `logger=tensorboard` / `logger=wandb` / `logger=csv`
 (conf/logger) send every number of metrics.json and every PNG it names (sample grids, DDPM Fig. 5, the bound
 terms, quality against EMA std, ...) to those loggers, at the checkpoint's training step."""
+
 from __future__ import annotations
 
 import logging
@@ -80,5 +81,9 @@ def log_results(cfg: DictConfig, content: dict, out_dir: Path) -> None:
             logger.finalize("success")
     finally:
         finish_wandb(loggers)
-    log.info("logged %d numbers and %d figures to %s", len(numbers), len(figures),
-             ", ".join(type(logger).__name__ for logger in loggers))
+    log.info(
+        "logged %d numbers and %d figures to %s",
+        len(numbers),
+        len(figures),
+        ", ".join(type(logger).__name__ for logger in loggers),
+    )

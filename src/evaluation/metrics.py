@@ -11,6 +11,7 @@ processes, so a distributed evaluation gives exactly the statistics of the whole
 precision/recall need the feature rows themselves (src.evaluation.scores); the reference cache keeps them.
 Any extractor with the same contract (src.evaluation.extractors) goes through the same functions.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,9 +19,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,8 +58,9 @@ def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
 
 
-def resolve_weights(path: str | os.PathLike | None, download: bool = True,
-                    config_key: str = "feature_extractor_weights_path") -> Path:
+def resolve_weights(
+    path: str | os.PathLike | None, download: bool = True, config_key: str = "feature_extractor_weights_path"
+) -> Path:
     """The Inception weights file to use.
 
     An explicit `path` must exist (nothing is downloaded then). With `path=None` the torch hub cache
@@ -71,7 +73,8 @@ def resolve_weights(path: str | os.PathLike | None, download: bool = True,
             return explicit
         raise MissingWeightsError(
             f"Inception weights for FID/IS not found at {explicit}; put {WEIGHTS_FILENAME} ({URL_INCEPTION_V3}) "
-            f"there or set {config_key}=/path/to/{WEIGHTS_FILENAME}")
+            f"there or set {config_key}=/path/to/{WEIGHTS_FILENAME}"
+        )
     cached = default_weights_path()
     reason = "not downloaded"
     if not cached.is_file() and download:
@@ -84,7 +87,8 @@ def resolve_weights(path: str | os.PathLike | None, download: bool = True,
         return cached
     raise MissingWeightsError(
         f"Inception weights for FID/IS not found at {cached} ({reason}); download {URL_INCEPTION_V3} to that path "
-        f"or set {config_key}=/path/to/{WEIGHTS_FILENAME}")
+        f"or set {config_key}=/path/to/{WEIGHTS_FILENAME}"
+    )
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -116,8 +120,13 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights_path: str | os.PathLike):
         super().__init__()
         self.weights_path = Path(weights_path)
-        self.net = create_feature_extractor(INCEPTION_NAME, [FID_FEATURE, ISC_FEATURE], cuda=False,
-                                            feature_extractor_weights_path=str(self.weights_path), verbose=False)
+        self.net = create_feature_extractor(
+            INCEPTION_NAME,
+            [FID_FEATURE, ISC_FEATURE],
+            cuda=False,
+            feature_extractor_weights_path=str(self.weights_path),
+            verbose=False,
+        )
         self.fingerprint = file_sha256(self.weights_path)[:16]
 
     @torch.no_grad()
@@ -221,7 +230,7 @@ class ReferenceImages:
     def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[torch.Tensor]:
         indices = list(indices)
         for start in range(0, len(indices), batch_size):
-            yield self.batch(indices[start:start + batch_size])
+            yield self.batch(indices[start : start + batch_size])
 
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.batch([0]).shape[1:])
@@ -271,10 +280,14 @@ def reference_meta(dataset: str, split: str, images: ReferenceImages, extractor:
     return {
         "format": CACHE_FORMAT,
         "description": f"reference features, their mean and covariance ({extractor.name}) of real images",
-        "dataset": dataset, "split": split, "num_images": len(images),
-        "image_size": height if height == width else f"{height}x{width}", "channels": channels,
+        "dataset": dataset,
+        "split": split,
+        "num_images": len(images),
+        "image_size": height if height == width else f"{height}x{width}",
+        "channels": channels,
         "content_fingerprint": images.fingerprint(),
-        "extractor": extractor.name, "weights_sha256_prefix": extractor.fingerprint,
+        "extractor": extractor.name,
+        "weights_sha256_prefix": extractor.fingerprint,
     }
 
 
@@ -309,9 +322,13 @@ def save_reference(path: Path, stats: ReferenceStats) -> None:
     atomic_savez(path, mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(stats.meta, sort_keys=True)), **extra)
 
 
-def accumulate(extractor: nn.Module, batches: Iterable[torch.Tensor], stats: FeatureStats | None = None,
-               keep_logits: bool = False, keep_features: bool = False
-               ) -> tuple[FeatureStats, torch.Tensor | None] | tuple[FeatureStats, torch.Tensor | None, torch.Tensor | None]:
+def accumulate(
+    extractor: nn.Module,
+    batches: Iterable[torch.Tensor],
+    stats: FeatureStats | None = None,
+    keep_logits: bool = False,
+    keep_features: bool = False,
+) -> tuple[FeatureStats, torch.Tensor | None] | tuple[FeatureStats, torch.Tensor | None, torch.Tensor | None]:
     """Run uint8 image batches through the extractor: features into `stats`, logits kept when asked; with
     keep_features the feature rows (float32, on the CPU) come back as a third value."""
     logits_list, rows = [], []
@@ -330,8 +347,14 @@ def accumulate(extractor: nn.Module, batches: Iterable[torch.Tensor], stats: Fea
     return (stats, logits, torch.cat(rows)) if keep_features else (stats, logits)
 
 
-def reference_statistics(extractor: nn.Module, images: ReferenceImages, dataset: str, split: str,
-                         cache_dir: str | os.PathLike, batch_size: int = 250) -> ReferenceStats:
+def reference_statistics(
+    extractor: nn.Module,
+    images: ReferenceImages,
+    dataset: str,
+    split: str,
+    cache_dir: str | os.PathLike,
+    batch_size: int = 250,
+) -> ReferenceStats:
     """Load the cached features and statistics of `images`, or compute them (one process) and cache them."""
     meta = reference_meta(dataset, split, images, extractor)
     path = reference_cache_path(cache_dir, meta)
@@ -351,5 +374,9 @@ def fid_and_is(stats: FeatureStats, logits: torch.Tensor, reference: ReferenceSt
     """FID against `reference` and IS from the logits of the same generated images."""
     mu, sigma = stats.mean_cov()
     is_mean, is_std = inception_score(logits, isc_splits)
-    return {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "is": is_mean, "is_std": is_std,
-            "num_samples": int(stats.count.item())}
+    return {
+        "fid": frechet_distance(mu, sigma, reference.mu, reference.sigma),
+        "is": is_mean,
+        "is_std": is_std,
+        "num_samples": int(stats.count.item()),
+    }

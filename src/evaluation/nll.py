@@ -8,12 +8,13 @@ discretized Gaussian decoder term, each in bits/dim. The report gives the mean b
 A class-conditional net is run with the images' own labels (the bound of p(x | y), what val/bpd reports)
 and, when it has a null label, also with that label (the bound of its unconditional model p(x)).
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -26,9 +27,17 @@ NUM_T_BINS = 10  # the per-t VB terms are summarised over this many equal ranges
 
 
 @torch.no_grad()
-def nll_terms(module, batches: Iterable, max_batches: int | None = None, max_images: int | None = None,
-              clip_denoised: bool = True, generator: torch.Generator | None = None, use_ema: bool = True,
-              progress: bool = False, with_labels: bool = False) -> dict:
+def nll_terms(
+    module,
+    batches: Iterable,
+    max_batches: int | None = None,
+    max_images: int | None = None,
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+    use_ema: bool = True,
+    progress: bool = False,
+    with_labels: bool = False,
+) -> dict:
     """Run `diffusion.calc_bpd_loop` over (x, y) batches (the net sees y when with_labels, else no label:
     the null label of a conditional net); returns per-image arrays total_bpd [N], prior_bpd [N], vb [N, T],
     xstart_mse [N, T], mse [N, T] (numpy, float64)."""
@@ -46,8 +55,9 @@ def nll_terms(module, batches: Iterable, max_batches: int | None = None, max_ima
         keep = x0.shape[0] if max_images is None else max_images - seen
         x0 = x0[:keep].to(module.device)
         kwargs = {"y": batch[1][:keep].to(module.device)} if with_labels else None
-        out = module.diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, model_kwargs=kwargs,
-                                             generator=generator, progress=progress)
+        out = module.diffusion.calc_bpd_loop(
+            model, x0, clip_denoised=clip_denoised, model_kwargs=kwargs, generator=generator, progress=progress
+        )
         for key in parts:
             parts[key].append(out[key].double().cpu())
         seen += x0.shape[0]
@@ -64,17 +74,19 @@ def summarize(terms: dict) -> dict:
     n, num_t = vb.shape
     vb_mean = vb.mean(axis=0)
     edges = np.linspace(0, num_t, min(NUM_T_BINS, num_t) + 1).round().astype(int)
-    by_t = [{"t_from": int(lo), "t_to": int(hi - 1), "bpd": float(vb_mean[lo:hi].sum())}
-            for lo, hi in zip(edges[:-1], edges[1:])]
+    by_t = [
+        {"t_from": int(lo), "t_to": int(hi - 1), "bpd": float(vb_mean[lo:hi].sum())}
+        for lo, hi in zip(edges[:-1], edges[1:])
+    ]
     return {
         "num_images": int(n),
         "num_timesteps": int(num_t),
         "bpd": float(total.mean()),
         "bpd_stderr": float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
-        "prior_bpd": float(prior.mean()),                 # L_T
-        "decoder_bpd": float(vb[:, 0].mean()),            # L_0 = -log p(x_0 | x_1)
-        "kl_bpd": float(vb[:, 1:].sum(axis=1).mean()),    # sum of L_1 .. L_{T-1}
-        "vb_by_t": by_t,                                  # where in t the bound comes from
+        "prior_bpd": float(prior.mean()),  # L_T
+        "decoder_bpd": float(vb[:, 0].mean()),  # L_0 = -log p(x_0 | x_1)
+        "kl_bpd": float(vb[:, 1:].sum(axis=1).mean()),  # sum of L_1 .. L_{T-1}
+        "vb_by_t": by_t,  # where in t the bound comes from
         "vb_max_t": int(vb_mean.argmax()),
         "xstart_mse": float(terms["xstart_mse"].mean()),
         "eps_mse": float(terms["mse"].mean()),
@@ -83,5 +95,11 @@ def summarize(terms: dict) -> dict:
 
 def save_terms(terms: dict, path: str | Path) -> Path:
     """Per-t means (vb, xstart_mse, mse [T]) and per-image bounds, as image_nll saves its terms."""
-    return atomic_savez(path, vb=terms["vb"].mean(axis=0), xstart_mse=terms["xstart_mse"].mean(axis=0),
-                        mse=terms["mse"].mean(axis=0), total_bpd=terms["total_bpd"], prior_bpd=terms["prior_bpd"])
+    return atomic_savez(
+        path,
+        vb=terms["vb"].mean(axis=0),
+        xstart_mse=terms["xstart_mse"].mean(axis=0),
+        mse=terms["mse"].mean(axis=0),
+        total_bpd=terms["total_bpd"],
+        prior_bpd=terms["prior_bpd"],
+    )

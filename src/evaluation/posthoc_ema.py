@@ -1,5 +1,6 @@
 """EMA weights of any relative width rebuilt from a run's post-hoc EMA snapshots (EDM2 Appendix C.2; the math is
 src.lit.posthoc_ema, the snapshots are written by src.callbacks.PostHocEMA next to the checkpoints)."""
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,14 @@ class Reconstruction:
 
     def protocol(self) -> dict:
         """What metrics.json records of it."""
-        return {"ema_std": self.std, "step": self.step, "snapshot_steps": sorted(set(self.snapshot_steps)),
-                "snapshot_stds": sorted(set(self.snapshot_stds)), "num_snapshots": len(self.snapshot_steps),
-                "fit_error": self.fit_error}
+        return {
+            "ema_std": self.std,
+            "step": self.step,
+            "snapshot_steps": sorted(set(self.snapshot_steps)),
+            "snapshot_stds": sorted(set(self.snapshot_stds)),
+            "num_snapshots": len(self.snapshot_steps),
+            "fit_error": self.fit_error,
+        }
 
 
 def snapshots_folder(ckpt_path: str | Path) -> Path:
@@ -53,8 +59,9 @@ def checked_stds(value) -> list[float] | None:
     except ValueError as err:
         raise ConfigError(f"{err}; or ema_std=null for the classic EMA") from None
     if not stds or len(set(stds)) != len(stds):
-        raise ConfigError(f"ema_std must be a number or distinct numbers such as ema_std=[0.05,0.08,0.12], "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"ema_std must be a number or distinct numbers such as ema_std=[0.05,0.08,0.12], got {value!r}"
+        )
     return stds
 
 
@@ -68,23 +75,43 @@ def reconstruct(folder: Path, std: float, step: int) -> Reconstruction:
         if int(snapshot["step"]) <= step:
             headers.append((path, int(snapshot["step"]), float(snapshot["std"]), float(snapshot["gamma"])))
     if not headers:
-        raise CheckpointError(f"no post-hoc EMA snapshots for the checkpoint's step {step} in {folder}; {ENABLE}, or "
-                              f"use ema_std=null for the classic EMA")
+        raise CheckpointError(
+            f"no post-hoc EMA snapshots for the checkpoint's step {step} in {folder}; {ENABLE}, or "
+            f"use ema_std=null for the classic EMA"
+        )
     steps, stds, gammas = [h[1] for h in headers], [h[2] for h in headers], [h[3] for h in headers]
     coefficients, fit_error = solve_coefficients(steps, gammas, step, std_to_gamma(std))
     if fit_error > MAX_FIT_ERROR:
-        raise ConfigError(f"ema_std={std:g} at step {step}: the {len(headers)} snapshots in {folder} (steps "
-                          f"{min(steps)}..{max(steps)}, stds {sorted(set(stds))}) represent it only to "
-                          f"{100 * fit_error:.1f}% (limit {100 * MAX_FIT_ERROR:g}%); {ENABLE} with a smaller "
-                          f"posthoc_ema.every_n_steps and stds around {std:g}")
-    parameters = combine((float(x), torch.load(path, map_location="cpu", weights_only=True)["parameters"])
-                         for (path, *_), x in zip(headers, coefficients))
+        raise ConfigError(
+            f"ema_std={std:g} at step {step}: the {len(headers)} snapshots in {folder} (steps "
+            f"{min(steps)}..{max(steps)}, stds {sorted(set(stds))}) represent it only to "
+            f"{100 * fit_error:.1f}% (limit {100 * MAX_FIT_ERROR:g}%); {ENABLE} with a smaller "
+            f"posthoc_ema.every_n_steps and stds around {std:g}"
+        )
+    parameters = combine(
+        (float(x), torch.load(path, map_location="cpu", weights_only=True)["parameters"])
+        for (path, *_), x in zip(headers, coefficients)
+    )
     latest = max(headers, key=lambda h: h[1])[0]
     state = {**torch.load(latest, map_location="cpu", weights_only=True)["buffers"], **parameters}
-    log.info("post-hoc EMA std %g at step %d from %d snapshots (steps %d..%d), fit error %.2e", std, step,
-             len(headers), min(steps), max(steps), fit_error)
-    return Reconstruction(std=std, step=step, snapshot_steps=steps, snapshot_stds=stds,
-                          coefficients=[float(x) for x in coefficients], fit_error=fit_error, state=state)
+    log.info(
+        "post-hoc EMA std %g at step %d from %d snapshots (steps %d..%d), fit error %.2e",
+        std,
+        step,
+        len(headers),
+        min(steps),
+        max(steps),
+        fit_error,
+    )
+    return Reconstruction(
+        std=std,
+        step=step,
+        snapshot_steps=steps,
+        snapshot_stds=stds,
+        coefficients=[float(x) for x in coefficients],
+        fit_error=fit_error,
+        state=state,
+    )
 
 
 def load_into(net: nn.Module, reconstruction: Reconstruction) -> None:

@@ -1,4 +1,5 @@
 """Where results come from: the git commit of the code that produced them."""
+
 import subprocess
 from pathlib import Path
 
@@ -6,8 +7,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _git(*args: str, repo_dir: str | Path) -> str:
-    return subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
 
 
 def git_info(repo_dir: str | Path = REPO_ROOT) -> dict:

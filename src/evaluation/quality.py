@@ -1,5 +1,6 @@
 """evaluate.py's scoring of sample sets: one extractor and one reference for the whole command, every
 requested metric from one pass over each set; results labelled with the extractor and the reference."""
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,13 @@ def score_settings(cfg: DictConfig) -> ScoreSettings:
     metrics = OmegaConf.to_container(metrics) if OmegaConf.is_list(metrics) else metrics
     if not isinstance(metrics, (list, tuple)):
         raise ConfigError(f"metrics must be a list such as metrics=[fid,is,kid,prc], got {metrics!r}")
-    return ScoreSettings.checked(metrics, isc_splits=cfg.isc_splits, kid_subsets=cfg.kid_subsets,
-                                 kid_subset_size=cfg.get("kid_subset_size"), prc_num_images=cfg.get("prc_num_images"))
+    return ScoreSettings.checked(
+        metrics,
+        isc_splits=cfg.isc_splits,
+        kid_subsets=cfg.kid_subsets,
+        kid_subset_size=cfg.get("kid_subset_size"),
+        prc_num_images=cfg.get("prc_num_images"),
+    )
 
 
 class Scorer:
@@ -33,8 +39,13 @@ class Scorer:
     the reference features on first use (missing Inception weights still leave the samples written) and
     scores uint8 image sets [N, C, H, W] -> metrics.json entries."""
 
-    def __init__(self, cfg: DictConfig, image_shape: tuple[int, int, int], device: torch.device,
-                 split_dataset: SplitDataset | None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        image_shape: tuple[int, int, int],
+        device: torch.device,
+        split_dataset: SplitDataset | None,
+    ):
         self.settings = score_settings(cfg)
         self.cfg, self.image_shape, self.device, self.split_dataset = cfg, tuple(image_shape), device, split_dataset
         self.spec = default_spec(cfg.get("reference"), split_dataset is not None, self.image_shape)
@@ -69,15 +80,24 @@ class Scorer:
         start = time.perf_counter()
         features = self.features(images)
         if features.stats.sum.shape[0] != self.reference.mu.shape[0]:
-            raise ConfigError(f"reference={self.spec} holds {self.reference.mu.shape[0]}-d statistics but "
-                              f"{self.extractor.name} makes {features.stats.sum.shape[0]}-d features; give statistics "
-                              f"of the same extractor")
+            raise ConfigError(
+                f"reference={self.spec} holds {self.reference.mu.shape[0]}-d statistics but "
+                f"{self.extractor.name} makes {features.stats.sum.shape[0]}-d features; give statistics "
+                f"of the same extractor"
+            )
         values, unavailable = score(features, self.reference, self.settings, self.extractor.name)
-        return {**dict.fromkeys(self.keys()), **values, "metrics_unavailable": unavailable,
-                "extractor": {"name": self.extractor.name, "weights": self.extractor.fingerprint,
-                              "config": self.cfg.extractor},
-                "reference": {"spec": self.spec, **self.reference.meta},
-                "metrics_seconds": round(time.perf_counter() - start, 2)}
+        return {
+            **dict.fromkeys(self.keys()),
+            **values,
+            "metrics_unavailable": unavailable,
+            "extractor": {
+                "name": self.extractor.name,
+                "weights": self.extractor.fingerprint,
+                "config": self.cfg.extractor,
+            },
+            "reference": {"spec": self.spec, **self.reference.meta},
+            "metrics_seconds": round(time.perf_counter() - start, 2),
+        }
 
     def features(self, images: torch.Tensor) -> SampleFeatures:
         device = extractor_device(self.extractor)
@@ -95,5 +115,7 @@ def metric_keys(settings: ScoreSettings, extractor: str) -> list[str]:
 
 def not_requested(cfg: DictConfig) -> dict:
     """The entry of a set that is not scored (fid=false): the metric names with None."""
-    return {**dict.fromkeys(metric_keys(score_settings(cfg), cfg.extractor)),
-            "metrics_unavailable": {"all": "not requested (fid=false)"}}
+    return {
+        **dict.fromkeys(metric_keys(score_settings(cfg), cfg.extractor)),
+        "metrics_unavailable": {"all": "not requested (fid=false)"},
+    }

@@ -2,12 +2,13 @@
 papers' choice) or its validation split, the digits judge's reference part, an image folder, or an .npz,
 either of images (`arr_0`, uint8 NHWC, as guided-diffusion's reference batches) or of precomputed `mu` /
 `sigma` (as NVlabs/edm publishes them; those serve FID / FD only)."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,27 +47,37 @@ def default_spec(spec: str | None, has_checkpoint: bool, image_shape: tuple[int,
     channels, height, width = image_shape
     if channels == 1 and height == width <= DIGITS_MAX_SIZE:
         return "judge"
-    raise ConfigError(f"samples of {channels}x{height}x{width} images without a checkpoint need a reference: give "
-                      f"reference=<image folder> or reference=<file.npz> (images arr_0, or mu / sigma)")
+    raise ConfigError(
+        f"samples of {channels}x{height}x{width} images without a checkpoint need a reference: give "
+        f"reference=<image folder> or reference=<file.npz> (images arr_0, or mu / sigma)"
+    )
 
 
-def resolve_source(spec: str, image_shape: tuple[int, int, int], num_images: int | None,
-                   split_dataset: SplitDataset | None) -> ReferenceSource:
+def resolve_source(
+    spec: str, image_shape: tuple[int, int, int], num_images: int | None, split_dataset: SplitDataset | None
+) -> ReferenceSource:
     """What `spec` names, checked: a split needs the checkpoint, images must have the samples' shape."""
     if spec in SPLITS:
         if split_dataset is None:
-            raise ConfigError(f"reference={spec} is a split of the checkpoint's data; give ckpt_path=..., or "
-                              f"reference=judge / an image folder / an .npz file")
+            raise ConfigError(
+                f"reference={spec} is a split of the checkpoint's data; give ckpt_path=..., or "
+                f"reference=judge / an image folder / an .npz file"
+            )
         dataset, name = split_dataset(spec)
         return _images(spec, dataset, name, spec, image_shape, num_images)
     if spec == "judge":
-
         channels, height, width = image_shape
         if channels != 1 or height != width:
             raise ConfigError(f"reference=judge holds 1-channel digits, the samples are {channels}x{height}x{width}")
         images = judge_split(height).reference
-        return _images(spec, UInt8ImageDataset(images, torch.zeros(len(images))), "digits-judge", "reference",
-                       image_shape, num_images)
+        return _images(
+            spec,
+            UInt8ImageDataset(images, torch.zeros(len(images))),
+            "digits-judge",
+            "reference",
+            image_shape,
+            num_images,
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         files = find_images(path)
@@ -85,8 +96,10 @@ def _images(spec: str, dataset: Dataset, name: str, split: str, image_shape, num
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if tuple(images.image_shape()) != tuple(image_shape):
-        raise ConfigError(f"reference={spec} holds {'x'.join(map(str, images.image_shape()))} images but the "
-                          f"samples are {'x'.join(map(str, image_shape))}; give a reference of the samples' size")
+        raise ConfigError(
+            f"reference={spec} holds {'x'.join(map(str, images.image_shape()))} images but the "
+            f"samples are {'x'.join(map(str, image_shape))}; give a reference of the samples' size"
+        )
     return ReferenceSource(spec=spec, images=images, dataset=name, split=split)
 
 
@@ -102,24 +115,34 @@ def _npz(spec: str, path: Path, image_shape, num_images) -> ReferenceSource:
             raise ConfigError(f"reference={spec} has neither arr_0 (images) nor mu and sigma; found {data.files}")
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ConfigError(f"reference={spec}: mu {mu.shape} / sigma {sigma.shape} are not a mean and its covariance")
-    meta = {"dataset": f"npz-{path.stem}", "split": "mu/sigma", "num_images": None, "path": str(path.resolve()),
-            "sha256_prefix": file_sha256(path)[:16], "feature_dim": int(mu.shape[0]),
-            "extractor": "as computed by the file's author (only the feature dimension is checked)"}
+    meta = {
+        "dataset": f"npz-{path.stem}",
+        "split": "mu/sigma",
+        "num_images": None,
+        "path": str(path.resolve()),
+        "sha256_prefix": file_sha256(path)[:16],
+        "feature_dim": int(mu.shape[0]),
+        "extractor": "as computed by the file's author (only the feature dimension is checked)",
+    }
     return ReferenceSource(spec=spec, stats=ReferenceStats(mu=mu, sigma=sigma, meta=meta))
 
 
 def nhwc_to_tensor(array: np.ndarray, what: str) -> torch.Tensor:
     """uint8 [N, H, W, C] (the openai npz convention) -> uint8 [N, C, H, W], or a one-line error."""
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
-        raise ConfigError(f"{what}: arr_0 must be uint8 images [N, H, W, 1 or 3] (openai's npz convention), got "
-                          f"{array.dtype} {array.shape}")
+        raise ConfigError(
+            f"{what}: arr_0 must be uint8 images [N, H, W, 1 or 3] (openai's npz convention), got "
+            f"{array.dtype} {array.shape}"
+        )
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
 
 
-def reference_features(source: ReferenceSource, extractor, cache_dir: str | os.PathLike,
-                       batch_size: int) -> ReferenceStats:
+def reference_features(
+    source: ReferenceSource, extractor, cache_dir: str | os.PathLike, batch_size: int
+) -> ReferenceStats:
     """The statistics (and feature rows) of the source: given, cached, or computed here and cached."""
     if source.stats is not None:
         return source.stats
-    return reference_statistics(extractor, source.images, source.dataset, source.split, cache_dir,
-                                batch_size=batch_size)
+    return reference_statistics(
+        extractor, source.images, source.dataset, source.split, cache_dir, batch_size=batch_size
+    )

@@ -1,4 +1,5 @@
 """metrics.json and the console table of evaluate.py."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ def _format(value) -> str:
 def _metric_rows(entry: dict) -> list[tuple[str, str]]:
     if "runs" in entry:  # several seeds: each run, then the summary
         rows = [(f"seed {r['seed']} {k}", v) for r in entry["runs"] for k, v in _metric_rows(r)]
-        rows += [(f"{key} over seeds", f"mean {s['mean']:.4g}, std {s['std']:.3g}, min {s['min']:.4g}, max {s['max']:.4g}")
-                 for key, s in entry.get("summary", {}).items()]
+        rows += [
+            (f"{key} over seeds", f"mean {s['mean']:.4g}, std {s['std']:.3g}, min {s['min']:.4g}, max {s['max']:.4g}")
+            for key, s in entry.get("summary", {}).items()
+        ]
         return rows
     rows = []
     s = entry.get("samples")
@@ -63,14 +66,24 @@ def _metric_rows(entry: dict) -> list[tuple[str, str]]:
         rows.append(("samples", f"{s['num_samples']} images {'x'.join(map(str, s['image_shape']))}"))
     elif s is not None:
         sampler = s["sampler"]
-        rows.append(("samples", f"{s['num_samples']} ({sampler.get('sampler')}, {len(s['timesteps'])} steps = {s['nfe']} "
-                                f"NFE, eta {sampler.get('eta')}, image seeds {s['image_seeds'][0]}..{s['image_seeds'][1]}; "
-                                f"{s['images_per_sec']} images/s) -> {s['npz']}"))
+        rows.append(
+            (
+                "samples",
+                f"{s['num_samples']} ({sampler.get('sampler')}, {len(s['timesteps'])} steps = {s['nfe']} "
+                f"NFE, eta {sampler.get('eta')}, image seeds {s['image_seeds'][0]}..{s['image_seeds'][1]}; "
+                f"{s['images_per_sec']} images/s) -> {s['npz']}",
+            )
+        )
     values = {k: v for k, v in entry.items() if isinstance(v, float) and k not in _NOT_METRICS}  # the metrics
     if "extractor" in entry:
         ref = entry["reference"]
-        rows.append(("scored", f"with {entry['extractor']['name']} against reference={ref.get('spec')} "
-                               f"({ref.get('dataset')} {ref.get('split')}, {ref.get('num_images')} images)"))
+        rows.append(
+            (
+                "scored",
+                f"with {entry['extractor']['name']} against reference={ref.get('spec')} "
+                f"({ref.get('dataset')} {ref.get('split')}, {ref.get('num_images')} images)",
+            )
+        )
         rows.extend((k, _format(v)) for k, v in values.items())
     for key, why in entry.get("metrics_unavailable", {}).items():
         rows.append((f"{key}", f"not computed: {why}"))
@@ -83,8 +96,13 @@ def _sample_rows(content: dict) -> list[tuple[str, str]]:
     if "guidance" in content:
         g = content["guidance"]
         classifier = g["classifier"]
-        rows.append(("guidance", f"{g['num_classes']} classes, {g['labels']}" + (
-            f"; classifier {classifier['ckpt_path']} at scale {classifier['scale']}" if classifier else "")))
+        rows.append(
+            (
+                "guidance",
+                f"{g['num_classes']} classes, {g['labels']}"
+                + (f"; classifier {classifier['ckpt_path']} at scale {classifier['scale']}" if classifier else ""),
+            )
+        )
         for run_entry in g["runs"]:
             rows.extend((f"w={run_entry['guidance_scale']:g} {key}", value) for key, value in _metric_rows(run_entry))
     else:
@@ -104,9 +122,13 @@ def print_table(content: dict, path: Path) -> None:
     for key in ("nll", "nll_null_label"):
         if key in content:
             n = content[key]
-            rows.append((f"NLL (val, {n['conditioning']})",
-                         f"{n['bpd']:.4f} bits/dim over {n['num_images']} images, T={n['num_timesteps']}: "
-                         f"L_T {n['prior_bpd']:.4f} + L_1..T-1 {n['kl_bpd']:.4f} + L_0 {n['decoder_bpd']:.4f}"))
+            rows.append(
+                (
+                    f"NLL (val, {n['conditioning']})",
+                    f"{n['bpd']:.4f} bits/dim over {n['num_images']} images, T={n['num_timesteps']}: "
+                    f"L_T {n['prior_bpd']:.4f} + L_1..T-1 {n['kl_bpd']:.4f} + L_0 {n['decoder_bpd']:.4f}",
+                )
+            )
     rows.extend(("note", note) for note in content.get("protocol", {}).get("notes", []))
     rows.append(("metrics", str(path)))
     width = max(len(k) for k, _ in rows)

@@ -5,6 +5,7 @@ the metrics of a file of samples from anywhere (src.evaluation.score_file).
 The model, schedule, objective and data all come from the checkpoint's run config; the evaluate config
 only says how to sample and what to measure.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,14 @@ from src.errors import ConfigError
 from .context import LoadedCheckpoint, load_checkpoint
 from .extractors import extractor_name
 from .figures import plot_quality_vs_ema_std, write_figures
-from .guidance import (balanced_labels, check_classifier_classes, check_guidance, guidance_scales, load_classifier,
-                       per_class_rows)
+from .guidance import (
+    balanced_labels,
+    check_classifier_classes,
+    check_guidance,
+    guidance_scales,
+    load_classifier,
+    per_class_rows,
+)
 from .interrupt import STOPS, sigterm_raises, stop_name
 from .log_results import log_results
 from .metrics import dataset_name
@@ -60,11 +67,15 @@ def command_line_differences(trained: DictConfig, cfg: DictConfig) -> dict:
     ignored = [(k, a, b) for k, a, b in ignored if b != UNSET]  # only what the command line sets
     applied = [(k, a, b) for k, a, b in differences(old, new, ["data"]) if b != UNSET]
     if ignored:
-        log.warning("using the checkpoint's own config; ignoring command-line values that differ from it: %s",
-                    "; ".join(f"{k}: checkpoint {a!r}, command line {b!r}" for k, a, b in ignored))
+        log.warning(
+            "using the checkpoint's own config; ignoring command-line values that differ from it: %s",
+            "; ".join(f"{k}: checkpoint {a!r}, command line {b!r}" for k, a, b in ignored),
+        )
     if applied:
-        log.warning("data overrides applied on top of the checkpoint's data config: %s",
-                    "; ".join(f"{k}: checkpoint {a!r}, command line {b!r}" for k, a, b in applied))
+        log.warning(
+            "data overrides applied on top of the checkpoint's data config: %s",
+            "; ".join(f"{k}: checkpoint {a!r}, command line {b!r}" for k, a, b in applied),
+        )
     fmt = lambda rows: {k: {"checkpoint": a, "command_line": b} for k, a, b in rows}  # noqa: E731
     return {"ignored": fmt(ignored), "data_overrides": fmt(applied)}
 
@@ -79,17 +90,38 @@ def checkpoint_splits(loaded: LoadedCheckpoint):
     return split_dataset
 
 
-def sample_set(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, seed: int,
-               labels: torch.Tensor | None, guidance: Guidance) -> tuple[torch.Tensor, dict]:
+def sample_set(
+    cfg: DictConfig,
+    loaded: LoadedCheckpoint,
+    options: SamplerOptions,
+    out_dir: Path,
+    seed: int,
+    labels: torch.Tensor | None,
+    guidance: Guidance,
+) -> tuple[torch.Tensor, dict]:
     """cfg.num_samples images from the seed range of `seed` -> npz + PNG grid in out_dir; (images, entry)."""
     num_samples = cfg.num_samples
     first, last = image_seed_range(seed, num_samples)
-    log.info("sampling %d images (%s, image seeds %d..%d) on %s", num_samples, options.as_dict(), first, last,
-             loaded.device)
+    log.info(
+        "sampling %d images (%s, image seeds %d..%d) on %s", num_samples, options.as_dict(), first, last, loaded.device
+    )
     start = time.perf_counter()
-    images = torch.cat([b.cpu() for b in sample_uint8_batches(loaded.module, num_samples, cfg.batch_size, options,
-                                                              guidance, progress=True, labels=labels,
-                                                              image_seed_start=first, use_ema=loaded.use_ema)])
+    images = torch.cat(
+        [
+            b.cpu()
+            for b in sample_uint8_batches(
+                loaded.module,
+                num_samples,
+                cfg.batch_size,
+                options,
+                guidance,
+                progress=True,
+                labels=labels,
+                image_seed_start=first,
+                use_ema=loaded.use_ema,
+            )
+        ]
+    )
     seconds = time.perf_counter() - start
     npz = save_npz(images, out_dir, labels)
     if labels is None:
@@ -97,18 +129,38 @@ def sample_set(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOption
     else:
         num_classes = int(labels.max()) + 1
         per_row = max(1, cfg.grid_size // num_classes)
-        grid = save_grid(per_class_rows(images, labels, num_classes, per_row), out_dir / "samples_grid.png",
-                         nrow=per_row, min_image_size=cfg.min_image_size)
-    return images, {"num_samples": num_samples, "sampler": options.as_dict(),
-                    "timesteps": visited_timesteps(loaded.diffusion, options),
-                    "nfe": options.nfe(loaded.diffusion.num_timesteps), "seed": seed, "image_seeds": [first, last],
-                    "npz": str(npz), "grid": str(grid), "seconds": round(seconds, 2),
-                    "images_per_sec": round(num_samples / max(seconds, 1e-9), 2)}
+        grid = save_grid(
+            per_class_rows(images, labels, num_classes, per_row),
+            out_dir / "samples_grid.png",
+            nrow=per_row,
+            min_image_size=cfg.min_image_size,
+        )
+    return images, {
+        "num_samples": num_samples,
+        "sampler": options.as_dict(),
+        "timesteps": visited_timesteps(loaded.diffusion, options),
+        "nfe": options.nfe(loaded.diffusion.num_timesteps),
+        "seed": seed,
+        "image_seeds": [first, last],
+        "npz": str(npz),
+        "grid": str(grid),
+        "seconds": round(seconds, 2),
+        "images_per_sec": round(num_samples / max(seconds, 1e-9), 2),
+    }
 
 
-def sample_and_score(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path,
-                     report: Report, entry: dict, scorer: Scorer | None, label: str,
-                     labels: torch.Tensor | None = None, guidance: Guidance = NO_GUIDANCE) -> None:
+def sample_and_score(
+    cfg: DictConfig,
+    loaded: LoadedCheckpoint,
+    options: SamplerOptions,
+    out_dir: Path,
+    report: Report,
+    entry: dict,
+    scorer: Scorer | None,
+    label: str,
+    labels: torch.Tensor | None = None,
+    guidance: Guidance = NO_GUIDANCE,
+) -> None:
     """One sample set per seed (in out_dir, or out_dir/seed<s> for several) and its metrics, recorded in
     `entry` of the report as each stage completes; several seeds add runs and their summary."""
     seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
@@ -147,25 +199,32 @@ def check_settings(cfg: DictConfig) -> None:
     settings = score_settings(cfg)
     extractor_name(cfg.extractor)
     if cfg.fid and "is" in settings.metrics and cfg.num_samples < cfg.isc_splits and cfg.get("samples") is None:
-        raise ConfigError(f"num_samples={cfg.num_samples} is below isc_splits={cfg.isc_splits}; the Inception Score "
-                          f"needs at least one sample per split")
+        raise ConfigError(
+            f"num_samples={cfg.num_samples} is below isc_splits={cfg.isc_splits}; the Inception Score "
+            f"needs at least one sample per split"
+        )
 
 
 def protocol(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, scorer: Scorer | None) -> dict:
     """What the numbers were computed on, in one place (see src.evaluation.protocol)."""
     seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
-    return {"num_samples": cfg.num_samples, "seeds": seeds,
-            "image_seeds": {str(s): list(image_seed_range(s, cfg.num_samples)) for s in seeds},
-            "sampler": options.as_dict(), "steps": len(visited_timesteps(loaded.diffusion, options)),
-            "nfe": options.nfe(loaded.diffusion.num_timesteps),
-            "metrics": list(score_settings(cfg).metrics) if scorer is not None else [],
-            "extractor": extractor_name(cfg.extractor) if scorer is not None else None,
-            "reference": scorer.spec if scorer is not None else None,
-            "checkpoint_sha256_prefix": checkpoint_hash(loaded.path), "weights": weights_name(loaded),
-            # the EMA widths asked for and, per width, the snapshots (steps, stds) its weights were rebuilt from
-            "ema_std": checked_stds(cfg.get("ema_std")),
-            "posthoc_ema": None if loaded.posthoc is None else [loaded.posthoc.protocol()],
-            "notes": sample_count_notes(cfg.num_samples) if scorer is not None else []}
+    return {
+        "num_samples": cfg.num_samples,
+        "seeds": seeds,
+        "image_seeds": {str(s): list(image_seed_range(s, cfg.num_samples)) for s in seeds},
+        "sampler": options.as_dict(),
+        "steps": len(visited_timesteps(loaded.diffusion, options)),
+        "nfe": options.nfe(loaded.diffusion.num_timesteps),
+        "metrics": list(score_settings(cfg).metrics) if scorer is not None else [],
+        "extractor": extractor_name(cfg.extractor) if scorer is not None else None,
+        "reference": scorer.spec if scorer is not None else None,
+        "checkpoint_sha256_prefix": checkpoint_hash(loaded.path),
+        "weights": weights_name(loaded),
+        # the EMA widths asked for and, per width, the snapshots (steps, stds) its weights were rebuilt from
+        "ema_std": checked_stds(cfg.get("ema_std")),
+        "posthoc_ema": None if loaded.posthoc is None else [loaded.posthoc.protocol()],
+        "notes": sample_count_notes(cfg.num_samples) if scorer is not None else [],
+    }
 
 
 def weights_name(loaded: LoadedCheckpoint) -> str:
@@ -185,22 +244,35 @@ def run(cfg: DictConfig) -> dict:
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
-        raise ConfigError("ckpt_path is required: give ckpt_path=PATH/TO/last.ckpt, or samples=<file.npz> to score "
-                          "a file of samples")
+        raise ConfigError(
+            "ckpt_path is required: give ckpt_path=PATH/TO/last.ckpt, or samples=<file.npz> to score a file of samples"
+        )
     loaded, options = load_checkpoint(cfg)
     out_dir = Path(cfg.paths.output_dir)
     diffusion = loaded.diffusion
     scorer = Scorer(cfg, loaded.image_shape, loaded.device, checkpoint_splits(loaded)) if cfg.fid else None
-    report = Report(out_dir / "metrics.json", {
-        "checkpoint": str(loaded.path), "global_step": loaded.global_step, **git_info(),
-        "config_vs_command_line": command_line_differences(loaded.trained, cfg),
-        "data": {"target": loaded.trained.data._target_, "image_size": loaded.image_shape[1],
-                 "channels": loaded.image_shape[0]},
-        "diffusion": {"num_timesteps": diffusion.num_timesteps, "var_type": diffusion.var_type,
-                      "mean_type": diffusion.mean_type, "schedule": OmegaConf.to_container(loaded.trained.schedule)},
-        "weights": weights_name(loaded),
-        "protocol": protocol(cfg, loaded, options, scorer),
-    })
+    report = Report(
+        out_dir / "metrics.json",
+        {
+            "checkpoint": str(loaded.path),
+            "global_step": loaded.global_step,
+            **git_info(),
+            "config_vs_command_line": command_line_differences(loaded.trained, cfg),
+            "data": {
+                "target": loaded.trained.data._target_,
+                "image_size": loaded.image_shape[1],
+                "channels": loaded.image_shape[0],
+            },
+            "diffusion": {
+                "num_timesteps": diffusion.num_timesteps,
+                "var_type": diffusion.var_type,
+                "mean_type": diffusion.mean_type,
+                "schedule": OmegaConf.to_container(loaded.trained.schedule),
+            },
+            "weights": weights_name(loaded),
+            "protocol": protocol(cfg, loaded, options, scorer),
+        },
+    )
     try:
         stages(cfg, loaded, options, out_dir, report, scorer)
     except STOPS as err:
@@ -210,8 +282,14 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     return report.content
 
 
-def stages(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, report: Report,
-           scorer: Scorer | None) -> None:
+def stages(
+    cfg: DictConfig,
+    loaded: LoadedCheckpoint,
+    options: SamplerOptions,
+    out_dir: Path,
+    report: Report,
+    scorer: Scorer | None,
+) -> None:
     # 1-2. samples (npz + PNG grid) and their metrics; class-conditional checkpoints and classifier guidance:
     # one sample set per guidance scale, every class equally often
     num_classes = loaded.num_classes
@@ -223,8 +301,15 @@ def stages(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, o
     labels = [f"w={w:g} " for w in scales] if guided else [""]
     stds = checked_stds(cfg.get("ema_std"))
     sweep = [f"ema_std={std:g} " for std in stds] if stds is not None and len(stds) > 1 else [""]
-    report.expect([f"{part} {std}{label}seed {s}" for std in sweep for label in labels for s in seeds
-                   for part in ("samples", *(("metrics",) if scorer is not None else ()))])
+    report.expect(
+        [
+            f"{part} {std}{label}seed {s}"
+            for std in sweep
+            for label in labels
+            for s in seeds
+            for part in ("samples", *(("metrics",) if scorer is not None else ()))
+        ]
+    )
     nll_modes = nll_conditionings(loaded) if cfg.nll or cfg.rate_distortion else []
     report.expect([key for key, _, _ in nll_modes])
     if sweep == [""]:
@@ -236,12 +321,23 @@ def stages(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, o
             if i > 0:  # the first one was loaded with the checkpoint
                 report.content["protocol"]["posthoc_ema"].append(loaded.use_posthoc_ema(std).protocol())
             runs.append({"ema_std": std, "posthoc_ema": loaded.posthoc.protocol()})
-            sample_sets(cfg, loaded, options, out_dir / f"ema_std{std:g}", report, runs[-1], scorer, scales,
-                        classifier_path, label)
+            sample_sets(
+                cfg,
+                loaded,
+                options,
+                out_dir / f"ema_std{std:g}",
+                report,
+                runs[-1],
+                scorer,
+                scales,
+                classifier_path,
+                label,
+            )
         if scorer is not None:
             keys = metric_keys(score_settings(cfg), cfg.extractor)
             report.updater(report.content["posthoc_ema"])(
-                figure=str(plot_quality_vs_ema_std(runs, keys, out_dir / "quality_vs_ema_std.png")))
+                figure=str(plot_quality_vs_ema_std(runs, keys, out_dir / "quality_vs_ema_std.png"))
+            )
     # 3. NLL bound on the validation split, full T (with the data's labels and / or the null label), and the
     # figures of its per-timestep terms
     for key, conditioning, with_labels in nll_modes:
@@ -251,8 +347,18 @@ def stages(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, o
         report.done(key)
 
 
-def sample_sets(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, report: Report,
-                entry: dict, scorer: Scorer | None, scales: list[float], classifier_path, label: str = "") -> None:
+def sample_sets(
+    cfg: DictConfig,
+    loaded: LoadedCheckpoint,
+    options: SamplerOptions,
+    out_dir: Path,
+    report: Report,
+    entry: dict,
+    scorer: Scorer | None,
+    scales: list[float],
+    classifier_path,
+    label: str = "",
+) -> None:
     """The sample sets of the checkpoint's current weights into `entry`: per seed, or per guidance scale and seed."""
     if loaded.num_classes is None and classifier_path is None:
         sample_and_score(cfg, loaded, options, out_dir, report, entry, scorer, label)
@@ -260,9 +366,18 @@ def sample_sets(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptio
         guided_runs(cfg, loaded, options, out_dir, report, scales, classifier_path, scorer, entry, label)
 
 
-def guided_runs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, out_dir: Path, report: Report,
-                scales: list[float], classifier_path, scorer: Scorer | None, entry: dict | None = None,
-                label: str = "") -> None:
+def guided_runs(
+    cfg: DictConfig,
+    loaded: LoadedCheckpoint,
+    options: SamplerOptions,
+    out_dir: Path,
+    report: Report,
+    scales: list[float],
+    classifier_path,
+    scorer: Scorer | None,
+    entry: dict | None = None,
+    label: str = "",
+) -> None:
     """One sample set (and its metrics) per guidance scale, every class equally often, under guidance.runs of
     `entry` (default the report itself); in out_dir/guidance_w<w> for several scales, in out_dir for one."""
     entry = report.content if entry is None else entry
@@ -276,18 +391,25 @@ def guided_runs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptio
         log.warning("%s", note)
         report.content["protocol"]["notes"].append(note)
     runs = []
-    report.updater(entry)(guidance={
-        "num_classes": num_classes, "labels": "every class equally often" if note is None else
-        "classes in turn 0, 1, ..., K-1, 0, ... (unequal: see protocol.notes)",
-        "classifier": None if classifier_path is None else
-        {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
-        "runs": runs})
+    report.updater(entry)(
+        guidance={
+            "num_classes": num_classes,
+            "labels": "every class equally often"
+            if note is None
+            else "classes in turn 0, 1, ..., K-1, 0, ... (unequal: see protocol.notes)",
+            "classifier": None
+            if classifier_path is None
+            else {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
+            "runs": runs,
+        }
+    )
     for w in scales:
         runs.append({"guidance_scale": w})
         guidance = Guidance(scale=w, classifier=classifier, classifier_scale=float(cfg.classifier.scale))
         folder = out_dir if len(scales) == 1 else out_dir / f"guidance_w{w:g}"
-        sample_and_score(cfg, loaded, options, folder, report, runs[-1], scorer,
-                         f"{label}w={w:g} ", labels=labels, guidance=guidance)
+        sample_and_score(
+            cfg, loaded, options, folder, report, runs[-1], scorer, f"{label}w={w:g} ", labels=labels, guidance=guidance
+        )
 
 
 def nll_conditionings(loaded: LoadedCheckpoint) -> list[tuple[str, str, bool]]:
@@ -301,20 +423,34 @@ def nll_conditionings(loaded: LoadedCheckpoint) -> list[tuple[str, str, bool]]:
     return modes
 
 
-def nll_report(cfg: DictConfig, loaded: LoadedCheckpoint, out_dir: Path, conditioning: str,
-               with_labels: bool) -> tuple[dict, dict]:
+def nll_report(
+    cfg: DictConfig, loaded: LoadedCheckpoint, out_dir: Path, conditioning: str, with_labels: bool
+) -> tuple[dict, dict]:
     """The full-T bound in bits/dim on the validation split, with its parts (nll_terms*.npz); (entry, terms)."""
     changes = {} if cfg.get("nll_batch_size") is None else {"batch_size": cfg.nll_batch_size}
     datamodule = loaded.datamodule("validate", **changes)
     start = time.perf_counter()
     generator = torch.Generator(device=loaded.device).manual_seed(int(cfg.seed))
     try:
-        terms = nll_terms(loaded.module, datamodule.val_dataloader(), max_batches=cfg.get("nll_batches"),
-                          max_images=cfg.get("nll_num_images"), clip_denoised=cfg.nll_clip_denoised,
-                          generator=generator, use_ema=loaded.use_ema, with_labels=with_labels, progress=True)
+        terms = nll_terms(
+            loaded.module,
+            datamodule.val_dataloader(),
+            max_batches=cfg.get("nll_batches"),
+            max_images=cfg.get("nll_num_images"),
+            clip_denoised=cfg.nll_clip_denoised,
+            generator=generator,
+            use_ema=loaded.use_ema,
+            with_labels=with_labels,
+            progress=True,
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     name = "nll_terms.npz" if with_labels or loaded.num_classes is None else "nll_terms_null_label.npz"
-    return {"split": "val", "conditioning": conditioning, "clip_denoised": bool(cfg.nll_clip_denoised),
-            **summarize(terms), "terms": str(save_terms(terms, out_dir / name)),
-            "seconds": round(time.perf_counter() - start, 2)}, terms
+    return {
+        "split": "val",
+        "conditioning": conditioning,
+        "clip_denoised": bool(cfg.nll_clip_denoised),
+        **summarize(terms),
+        "terms": str(save_terms(terms, out_dir / name)),
+        "seconds": round(time.perf_counter() - start, 2),
+    }, terms

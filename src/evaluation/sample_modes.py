@@ -3,18 +3,31 @@
 Every mode gets the loaded checkpoint, the sampler options merged once from the run's sampler config and the
 command line, and the command's config; it returns the PNG files it wrote, by name.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from src.diffusion import (Guidance, SamplerOptions, ddim_invert, ddim_sample, image_grid, interpolate,
-                           interpolate_ddim, sample, sample_trajectory, trajectory_grid, visited_timesteps)
+
+from src.diffusion import (
+    Guidance,
+    SamplerOptions,
+    ddim_invert,
+    ddim_sample,
+    image_grid,
+    interpolate,
+    interpolate_ddim,
+    sample,
+    sample_trajectory,
+    trajectory_grid,
+    visited_timesteps,
+)
 from src.diffusion.editing import BLENDS
 from src.errors import ConfigError
 
@@ -33,8 +46,9 @@ def _positive(value, name: str) -> int:
 
 
 def _count(cfg: DictConfig) -> int:
-    return _positive(cfg.num_samples if cfg.get("num_samples") is not None else cfg[cfg.mode].num_samples,
-                     "num_samples")
+    return _positive(
+        cfg.num_samples if cfg.get("num_samples") is not None else cfg[cfg.mode].num_samples, "num_samples"
+    )
 
 
 def save(cfg: DictConfig, loaded: LoadedCheckpoint, grid: torch.Tensor, name: str) -> Path:
@@ -58,15 +72,33 @@ def _generator(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Generator:
     return torch.Generator(device=loaded.device).manual_seed(int(cfg.seed))
 
 
-def _batches(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions, n: int,
-             guidance: Guidance | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+def _batches(
+    cfg: DictConfig,
+    loaded: LoadedCheckpoint,
+    options: SamplerOptions,
+    n: int,
+    guidance: Guidance | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """n images from one generator, in batches of cfg.batch_size (with labels: image i of class labels[i])."""
     generator, out = _generator(cfg, loaded), []
     for first in range(0, n, cfg.batch_size):
         size = min(cfg.batch_size, n - first)
-        batch_guidance = Guidance() if labels is None else guidance.for_labels(labels[first:first + size].to(loaded.device))
-        out.append(sample(loaded.diffusion, loaded.net, (size, *loaded.image_shape), options, batch_guidance,
-                          generator=generator, device=loaded.device, progress=cfg.progress).cpu())
+        batch_guidance = (
+            Guidance() if labels is None else guidance.for_labels(labels[first : first + size].to(loaded.device))
+        )
+        out.append(
+            sample(
+                loaded.diffusion,
+                loaded.net,
+                (size, *loaded.image_shape),
+                options,
+                batch_guidance,
+                generator=generator,
+                device=loaded.device,
+                progress=cfg.progress,
+            ).cpu()
+        )
     return torch.cat(out)
 
 
@@ -77,8 +109,9 @@ def grid(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> 
     if num_classes is None:
         images = _batches(cfg, loaded, options, _count(cfg))
         return {"samples": save(cfg, loaded, image_grid(images, nrow=cfg.grid.nrow), "samples.png")}
-    per_class = _positive(cfg.num_samples if cfg.get("num_samples") is not None else cfg.grid.per_class,
-                          "grid.per_class")
+    per_class = _positive(
+        cfg.num_samples if cfg.get("num_samples") is not None else cfg.grid.per_class, "grid.per_class"
+    )
     labels = grid_labels(num_classes, per_class, cfg.get("class_label"))
     scales = _scales(cfg, loaded)
     written = {}
@@ -92,8 +125,9 @@ def grid(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> 
 
 def _scales(cfg: DictConfig, loaded: LoadedCheckpoint) -> list[float]:
     """guidance_scale as given, or (null) the run's own guidance_scale, or 0."""
-    return guidance_scales(cfg.guidance_scale, loaded.num_classes, loaded.null_label, loaded.guidance_scale,
-                           fallback=(0.0,))
+    return guidance_scales(
+        cfg.guidance_scale, loaded.num_classes, loaded.null_label, loaded.guidance_scale, fallback=(0.0,)
+    )
 
 
 def _labels_and_classifier(cfg: DictConfig, loaded: LoadedCheckpoint):
@@ -113,13 +147,22 @@ def trajectory(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOption
     """x_t and the predicted x_0 along the reverse process (DDPM Fig. 6), one row per sample."""
     spec = cfg.trajectory
     record = spec.record_timesteps
-    traj = sample_trajectory(loaded.diffusion, loaded.net, (_count(cfg), *loaded.image_shape), options,
-                             record_every=spec.record_every,
-                             record_timesteps=OmegaConf.to_container(record) if OmegaConf.is_list(record) else record,
-                             generator=_generator(cfg, loaded), device=loaded.device, progress=cfg.progress)
+    traj = sample_trajectory(
+        loaded.diffusion,
+        loaded.net,
+        (_count(cfg), *loaded.image_shape),
+        options,
+        record_every=spec.record_every,
+        record_timesteps=OmegaConf.to_container(record) if OmegaConf.is_list(record) else record,
+        generator=_generator(cfg, loaded),
+        device=loaded.device,
+        progress=cfg.progress,
+    )
     log.info("recorded timesteps (columns): %s", traj.timesteps)
-    return {"pred_x0": save(cfg, loaded, trajectory_grid(traj, "pred_x0"), "trajectory_pred_x0.png"),
-            "xt": save(cfg, loaded, trajectory_grid(traj, "xt"), "trajectory_xt.png")}
+    return {
+        "pred_x0": save(cfg, loaded, trajectory_grid(traj, "pred_x0"), "trajectory_pred_x0.png"),
+        "xt": save(cfg, loaded, trajectory_grid(traj, "xt"), "trajectory_xt.png"),
+    }
 
 
 def interpolate_pairs(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:
@@ -129,12 +172,23 @@ def interpolate_pairs(cfg: DictConfig, loaded: LoadedCheckpoint, options: Sample
     x_a, x_b = images[:n], images[n:]
     lambdas = torch.linspace(0.0, 1.0, spec.num_lambdas).tolist()
     if spec.encoder == "q_sample":
-        mixed = interpolate(loaded.diffusion, loaded.net, x_a, x_b, lambdas, spec.t, options, method=spec.method,
-                            generator=_generator(cfg, loaded), progress=cfg.progress)
+        mixed = interpolate(
+            loaded.diffusion,
+            loaded.net,
+            x_a,
+            x_b,
+            lambdas,
+            spec.t,
+            options,
+            method=spec.method,
+            generator=_generator(cfg, loaded),
+            progress=cfg.progress,
+        )
         name = f"interpolate_t{spec.t}_{spec.method}.png"
     else:  # ddim
-        mixed = interpolate_ddim(loaded.diffusion, loaded.net, x_a, x_b, lambdas, options, method=spec.method,
-                                 progress=cfg.progress)
+        mixed = interpolate_ddim(
+            loaded.diffusion, loaded.net, x_a, x_b, lambdas, options, method=spec.method, progress=cfg.progress
+        )
         name = f"interpolate_ddim_{spec.method}.png"
     rows = torch.cat([x_a.unsqueeze(1), mixed, x_b.unsqueeze(1)], dim=1)
     return {"interpolate": save(cfg, loaded, image_grid(rows), name)}
@@ -148,14 +202,22 @@ def invert(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -
     latent = ddim_invert(loaded.diffusion, loaded.net, x0, options, progress=cfg.progress)
     recon = ddim_sample(loaded.diffusion, loaded.net, latent, options, progress=cfg.progress)
     mse = (recon - x0).pow(2).mean().item()
-    log.info("latent mean %.3f std %.3f; reconstruction MSE %.2e (PSNR %.1f dB on [-1, 1])",
-             latent.mean().item(), latent.std().item(), mse, 10 * math.log10(4.0 / max(mse, 1e-12)))
+    log.info(
+        "latent mean %.3f std %.3f; reconstruction MSE %.2e (PSNR %.1f dB on [-1, 1])",
+        latent.mean().item(),
+        latent.std().item(),
+        mse,
+        10 * math.log10(4.0 / max(mse, 1e-12)),
+    )
     rows = torch.stack([x0, latent / 3.0, recon], dim=1)
     return {"invert": save(cfg, loaded, image_grid(rows), "invert.png")}
 
 
 MODES: dict[str, Callable[[DictConfig, LoadedCheckpoint, SamplerOptions], dict[str, Path]]] = {
-    "grid": grid, "trajectory": trajectory, "interpolate": interpolate_pairs, "invert": invert,
+    "grid": grid,
+    "trajectory": trajectory,
+    "interpolate": interpolate_pairs,
+    "invert": invert,
 }
 
 
@@ -167,8 +229,10 @@ def check_settings(cfg: DictConfig) -> int | None:
     _count(cfg)
     _positive(cfg.batch_size, "batch_size")
     if OmegaConf.is_list(cfg.get("ema_std")):
-        raise ConfigError(f"sample.py takes one ema_std, got {cfg.ema_std}; sweep widths with evaluate.py "
-                          f"ema_std=[...] or a multirun (-m ema_std=0.05,0.10)")
+        raise ConfigError(
+            f"sample.py takes one ema_std, got {cfg.ema_std}; sweep widths with evaluate.py "
+            f"ema_std=[...] or a multirun (-m ema_std=0.05,0.10)"
+        )
     labelled = cfg.classifier.ckpt_path is not None or cfg.get("class_label") is not None
     if cfg.mode != "grid" and (labelled or any(guidance_scales(cfg.guidance_scale, None))):
         raise ConfigError(f"class_label, guidance_scale and classifier apply to mode=grid, not mode={cfg.mode}")
@@ -190,13 +254,21 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     until = check_settings(cfg)
     loaded, options = load_checkpoint(cfg, until=until)
     kept = visited_timesteps(loaded.diffusion, options)
-    log.info("mode=%s, sampler %s (%d steps, %d NFE from noise at timesteps %s), %s weights, on %s", cfg.mode,
-             options.as_dict(), len(kept), options.nfe(loaded.diffusion.num_timesteps),
-             kept if len(kept) <= 12 else f"{kept[:3]} ... {kept[-3:]}",
-             "raw" if not loaded.use_ema else "EMA" if loaded.posthoc is None else
-             f"post-hoc EMA std {loaded.posthoc.std:g} (snapshots of steps "
-             f"{sorted(set(loaded.posthoc.snapshot_steps))})",
-             loaded.device)
+    log.info(
+        "mode=%s, sampler %s (%d steps, %d NFE from noise at timesteps %s), %s weights, on %s",
+        cfg.mode,
+        options.as_dict(),
+        len(kept),
+        options.nfe(loaded.diffusion.num_timesteps),
+        kept if len(kept) <= 12 else f"{kept[:3]} ... {kept[-3:]}",
+        "raw"
+        if not loaded.use_ema
+        else "EMA"
+        if loaded.posthoc is None
+        else f"post-hoc EMA std {loaded.posthoc.std:g} (snapshots of steps "
+        f"{sorted(set(loaded.posthoc.snapshot_steps))})",
+        loaded.device,
+    )
     start = time.perf_counter()
     written = MODES[cfg.mode](cfg, loaded, options)
     log.info("done in %.1f s; outputs in %s", time.perf_counter() - start, Path(cfg.paths.output_dir).resolve())

@@ -1,9 +1,10 @@
 """Drawing many samples in batches as uint8, and writing them as an .npz and a PNG grid."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -11,7 +12,6 @@ from torchvision.utils import make_grid
 
 from src.data.transforms import signed_to_uint8
 from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions
-
 from src.errors import ConfigError
 
 from .atomic import savez as atomic_savez
@@ -21,10 +21,18 @@ from .references import nhwc_to_tensor
 log = logging.getLogger(__name__)
 
 
-def sample_uint8_batches(module, num_samples: int, batch_size: int, options: SamplerOptions,
-                         guidance: Guidance = NO_GUIDANCE, generator: torch.Generator | None = None,
-                         progress: bool = False, labels: torch.Tensor | None = None,
-                         image_seed_start: int | None = None, use_ema: bool = True) -> Iterator[torch.Tensor]:
+def sample_uint8_batches(
+    module,
+    num_samples: int,
+    batch_size: int,
+    options: SamplerOptions,
+    guidance: Guidance = NO_GUIDANCE,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    labels: torch.Tensor | None = None,
+    image_seed_start: int | None = None,
+    use_ema: bool = True,
+) -> Iterator[torch.Tensor]:
     """Yield uint8 images [B, C, H, W] from `module.sample` (EMA weights, or the trained ones with
     use_ema=False), num_samples in all; with labels
     [num_samples], image i is drawn for class labels[i] (with `guidance`'s scales).
@@ -45,7 +53,7 @@ def sample_uint8_batches(module, num_samples: int, batch_size: int, options: Sam
         if image_seed_start is not None:
             generator = torch.Generator(device=module.device).manual_seed(image_seed_start + done)
         if labels is not None:
-            guidance = guidance.for_labels(labels[done:done + n].to(module.device))
+            guidance = guidance.for_labels(labels[done : done + n].to(module.device))
         images = module.sample(n, options, guidance, generator=generator, use_ema=use_ema)
         done += n
         if progress:
@@ -83,17 +91,19 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise ConfigError(f"samples={path} is not a readable .npz ({type(err).__name__}: {err})") from None
     if labels is not None:
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ConfigError(f"samples={path}: arr_1 must be integer labels [{len(images)}], got {labels.dtype} "
-                              f"{labels.shape}")
+            raise ConfigError(
+                f"samples={path}: arr_1 must be integer labels [{len(images)}], got {labels.dtype} {labels.shape}"
+            )
         labels = torch.from_numpy(labels.astype(np.int64))
     return images, labels
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
-              min_image_size: int | None = None) -> Path:
+def save_grid(
+    images: torch.Tensor, path: str | Path, nrow: int | None = None, min_image_size: int | None = None
+) -> Path:
     """uint8 [N, C, H, W] -> a PNG grid (nrow defaults to about sqrt(N)), images enlarged to at least
     min_image_size pixels (see src.evaluation.grids)."""
     n = images.shape[0]
-    grid = make_grid(images.float() / 255.0, nrow=nrow or max(1, int(n ** 0.5)), padding=2, pad_value=1.0)
+    grid = make_grid(images.float() / 255.0, nrow=nrow or max(1, int(n**0.5)), padding=2, pad_value=1.0)
     save_grid_png(grid, path, images.shape[-1], min_image_size)
     return Path(path)

@@ -1,5 +1,6 @@
 """evaluate.py samples=<file.npz>: the metrics of a file of samples from this project or any other (uint8
 NHWC arr_0, optional arr_1 labels), against reference= with extractor=, on one yardstick with our own."""
+
 from __future__ import annotations
 
 import logging
@@ -51,14 +52,23 @@ def score_file(cfg: DictConfig) -> dict:
     scorer = Scorer(cfg, tuple(images.shape[1:]), pick_device(cfg.device), splits)
     out_dir = Path(cfg.paths.output_dir)
     counts = None if labels is None else torch.bincount(labels).tolist()
-    report = Report(out_dir / "metrics.json", {
-        "samples_file": str(path.resolve()), "samples_sha256_prefix": file_sha256(path)[:16], **git_info(),
-        "samples": {"num_samples": len(images), "image_shape": list(images.shape[1:]), "labels_per_class": counts},
-        "protocol": {"num_samples": len(images), "metrics": list(score_settings(cfg).metrics),
-                     "extractor": extractor_name(cfg.extractor), "reference": scorer.spec,
-                     "checkpoint": str(cfg.ckpt_path) if has_ckpt else None,
-                     "notes": sample_count_notes(len(images))},
-    })
+    report = Report(
+        out_dir / "metrics.json",
+        {
+            "samples_file": str(path.resolve()),
+            "samples_sha256_prefix": file_sha256(path)[:16],
+            **git_info(),
+            "samples": {"num_samples": len(images), "image_shape": list(images.shape[1:]), "labels_per_class": counts},
+            "protocol": {
+                "num_samples": len(images),
+                "metrics": list(score_settings(cfg).metrics),
+                "extractor": extractor_name(cfg.extractor),
+                "reference": scorer.spec,
+                "checkpoint": str(cfg.ckpt_path) if has_ckpt else None,
+                "notes": sample_count_notes(len(images)),
+            },
+        },
+    )
     report.expect(["metrics"])
     try:
         report.update(**scorer(images))

@@ -5,6 +5,7 @@ et al. 2018, its subset protocol) and improved precision / recall (Kynkaenniemi 
 FID needs the summed statistics of the samples and mu / sigma of the reference; IS the samples' logits;
 KID and precision / recall the feature rows of both sets (a reference of mu / sigma only cannot give them).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class ScoreSettings:
     prc_num_images: int | None = None
 
     @classmethod
-    def checked(cls, metrics, **values) -> "ScoreSettings":
+    def checked(cls, metrics, **values) -> ScoreSettings:
         names = tuple(str(m) for m in metrics)
         unknown = [m for m in names if m not in METRICS]
         if unknown or not names:
@@ -62,8 +63,9 @@ class SampleFeatures:
     rows: torch.Tensor | None
 
 
-def score(samples: SampleFeatures, reference: ReferenceStats, settings: ScoreSettings,
-          extractor_name: str) -> tuple[dict, dict]:
+def score(
+    samples: SampleFeatures, reference: ReferenceStats, settings: ScoreSettings, extractor_name: str
+) -> tuple[dict, dict]:
     """(values, unavailable): numbers under metric_key names, and {metric key: why not} for those that
     cannot be computed from what is given (e.g. KID against a reference of mu / sigma only)."""
     key = lambda metric: metric_key(metric, extractor_name)  # noqa: E731
@@ -73,8 +75,10 @@ def score(samples: SampleFeatures, reference: ReferenceStats, settings: ScoreSet
         values[key("fd")] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
     if "is" in settings.metrics:
         if len(samples.logits) < settings.isc_splits:
-            unavailable[key("is")] = (f"the Inception Score needs at least isc_splits={settings.isc_splits} samples, "
-                                      f"got {len(samples.logits)}; lower isc_splits")
+            unavailable[key("is")] = (
+                f"the Inception Score needs at least isc_splits={settings.isc_splits} samples, "
+                f"got {len(samples.logits)}; lower isc_splits"
+            )
         else:
             values[key("is")], values[key("is_std")] = inception_score(samples.logits, settings.isc_splits)
     rows_missing = reference.features is None or samples.rows is None
@@ -82,8 +86,10 @@ def score(samples: SampleFeatures, reference: ReferenceStats, settings: ScoreSet
         if metric not in settings.metrics:
             continue
         if rows_missing:
-            unavailable[key(metric)] = (f"{metric} needs the reference images' features; the reference holds "
-                                        f"mu / sigma only: give reference= images (a split, folder or npz arr_0)")
+            unavailable[key(metric)] = (
+                f"{metric} needs the reference images' features; the reference holds "
+                f"mu / sigma only: give reference= images (a split, folder or npz arr_0)"
+            )
             continue
         real = torch.from_numpy(np.asarray(reference.features, dtype=np.float32))
         result = compute(samples.rows.float().cpu(), real, settings)
@@ -97,20 +103,33 @@ def score(samples: SampleFeatures, reference: ReferenceStats, settings: ScoreSet
 def _kid(fake: torch.Tensor, real: torch.Tensor, settings: ScoreSettings) -> dict | str:
     size = settings.kid_subset_size or min(KID_MAX_SUBSET_SIZE, len(fake), len(real))
     if size > min(len(fake), len(real)) or size < 2:
-        return (f"kid_subset_size={size} needs at least that many samples and reference images (have {len(fake)} "
-                f"and {len(real)}); lower kid_subset_size or draw more samples")
-    out = kid_features_to_metric(fake, real, kid_subsets=settings.kid_subsets, kid_subset_size=size,
-                                 rng_seed=RNG_SEED, verbose=False)
-    return {"kid": out[KEY_METRIC_KID_MEAN], "kid_std": out[KEY_METRIC_KID_STD], "kid_subset_size": size,
-            "kid_subsets": settings.kid_subsets}
+        return (
+            f"kid_subset_size={size} needs at least that many samples and reference images (have {len(fake)} "
+            f"and {len(real)}); lower kid_subset_size or draw more samples"
+        )
+    out = kid_features_to_metric(
+        fake, real, kid_subsets=settings.kid_subsets, kid_subset_size=size, rng_seed=RNG_SEED, verbose=False
+    )
+    return {
+        "kid": out[KEY_METRIC_KID_MEAN],
+        "kid_std": out[KEY_METRIC_KID_STD],
+        "kid_subset_size": size,
+        "kid_subsets": settings.kid_subsets,
+    }
 
 
 def _prc(fake: torch.Tensor, real: torch.Tensor, settings: ScoreSettings) -> dict | str:
     n = settings.prc_num_images
     fake, real = (fake, real) if n is None else (fake[:n], real[:n])
     if min(len(fake), len(real)) <= PRC_NEIGHBORHOOD:
-        return f"precision / recall need more than k={PRC_NEIGHBORHOOD} images in each set (have {len(fake)}, {len(real)})"
-    out = prc_features_to_metric(fake, real, prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000,
-                                 save_cpu_ram=True, verbose=False)
-    return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL],
-            "prc_num_images": [len(fake), len(real)]}
+        return (
+            f"precision / recall need more than k={PRC_NEIGHBORHOOD} images in each set (have {len(fake)}, {len(real)})"
+        )
+    out = prc_features_to_metric(
+        fake, real, prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000, save_cpu_ram=True, verbose=False
+    )
+    return {
+        "precision": out[KEY_METRIC_PRECISION],
+        "recall": out[KEY_METRIC_RECALL],
+        "prc_num_images": [len(fake), len(real)],
+    }

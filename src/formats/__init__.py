@@ -5,6 +5,7 @@ An import gives an ordinary checkpoint: the state_dict of the task's LightningMo
 both holding the file's weights) and a full train config composed from conf/ (hyper_parameters.run_config), so
 sample.py, evaluate.py and src.checkpoints.load_module rebuild it as they rebuild train.py's checkpoints.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,11 +32,20 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "diffusers": Format("diffusers' UNet2DModel folder or hub id (google/ddpm-cifar10-32, google/ddpm-ema-church-256, "
-                        "...), with its scheduler config", lambda src, preset: diffusers.import_model(src),
-                        diffusers.export, needs_preset=False),
-    "openai": Format("a .pt state dict of openai/improved-diffusion or openai/guided-diffusion, described by a preset "
-                     "(conf/preset/)", openai.import_model, None, needs_preset=True),
+    "diffusers": Format(
+        "diffusers' UNet2DModel folder or hub id (google/ddpm-cifar10-32, google/ddpm-ema-church-256, "
+        "...), with its scheduler config",
+        lambda src, preset: diffusers.import_model(src),
+        diffusers.export,
+        needs_preset=False,
+    ),
+    "openai": Format(
+        "a .pt state dict of openai/improved-diffusion or openai/guided-diffusion, described by a preset "
+        "(conf/preset/)",
+        openai.import_model,
+        None,
+        needs_preset=True,
+    ),
 }
 
 
@@ -45,9 +55,14 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
-def import_checkpoint(format_name: str, src: str | os.PathLike, preset: DictConfig | None = None,
-                      data: str | None = None, data_overrides: Mapping | None = None,
-                      output_dir: str | os.PathLike = ".") -> tuple[dict, nn.Module]:
+def import_checkpoint(
+    format_name: str,
+    src: str | os.PathLike,
+    preset: DictConfig | None = None,
+    data: str | None = None,
+    data_overrides: Mapping | None = None,
+    output_dir: str | os.PathLike = ".",
+) -> tuple[dict, nn.Module]:
     """The checkpoint (as train.py writes it, in memory) of a released model in format `format_name`, and the
     LightningModule it holds (eval mode, CPU).
 

@@ -1,6 +1,7 @@
 """What every format shares: a released model as this project's checkpoint (a full train config composed from
 conf/, the module it builds, the weights loaded into its network and its EMA copy), the check of a file's
 tensors against the layout a model expects, and writing results only once they are complete."""
+
 from __future__ import annotations
 
 import os
@@ -80,8 +81,12 @@ def _data_dir() -> str:
     return os.environ.get("DDPM_DATA_DIR") or str(Path.cwd() / "data")
 
 
-def run_config(imported: Imported, data_overrides: Mapping | None = None, data: str | None = None,
-               output_dir: str | os.PathLike = ".") -> DictConfig:
+def run_config(
+    imported: Imported,
+    data_overrides: Mapping | None = None,
+    data: str | None = None,
+    output_dir: str | os.PathLike = ".",
+) -> DictConfig:
     """The resolved train config of the imported model: groups and keys from `imported`, its model config,
     then the data overrides (e.g. {"root": "/path/to/images"}); paths resolved without Hydra's runtime."""
     cfg = compose_train([*data_group(imported.image_shape, data), *imported.overrides])
@@ -94,30 +99,39 @@ def run_config(imported: Imported, data_overrides: Mapping | None = None, data: 
     try:
         return OmegaConf.create(OmegaConf.to_container(merged, resolve=True, throw_on_missing=True))
     except MissingMandatoryValue as err:
-        raise ConversionError(f"{err.full_key} is required for the model's data ({merged.data._target_}); add "
-                              f"+{err.full_key}=... (the images the model was trained on, which FID compares "
-                              f"against)") from None
+        raise ConversionError(
+            f"{err.full_key} is required for the model's data ({merged.data._target_}); add "
+            f"+{err.full_key}=... (the images the model was trained on, which FID compares "
+            f"against)"
+        ) from None
 
 
 def check_data(imported: Imported, cfg: DictConfig, datamodule, name: str) -> None:
     """The data must make the images the model makes, and have its classes."""
     channels, size = imported.image_shape
     if int(cfg.data.image_size) != size:
-        raise ConversionError(f"{name} is a {size}x{size} model but data.image_size={cfg.data.image_size}; use "
-                              f"+data.image_size={size} or data of that size")
+        raise ConversionError(
+            f"{name} is a {size}x{size} model but data.image_size={cfg.data.image_size}; use "
+            f"+data.image_size={size} or data of that size"
+        )
     if datamodule.channels != channels:
-        raise ConversionError(f"{name} makes {channels}-channel images but the data ({cfg.data._target_}) has "
-                              f"{datamodule.channels}; choose data with {channels} channel(s) (data_group=...)")
+        raise ConversionError(
+            f"{name} makes {channels}-channel images but the data ({cfg.data._target_}) has "
+            f"{datamodule.channels}; choose data with {channels} channel(s) (data_group=...)"
+        )
     if imported.num_classes is not None:
         try:
             found = datamodule.num_classes
         except DatasetNotFoundError as err:
-            raise ConversionError(f"{name} has {imported.num_classes} classes, which the data must have, but "
-                                  f"{err}") from None
+            raise ConversionError(
+                f"{name} has {imported.num_classes} classes, which the data must have, but {err}"
+            ) from None
         if found != imported.num_classes:
-            raise ConversionError(f"{name} has {imported.num_classes} classes but the data ({cfg.data._target_}"
-                                  f"{' at ' + str(cfg.data.root) if 'root' in cfg.data else ''}) has {found}; "
-                                  f"give the data the model was trained on")
+            raise ConversionError(
+                f"{name} has {imported.num_classes} classes but the data ({cfg.data._target_}"
+                f"{' at ' + str(cfg.data.root) if 'root' in cfg.data else ''}) has {found}; "
+                f"give the data the model was trained on"
+            )
 
 
 def build_checkpoint(imported: Imported, cfg: DictConfig, name: str) -> tuple[dict, nn.Module]:
@@ -133,10 +147,16 @@ def build_checkpoint(imported: Imported, cfg: DictConfig, name: str) -> tuple[di
     module.ema.model.load_state_dict(module.net.state_dict())
     # Lightning's keys of a step-0 checkpoint with no optimizer state yet: train.py ckpt_path=<this file> starts
     # from these weights with a fresh optimizer (fine-tuning), as it continues its own checkpoints.
-    ckpt = {"state_dict": module.state_dict(), "global_step": 0, "epoch": 0,
-            "pytorch-lightning_version": L.__version__, "optimizer_states": [], "lr_schedulers": [],
-            "hyper_parameters": {"run_config": OmegaConf.to_container(cfg, resolve=True)},
-            "converted_from": imported.provenance}
+    ckpt = {
+        "state_dict": module.state_dict(),
+        "global_step": 0,
+        "epoch": 0,
+        "pytorch-lightning_version": L.__version__,
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        "hyper_parameters": {"run_config": OmegaConf.to_container(cfg, resolve=True)},
+        "converted_from": imported.provenance,
+    }
     return ckpt, module.eval()
 
 
@@ -144,8 +164,9 @@ def load_strict(net: nn.Module, state: dict[str, torch.Tensor], name: str) -> No
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:  # a bug of a mapping, not of the file (the file was checked against the layout)
-        raise ConversionError(f"the converted weights of {name} do not fit the rebuilt net ({str(err).splitlines()[0]})"
-                              ) from None
+        raise ConversionError(
+            f"the converted weights of {name} do not fit the rebuilt net ({str(err).splitlines()[0]})"
+        ) from None
 
 
 # --- checking a file against a layout ------------------------------------------------------------
@@ -159,11 +180,14 @@ def layout_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str,
     if missing:
         parts.append(f"{len(missing)} missing: " + ", ".join(f"{k} {list(expected[k])}" for k in missing[:SHOWN]))
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected: "
-                     + ", ".join(f"{k} {list(found[k].shape)}" for k in unexpected[:SHOWN]))
+        parts.append(
+            f"{len(unexpected)} unexpected: " + ", ".join(f"{k} {list(found[k].shape)}" for k in unexpected[:SHOWN])
+        )
     if wrong:
-        parts.append(f"{len(wrong)} of another shape: "
-                     + ", ".join(f"{k} {list(found[k].shape)} (expected {list(expected[k])})" for k in wrong[:SHOWN]))
+        parts.append(
+            f"{len(wrong)} of another shape: "
+            + ", ".join(f"{k} {list(found[k].shape)} (expected {list(expected[k])})" for k in wrong[:SHOWN])
+        )
     return "; ".join(parts) or None
 
 
@@ -196,8 +220,11 @@ SAME = renamed({})
 
 def linear_as(ndim: int) -> Kind:
     """A Linear weight [O, I] as theirs with `ndim` dims (a 1x1 Conv1d 3, Conv2d 4); biases unchanged."""
-    return renamed({}, lambda w: w.reshape(*w.shape[:2], *([1] * (ndim - 2))) if w.ndim > 1 else w,
-                   lambda w: w.reshape(w.shape[:2]) if w.ndim > 1 else w)
+    return renamed(
+        {},
+        lambda w: w.reshape(*w.shape[:2], *([1] * (ndim - 2))) if w.ndim > 1 else w,
+        lambda w: w.reshape(w.shape[:2]) if w.ndim > 1 else w,
+    )
 
 
 def swapped_halves(dim: int) -> Kind:
@@ -218,12 +245,15 @@ def convert(layout: list[tuple[str, str, Kind]], state: Mapping[str, torch.Tenso
     groups: dict[int, dict] = {}
     left = []
     for key, value in state.items():
-        best = max((i for i, e in enumerate(layout) if key.startswith(e[src_index] + ".")),
-                   key=lambda i: len(layout[i][src_index]), default=None)
+        best = max(
+            (i for i, e in enumerate(layout) if key.startswith(e[src_index] + ".")),
+            key=lambda i: len(layout[i][src_index]),
+            default=None,
+        )
         if best is None:
             left.append(key)
         else:
-            groups.setdefault(best, {})[key[len(layout[best][src_index]) + 1:]] = value
+            groups.setdefault(best, {})[key[len(layout[best][src_index]) + 1 :]] = value
     if left:
         raise ConversionError(f"tensors that the layout does not place: {', '.join(left[:SHOWN])}")
     out = {}

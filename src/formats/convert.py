@@ -1,5 +1,6 @@
 """convert.py's work: import a released model to a checkpoint file, or export one of ours to a format's folder.
 Nothing is written at dst unless the conversion succeeded and the written checkpoint loads back."""
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,9 @@ def run(cfg: DictConfig) -> Path:
     dst = Path(str(cfg.dst)).expanduser()
     data = cfg.get("data")
     data_overrides = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else dict(data or {})
-    ckpt, _ = import_checkpoint(cfg.format, str(cfg.src), preset, cfg.get("data_group"), data_overrides,
-                             output_dir=dst.resolve().parent)
+    ckpt, _ = import_checkpoint(
+        cfg.format, str(cfg.src), preset, cfg.get("data_group"), data_overrides, output_dir=dst.resolve().parent
+    )
     with written_atomically(dst, bool(cfg.get("overwrite", False))) as tmp:
         torch.save(ckpt, tmp)
         module_from_checkpoint(read_checkpoint(tmp), task=None, source=str(tmp))  # it loads as ours do

@@ -1,4 +1,5 @@
 """Checkpoint writing that never leaves a truncated file under the final name."""
+
 import os
 from pathlib import Path
 from typing import Any

@@ -1,5 +1,6 @@
 """The LightningModule of task=classifier: a classifier of noisy images x_t for classifier guidance."""
-from typing import Callable
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,16 @@ class ClassifierModule(EMATrainedModule):
         run_config: the resolved run config, saved in the checkpoint so the classifier can be rebuilt.
     """
 
-    def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable[..., torch.optim.Optimizer],
-                 lr_warmup_steps: int, ema_decay: float, lr_schedule: str = "constant",
-                 run_config: dict | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        diffusion: GaussianDiffusion,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_warmup_steps: int,
+        ema_decay: float,
+        lr_schedule: str = "constant",
+        run_config: dict | None = None,
+    ):
         super().__init__(net, ema_decay)
         check_lr_schedule(lr_schedule)
         self.save_hyperparameters(ignore=["net", "diffusion"])
@@ -37,8 +45,9 @@ class ClassifierModule(EMATrainedModule):
     def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(xt, t)
 
-    def _losses(self, net: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-                noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _losses(
+        self, net: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = net(self.diffusion.q_sample(x0, t, noise), t)
         return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
 

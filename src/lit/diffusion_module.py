@@ -1,14 +1,24 @@
 """The LightningModule of task=diffusion: the denoiser + diffusion math (EMA + optimisation: EMATrainedModule)."""
+
 import logging
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from src.diffusion import (NO_GUIDANCE, GaussianDiffusion, Guidance, LossSecondMomentResampler, SamplerOptions,
-                           UniformSampler, drop_labels, sample)
+from src.diffusion import (
+    NO_GUIDANCE,
+    GaussianDiffusion,
+    Guidance,
+    LossSecondMomentResampler,
+    SamplerOptions,
+    UniformSampler,
+    drop_labels,
+    sample,
+)
 from src.errors import NonFiniteLossError
 
 from .ema_trained import EMATrainedModule
@@ -57,8 +67,10 @@ class DiffusionModule(EMATrainedModule):
         check_lr_schedule(lr_schedule)
         self.save_hyperparameters(ignore=["net", "diffusion", "timestep_sampler"])
         if timestep_sampler.num_timesteps != diffusion.num_timesteps:
-            raise ValueError(f"timestep sampler has T={timestep_sampler.num_timesteps} but the diffusion has "
-                             f"T={diffusion.num_timesteps}")
+            raise ValueError(
+                f"timestep sampler has T={timestep_sampler.num_timesteps} but the diffusion has "
+                f"T={diffusion.num_timesteps}"
+            )
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
         self.diffusion = diffusion
@@ -111,7 +123,8 @@ class DiffusionModule(EMATrainedModule):
         raise NonFiniteLossError(
             f"training loss is {loss.item()} (not finite) at optimizer step {step}; training stopped before that "
             f"update, nothing was saved after it; last good checkpoint: {last or 'none saved yet'}; resume from it "
-            f"(ckpt_path=...) with a lower module.optimizer.lr or trainer.gradient_clip_val, or trainer.precision=32-true")
+            f"(ckpt_path=...) with a lower module.optimizer.lr or trainer.gradient_clip_val, or trainer.precision=32-true"
+        )
 
     def on_train_start(self) -> None:
         # Every rank starts from the same random state (one seed), so each rank would draw the same t and
@@ -146,8 +159,11 @@ class DiffusionModule(EMATrainedModule):
         losses = self.diffusion.training_losses(self.ema.model, x0, t, noise=noise, model_kwargs=self._labels(batch))
         # Cheap one-sample-per-image estimate of the NLL bound: T * E_t[L_t] + L_T.
         bpd = self.diffusion.num_timesteps * losses["vb"] + self.diffusion.prior_bpd(x0)
-        self.log_dict({"val/loss": losses["loss"].mean(), "val/mse": losses["mse"].mean(),
-                       "val/bpd": bpd.mean()}, prog_bar=True, sync_dist=True)
+        self.log_dict(
+            {"val/loss": losses["loss"].mean(), "val/mse": losses["mse"].mean(), "val/bpd": bpd.mean()},
+            prog_bar=True,
+            sync_dist=True,
+        )
 
     # --- checkpoints (exact resume) ----------------------------------------------------------
     # The weights, the EMA (with its update count), the timestep sampler's history (module extra
@@ -169,8 +185,10 @@ class DiffusionModule(EMATrainedModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get(RNG_STATES_KEY)
         if states is None:
-            log.warning("the checkpoint has no random states: the resumed run continues the model and optimizer "
-                        "exactly but draws other random numbers than an uninterrupted run would")
+            log.warning(
+                "the checkpoint has no random states: the resumed run continues the model and optimizer "
+                "exactly but draws other random numbers than an uninterrupted run would"
+            )
             return
         world_size = self.trainer.world_size if self._trainer is not None else 1
         per_rank = checkpoint.get(RNG_STATES_PER_RANK_KEY)
@@ -180,19 +198,39 @@ class DiffusionModule(EMATrainedModule):
             return
         if world_size > 1 and self.global_rank == 0:
             saved = len(per_rank) if per_rank is not None else 1
-            log.warning("the checkpoint holds the random states of %d rank(s), this run has %d: rank zero continues "
-                        "its stream exactly, the other ranks start new streams of their own", saved, world_size)
+            log.warning(
+                "the checkpoint holds the random states of %d rank(s), this run has %d: rank zero continues "
+                "its stream exactly, the other ranks start new streams of their own",
+                saved,
+                world_size,
+            )
         _set_rng_states(states, self.device)
 
     # --- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, num_samples: int, options: SamplerOptions = SamplerOptions(), guidance: Guidance = NO_GUIDANCE,
-               *, generator: torch.Generator | None = None, use_ema: bool = True, progress: bool = False) -> torch.Tensor:
+    def sample(
+        self,
+        num_samples: int,
+        options: SamplerOptions = SamplerOptions(),
+        guidance: Guidance = NO_GUIDANCE,
+        *,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Images [N x C x H x W] in [-1, 1] from the EMA (default) or live weights, drawn with `options` and
         `guidance` (labels [N] on this module's device) as in src.diffusion.sample."""
         net = self.ema.model if use_ema else self.net
-        return sample(self.diffusion, net, (num_samples, *net.image_shape), options, guidance, generator=generator,
-                      device=self.device, progress=progress)
+        return sample(
+            self.diffusion,
+            net,
+            (num_samples, *net.image_shape),
+            options,
+            guidance,
+            generator=generator,
+            device=self.device,
+            progress=progress,
+        )
 
 
 def _collect_rng_states(device: torch.device) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """Exponential moving average of a network's parameters."""
+
 import copy
 
 import torch

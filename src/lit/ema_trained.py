@@ -1,4 +1,5 @@
 """The base of the LightningModules: a network trained with LR warm-up, with an EMA of its weights."""
+
 import warnings
 
 import lightning as L
@@ -31,8 +32,9 @@ class EMATrainedModule(L.LightningModule):
         # Run configs written before lr_schedule existed trained with a constant LR after the warm-up.
         schedule = self.hparams.get("lr_schedule", "constant")
         total = self.trainer.max_steps if schedule != "constant" else None
-        return with_linear_warmup(self.hparams.optimizer(params=self.net.parameters()), self.hparams.lr_warmup_steps,
-                                  schedule, total)
+        return with_linear_warmup(
+            self.hparams.optimizer(params=self.net.parameters()), self.hparams.lr_warmup_steps, schedule, total
+        )
 
     def on_fit_start(self) -> None:
         # When training starts, Lightning warns about every module in eval mode (lightning/pytorch/loops/
@@ -41,5 +43,9 @@ class EMATrainedModule(L.LightningModule):
         # are exactly as many as the EMA copy has; one more anywhere else changes the count and it shows.
         # The filter is process-wide but matches only this message from that module.
         num_ema_modules = sum(1 for _ in self.ema.model.modules())
-        warnings.filterwarnings("ignore", message=rf"Found {num_ema_modules} module\(s\) in eval mode at the start",
-                                category=PossibleUserWarning, module=r"lightning\.pytorch\.loops\.fit_loop")
+        warnings.filterwarnings(
+            "ignore",
+            message=rf"Found {num_ema_modules} module\(s\) in eval mode at the start",
+            category=PossibleUserWarning,
+            module=r"lightning\.pytorch\.loops\.fit_loop",
+        )

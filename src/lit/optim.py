@@ -1,4 +1,5 @@
 """Optimizers with the fastest of torch's implementations for the device the parameters live on."""
+
 import math
 from collections.abc import Iterable
 from typing import Literal
@@ -11,8 +12,12 @@ from src.errors import ConfigError
 Implementation = Literal["auto", "fused", "foreach", "for-loop"]
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "torch.optim.Adam",
-                   implementation: Implementation = "auto", **hyperparameters) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    name: str = "torch.optim.Adam",
+    implementation: Implementation = "auto",
+    **hyperparameters,
+) -> torch.optim.Optimizer:
     """`name`(params, **hyperparameters) with its update kernel chosen by `implementation`:
 
     "fused": one kernel per step over all tensors (CUDA; rounds differently from the others in the last bit);
@@ -37,9 +42,10 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "torch.opti
     elif implementation == "for-loop":
         kernels = {"foreach": False}
     else:
-        raise ValueError(f"unknown optimizer implementation {implementation!r}; choose auto, fused, foreach or for-loop")
+        raise ValueError(
+            f"unknown optimizer implementation {implementation!r}; choose auto, fused, foreach or for-loop"
+        )
     return cls(params, **hyperparameters, **kernels)
-
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -50,8 +56,9 @@ def check_lr_schedule(schedule: str) -> None:
         raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
 
-def with_linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, schedule: str = "constant",
-                       total_steps: int | None = None) -> dict:
+def with_linear_warmup(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, schedule: str = "constant", total_steps: int | None = None
+) -> dict:
     """Lightning's configure_optimizers answer: `optimizer` with its LR ramped linearly from 0 over
     `warmup_steps` optimizer steps, stepped every step; then held (schedule "constant") or brought down
     along a half cosine towards 0 at `total_steps` ("cosine": the last steps at a small LR settle the
@@ -62,8 +69,10 @@ def with_linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, sche
     warmup = max(1, int(warmup_steps))
     check_lr_schedule(schedule)
     if schedule == "cosine" and (total_steps is None or total_steps < 1):
-        raise ConfigError(f"lr_schedule=cosine decays towards 0 at trainer.max_steps, which must be set (a positive "
-                          f"number of steps); got trainer.max_steps={total_steps}")
+        raise ConfigError(
+            f"lr_schedule=cosine decays towards 0 at trainer.max_steps, which must be set (a positive "
+            f"number of steps); got trainer.max_steps={total_steps}"
+        )
 
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup)

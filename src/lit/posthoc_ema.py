@@ -17,10 +17,11 @@ Notation (steps are optimizer steps, 1-based: t = 1 is the average after the fir
   L2 to the target profile p* are the least-squares solution of A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p*>
   (EDM2 Eq. C.11-C.13); the averaged weights are then sum_i x_i snapshot_i.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +33,10 @@ MAX_STD = 1.0 / math.sqrt(12.0)
 def check_std(sigma_rel: float, name: str = "ema std") -> float:
     """sigma_rel as a float in (0, MAX_STD], or a one-line ValueError naming the range."""
     if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)) or not 0.0 < sigma_rel <= MAX_STD:
-        raise ValueError(f"{name} must be a number in (0, {MAX_STD:.4f}] (relative width of the EMA profile, "
-                         f"e.g. 0.05 or 0.10), got {sigma_rel!r}")
+        raise ValueError(
+            f"{name} must be a number in (0, {MAX_STD:.4f}] (relative width of the EMA profile, "
+            f"e.g. 0.05 or 0.10), got {sigma_rel!r}"
+        )
     return float(sigma_rel)
 
 
@@ -71,8 +74,9 @@ def profile_inner_products(steps_a, gammas_a, steps_b, gammas_b) -> np.ndarray:
     return (a + 1.0) * (b + 1.0) / ((a + b + 1.0) * t_hi) * (t_lo / t_hi) ** g_hi
 
 
-def solve_coefficients(steps: Sequence[int], gammas: Sequence[float], target_step: int,
-                       target_gamma: float) -> tuple[np.ndarray, float]:
+def solve_coefficients(
+    steps: Sequence[int], gammas: Sequence[float], target_step: int, target_gamma: float
+) -> tuple[np.ndarray, float]:
     """The coefficients x [N] of the snapshots (steps[i], gammas[i]) whose combination best matches the profile
     of exponent target_gamma at target_step (EDM2 Eq. C.11-C.13: least squares A x = b with the Gram matrix of the
     snapshots' profiles and their inner products with the target), and the fit's relative L2 error

@@ -4,6 +4,7 @@ norm, residual up/down-sampling, attention pooling).
 
 Shape notation: B batch, C channels, H x W spatial size, E timestep-embedding width (4 * base_channels).
 """
+
 import math
 from typing import Literal
 
@@ -83,8 +84,16 @@ class ResBlock(nn.Module):
         first SiLU) and x are average-pooled / nearest-upsampled by 2, so [B, C, H/2, W/2] / [B, C, 2H, 2W].
     """
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0,
-                 scale_shift_norm: bool = False, resample: Resample | None = None, norm_eps: float = NORM_EPS):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        dropout: float = 0.0,
+        scale_shift_norm: bool = False,
+        resample: Resample | None = None,
+        norm_eps: float = NORM_EPS,
+    ):
         super().__init__()
         if resample not in (None, "down", "up"):
             raise ValueError(f"resample must be None, 'down' or 'up', got {resample!r}")
@@ -114,8 +123,11 @@ class ResBlock(nn.Module):
 
 def _resample(x: torch.Tensor, how: Resample) -> torch.Tensor:
     """The parameter-free resampling of BigGAN's blocks: 2x2 average pooling, or nearest-neighbour x2."""
-    return F.avg_pool2d(x, kernel_size=2, stride=2) if how == "down" else F.interpolate(x, scale_factor=2.0,
-                                                                                           mode="nearest")
+    return (
+        F.avg_pool2d(x, kernel_size=2, stride=2)
+        if how == "down"
+        else F.interpolate(x, scale_factor=2.0, mode="nearest")
+    )
 
 
 class AttentionBlock(nn.Module):
@@ -127,8 +139,10 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int = 1, norm_eps: float = NORM_EPS):
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention over {channels} channels cannot be split into num_heads={num_heads}; "
-                             f"use a num_heads that divides {channels}")
+            raise ValueError(
+                f"attention over {channels} channels cannot be split into num_heads={num_heads}; "
+                f"use a num_heads that divides {channels}"
+            )
         self.num_heads = num_heads
         self.norm = group_norm(channels, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -187,10 +201,11 @@ class AttentionPool(nn.Module):
     def __init__(self, channels: int, spatial: int, num_head_channels: int):
         super().__init__()
         if channels % num_head_channels:
-            raise ValueError(f"attention pooling over {channels} channels cannot be split into heads of "
-                             f"{num_head_channels} channels")
+            raise ValueError(
+                f"attention pooling over {channels} channels cannot be split into heads of {num_head_channels} channels"
+            )
         self.num_heads = channels // num_head_channels
-        self.positional_embedding = nn.Parameter(torch.randn(channels, spatial ** 2 + 1) / channels ** 0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(channels, spatial**2 + 1) / channels**0.5)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,8 +223,7 @@ class ResAttnBlock(nn.Module):
     """One U-Net layer: ResBlock, then self-attention and/or an upsampler when given (Upsample, or a
     ResBlock with resample="up"). x [B, C_in, H, W], emb [B, E] -> [B, C_out, H, W] (2H x 2W with upsample)."""
 
-    def __init__(self, res: ResBlock, attn: AttentionBlock | None = None,
-                 upsample: Upsample | ResBlock | None = None):
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None = None, upsample: Upsample | ResBlock | None = None):
         super().__init__()
         self.res = res
         self.attn = attn

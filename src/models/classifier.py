@@ -1,5 +1,6 @@
 """The noisy-image classifier of classifier guidance (Dhariwal & Nichol 2021, Sec. 4): the encoder half
 of the U-Net (timestep embedding, down path, middle block) and a pooled linear head, trained on x_t."""
+
 from collections.abc import Sequence
 from typing import Literal
 
@@ -57,16 +58,41 @@ class NoisyClassifier(nn.Module):
         patch_size = int(patch_size)
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
-        options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
-                               bool(resblock_updown), float(norm_eps), downsample_padding)
-        UNet._validate(in_channels, num_classes, image_size, base_channels, channel_mult, num_res_blocks,
-                       attention_resolutions, options, None, timestep_scale, patch_size)
+        options = LayerOptions(
+            float(dropout),
+            int(num_heads),
+            num_head_channels,
+            bool(scale_shift_norm),
+            bool(resblock_updown),
+            float(norm_eps),
+            downsample_padding,
+        )
+        UNet._validate(
+            in_channels,
+            num_classes,
+            image_size,
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            attention_resolutions,
+            options,
+            None,
+            timestep_scale,
+            patch_size,
+        )
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.patch_size = patch_size
 
         self.time_embed = timestep_mlp(base_channels, timestep_freq_shift, timestep_scale)
-        encoder = build_encoder(in_channels * patch_size**2, image_size // patch_size, base_channels, channel_mult,
-                                num_res_blocks, attention_resolutions, options)
+        encoder = build_encoder(
+            in_channels * patch_size**2,
+            image_size // patch_size,
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            attention_resolutions,
+            options,
+        )
         self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
         ch = encoder.channels
         self.norm_out = group_norm(ch, options.norm_eps)
@@ -81,8 +107,10 @@ class NoisyClassifier(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, S, S] float, t [B] timesteps (0..T-1) -> logits [B, num_classes]."""
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
-            raise ValueError(f"expected x of shape [B, {self.in_channels}, {self.image_size}, {self.image_size}], "
-                             f"got {list(x.shape)}; build the classifier with the data's channels and image size")
+            raise ValueError(
+                f"expected x of shape [B, {self.in_channels}, {self.image_size}, {self.image_size}], "
+                f"got {list(x.shape)}; build the classifier with the data's channels and image size"
+            )
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape [{x.shape[0]}] (one timestep per image), got {list(t.shape)}")
         emb = F.silu(self.time_embed(t))

@@ -1,6 +1,7 @@
 """The DDPM U-Net (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", appendix B), laid out as
 in openai/improved-diffusion's UNetModel and diffusers' UNet2DModel (google/ddpm-cifar10-32), with the
 options of the released improved DDPM (Nichol & Dhariwal 2021) and ADM (Dhariwal & Nichol 2021) nets."""
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -47,8 +48,9 @@ class LayerOptions:
         return channels // self.num_head_channels if self.num_head_channels else self.num_heads
 
     def res(self, in_channels: int, out_channels: int, emb_dim: int, resample: str | None = None) -> ResBlock:
-        return ResBlock(in_channels, out_channels, emb_dim, self.dropout, self.scale_shift_norm, resample,
-                        self.norm_eps)
+        return ResBlock(
+            in_channels, out_channels, emb_dim, self.dropout, self.scale_shift_norm, resample, self.norm_eps
+        )
 
     def attention(self, channels: int) -> AttentionBlock:
         return AttentionBlock(channels, self.heads(channels), self.norm_eps)
@@ -132,10 +134,28 @@ class UNet(nn.Module):
         patch_size = int(patch_size)
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
-        options = LayerOptions(float(dropout), int(num_heads), num_head_channels, bool(scale_shift_norm),
-                               bool(resblock_updown), float(norm_eps), downsample_padding)
-        self._validate(in_channels, out_channels, image_size, base_channels, channel_mult,
-                       num_res_blocks, attention_resolutions, options, num_classes, timestep_scale, patch_size)
+        options = LayerOptions(
+            float(dropout),
+            int(num_heads),
+            num_head_channels,
+            bool(scale_shift_norm),
+            bool(resblock_updown),
+            float(norm_eps),
+            downsample_padding,
+        )
+        self._validate(
+            in_channels,
+            out_channels,
+            image_size,
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            attention_resolutions,
+            options,
+            num_classes,
+            timestep_scale,
+            patch_size,
+        )
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -149,20 +169,44 @@ class UNet(nn.Module):
             self.label_embed = nn.Embedding(num_classes + 1 if self.null_label else num_classes, emb_dim)
         else:
             self.label_embed = None
-        encoder = build_encoder(in_channels * patch_size**2, image_size // patch_size, base_channels, channel_mult,
-                                num_res_blocks, attention_resolutions, options)
+        encoder = build_encoder(
+            in_channels * patch_size**2,
+            image_size // patch_size,
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            attention_resolutions,
+            options,
+        )
         self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
         skip_channels, ch, resolution = encoder.skip_channels, encoder.channels, encoder.resolution
 
-        self.up, ch = self._build_up_path(skip_channels, ch, resolution, base_channels, channel_mult, num_res_blocks,
-                                          attention_resolutions, options, emb_dim)
+        self.up, ch = self._build_up_path(
+            skip_channels,
+            ch,
+            resolution,
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            attention_resolutions,
+            options,
+            emb_dim,
+        )
         self.norm_out = group_norm(ch, options.norm_eps)
         self.conv_out = zero_module(nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1))
 
     @staticmethod
-    def _build_up_path(skip_channels: list[int], ch: int, resolution: int, base_channels: int, channel_mult,
-                       num_res_blocks: int, attention_resolutions, options: LayerOptions,
-                       emb_dim: int) -> tuple[nn.ModuleList, int]:
+    def _build_up_path(
+        skip_channels: list[int],
+        ch: int,
+        resolution: int,
+        base_channels: int,
+        channel_mult,
+        num_res_blocks: int,
+        attention_resolutions,
+        options: LayerOptions,
+        emb_dim: int,
+    ) -> tuple[nn.ModuleList, int]:
         """The up path: num_res_blocks + 1 layers per level, each eating one skip (popped in reverse); returns
         the layers and the channels they end with."""
         up = nn.ModuleList()
@@ -179,16 +223,32 @@ class UNet(nn.Module):
         return up, ch
 
     @staticmethod
-    def _validate(in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                  attention_resolutions, options: LayerOptions, num_classes, timestep_scale: float = 1.0,
-                  patch_size: int = 1) -> None:
+    def _validate(
+        in_channels,
+        out_channels,
+        image_size,
+        base_channels,
+        channel_mult,
+        num_res_blocks,
+        attention_resolutions,
+        options: LayerOptions,
+        num_classes,
+        timestep_scale: float = 1.0,
+        patch_size: int = 1,
+    ) -> None:
         num_heads, dropout = options.num_heads, options.dropout
         if patch_size < 1 or image_size % patch_size:
-            raise ValueError(f"patch_size must be a positive divisor of image_size={image_size}, got {patch_size}; "
-                             f"use patch_size=1 (no patches) or e.g. 2")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("image_size", image_size), ("base_channels", base_channels),
-                            ("num_heads", num_heads)):
+            raise ValueError(
+                f"patch_size must be a positive divisor of image_size={image_size}, got {patch_size}; "
+                f"use patch_size=1 (no patches) or e.g. 2"
+            )
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("image_size", image_size),
+            ("base_channels", base_channels),
+            ("num_heads", num_heads),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if options.num_head_channels is not None and options.num_head_channels < 1:
@@ -200,8 +260,10 @@ class UNet(nn.Module):
         if options.downsample_padding not in ("symmetric", "same"):
             raise ValueError(f"downsample_padding must be 'symmetric' or 'same', got {options.downsample_padding!r}")
         if options.resblock_updown and options.downsample_padding != "symmetric":
-            raise ValueError("downsample_padding applies to the stride-2 conv, which resblock_updown=true replaces "
-                             "by average pooling; leave downsample_padding at 'symmetric'")
+            raise ValueError(
+                "downsample_padding applies to the stride-2 conv, which resblock_updown=true replaces "
+                "by average pooling; leave downsample_padding at 'symmetric'"
+            )
         if not channel_mult or min(channel_mult) < 1:
             raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {list(channel_mult)}")
         if num_res_blocks < 1:
@@ -213,8 +275,14 @@ class UNet(nn.Module):
         UNet._validate_layout(image_size, base_channels, channel_mult, attention_resolutions, options, patch_size)
 
     @staticmethod
-    def _validate_layout(image_size: int, base_channels: int, channel_mult, attention_resolutions,
-                         options: LayerOptions, patch_size: int = 1) -> None:
+    def _validate_layout(
+        image_size: int,
+        base_channels: int,
+        channel_mult,
+        attention_resolutions,
+        options: LayerOptions,
+        patch_size: int = 1,
+    ) -> None:
         """The levels fit the image size (after p x p patches), the attention sits at visited resolutions, and
         the widths suit the group norm and the attention heads. Messages name the image size as set."""
         num_heads = options.num_heads
@@ -226,7 +294,8 @@ class UNet(nn.Module):
             raise ValueError(
                 f"image_size={image_size} must be divisible by {patches}2**(len(channel_mult)-1)={factor} "
                 f"(channel_mult={list(channel_mult)} halves the size {len(channel_mult) - 1} times); "
-                f"use an image_size such as {options}, or fewer levels in channel_mult")
+                f"use an image_size such as {options}, or fewer levels in channel_mult"
+            )
 
         visited = [image_size // patch_size // 2**i for i in range(len(channel_mult))]
         unknown = [r for r in attention_resolutions if r not in visited]
@@ -235,7 +304,8 @@ class UNet(nn.Module):
             raise ValueError(
                 f"attention_resolutions {unknown} are never visited: with image_size={image_size}{patches} and "
                 f"{len(channel_mult)} levels the net runs at resolutions {visited}; pick attention "
-                f"resolutions from those")
+                f"resolutions from those"
+            )
 
         for mult in channel_mult:
             c = base_channels * mult
@@ -243,18 +313,21 @@ class UNet(nn.Module):
                 raise ValueError(
                     f"GroupNorm uses {num_groups(c)} groups but a level has base_channels*mult = "
                     f"{base_channels}*{mult} = {c} channels; make every base_channels*mult a multiple "
-                    f"of 32 (or below 32), e.g. base_channels=32, 64 or 128")
+                    f"of 32 (or below 32), e.g. base_channels=32, 64 or 128"
+                )
         attended = [(base_channels * m, r) for m, r in zip(channel_mult, visited) if r in attention_resolutions]
         attended.append((base_channels * channel_mult[-1], visited[-1]))  # the middle block's attention
         for c, r in attended:
             if options.num_head_channels is not None and c % options.num_head_channels:
                 raise ValueError(
                     f"num_head_channels={options.num_head_channels} does not divide the {c} channels of the "
-                    f"attention at resolution {r}; use a num_head_channels that divides every attended width")
+                    f"attention at resolution {r}; use a num_head_channels that divides every attended width"
+                )
             if options.num_head_channels is None and c % num_heads:
                 raise ValueError(
                     f"num_heads={num_heads} does not divide the {c} channels of the attention at "
-                    f"resolution {r}; use a num_heads that divides {c}")
+                    f"resolution {r}; use a num_heads that divides {c}"
+                )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -265,20 +338,27 @@ class UNet(nn.Module):
         """x [B, C_in, S, S] float, t [B] timesteps (long or float, 0..T-1), y [B] long labels or None
         (None = unconditional; a label equal to num_classes also means unconditional)
         -> [B, C_out, S, S]."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.image_size \
-                or x.shape[3] != self.image_size:
+        if (
+            x.ndim != 4
+            or x.shape[1] != self.in_channels
+            or x.shape[2] != self.image_size
+            or x.shape[3] != self.image_size
+        ):
             raise ValueError(
                 f"expected x of shape [B, {self.in_channels}, {self.image_size}, {self.image_size}] "
                 f"(in_channels, image_size as built), got {list(x.shape)}; build the UNet with the data's "
-                f"channels and image size")
+                f"channels and image size"
+            )
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape [{x.shape[0]}] (one timestep per image), got {list(t.shape)}")
 
         emb = self.time_embed(t)
         if self.label_embed is not None:
             if y is None and not self.null_label:
-                raise ValueError("this class-conditional net was built with null_label=false (no unconditional "
-                                 "label, as openai's released models): give a class label y for every sample")
+                raise ValueError(
+                    "this class-conditional net was built with null_label=false (no unconditional "
+                    "label, as openai's released models): give a class label y for every sample"
+                )
             if y is None:
                 # Null label for the whole batch: broadcast one row instead of building an index tensor.
                 emb = emb + self.label_embed.weight[self.num_classes]
@@ -286,13 +366,17 @@ class UNet(nn.Module):
                 if y.shape != (x.shape[0],):
                     raise ValueError(f"expected y of shape [{x.shape[0]}] (one label per image), got {list(y.shape)}")
                 if not self.null_label and bool((y >= self.num_classes).any()):
-                    raise ValueError(f"label {self.num_classes} (the null label of classifier-free guidance) does not "
-                                     f"exist in this net (null_label=false, trained without label dropout); sample "
-                                     f"with labels 0..{self.num_classes - 1} and no classifier-free guidance")
+                    raise ValueError(
+                        f"label {self.num_classes} (the null label of classifier-free guidance) does not "
+                        f"exist in this net (null_label=false, trained without label dropout); sample "
+                        f"with labels 0..{self.num_classes - 1} and no classifier-free guidance"
+                    )
                 emb = emb + self.label_embed(y)
         elif y is not None:
-            raise ValueError("y was given but the UNet was built with num_classes=None; "
-                             "set num_classes to use class labels, or pass y=None")
+            raise ValueError(
+                "y was given but the UNet was built with num_classes=None; "
+                "set num_classes to use class labels, or pass y=None"
+            )
         # Every ResBlock applies SiLU before its projection of emb; do it once here.
         emb = F.silu(emb)
 
@@ -314,12 +398,17 @@ class UNet(nn.Module):
 def timestep_mlp(base_channels: int, freq_shift: int = 0, scale: float = 1.0) -> nn.Sequential:
     """Sinusoidal embedding of width ch and a two-layer MLP to 4 ch (DDPM's timestep embedding)."""
     emb_dim = 4 * base_channels
-    return nn.Sequential(SinusoidalTimestepEmbedding(base_channels, freq_shift=freq_shift, scale=scale),
-                         nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    return nn.Sequential(
+        SinusoidalTimestepEmbedding(base_channels, freq_shift=freq_shift, scale=scale),
+        nn.Linear(base_channels, emb_dim),
+        nn.SiLU(),
+        nn.Linear(emb_dim, emb_dim),
+    )
 
 
-def attention_at(channels: int, resolution: int, attention_resolutions: Sequence[int],
-                 options: LayerOptions) -> AttentionBlock | None:
+def attention_at(
+    channels: int, resolution: int, attention_resolutions: Sequence[int], options: LayerOptions
+) -> AttentionBlock | None:
     return options.attention(channels) if resolution in attention_resolutions else None
 
 
@@ -332,8 +421,15 @@ class Encoder(NamedTuple):
     resolution: int  # spatial size of the middle block
 
 
-def build_encoder(in_channels: int, image_size: int, base_channels: int, channel_mult: Sequence[int],
-                  num_res_blocks: int, attention_resolutions: Sequence[int], options: LayerOptions) -> Encoder:
+def build_encoder(
+    in_channels: int,
+    image_size: int,
+    base_channels: int,
+    channel_mult: Sequence[int],
+    num_res_blocks: int,
+    attention_resolutions: Sequence[int],
+    options: LayerOptions,
+) -> Encoder:
     """The U-Net's input conv, down path and middle block (shared by UNet and NoisyClassifier)."""
     emb_dim = 4 * base_channels
     ch = base_channels
@@ -352,8 +448,10 @@ def build_encoder(in_channels: int, image_size: int, base_channels: int, channel
             down.append(options.downsampler(ch, emb_dim))
             skip_channels.append(ch)
             resolution //= 2
-    mid = nn.ModuleList([
-        ResAttnBlock(options.res(ch, ch, emb_dim), options.attention(ch)),
-        ResAttnBlock(options.res(ch, ch, emb_dim)),
-    ])
+    mid = nn.ModuleList(
+        [
+            ResAttnBlock(options.res(ch, ch, emb_dim), options.attention(ch)),
+            ResAttnBlock(options.res(ch, ch, emb_dim)),
+        ]
+    )
     return Encoder(conv_in, down, mid, skip_channels, ch, resolution)

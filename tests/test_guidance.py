@@ -16,7 +16,7 @@ import torch
 
 from src.diffusion import GaussianDiffusion, Guidance, SamplerOptions, make_beta_schedule, respaced, sample
 from src.diffusion.guidance import ClassifierFreeGuidance, classifier_guidance, drop_labels, guide
-from src.diffusion.sampling import denoise_from, sample_trajectory
+from src.diffusion.reverse_process import denoise_from, sample_trajectory
 
 T = 1000
 MEANS = (-0.2, 0.2)

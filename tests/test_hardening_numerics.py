@@ -39,7 +39,7 @@ def _recording_net(seen: list):
 def test_one_step_processes_run_from_the_last_step_to_0():
     from src.diffusion import GaussianDiffusion, SamplerOptions, make_beta_schedule, sample
     from src.diffusion.editing import ddim_invert
-    from src.diffusion.sampling import denoise_from
+    from src.diffusion.reverse_process import denoise_from
 
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 50))
     seen = []

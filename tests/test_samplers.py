@@ -21,7 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from src.diffusion import GaussianDiffusion, SamplerOptions, SpacedDiffusion, sample
-from src.diffusion.sampling import Trajectory, denoise_from, image_grid, sample_trajectory, trajectory_grid
+from src.diffusion.reverse_process import Trajectory, denoise_from, image_grid, sample_trajectory, trajectory_grid
 from src.errors import ConfigError
 
 T = 1000

@@ -36,7 +36,7 @@ from src.diffusion import (
 )
 from src.diffusion.options import NO_GUIDANCE
 from src.diffusion.respace import log_snr, log_snr_grid
-from src.diffusion.sampling import (
+from src.diffusion.reverse_process import (
     _reverse,
     check_options,
     denoise_from,

@@ -4,10 +4,10 @@ from .editing import ddim_invert, ddim_sample, interpolate, interpolate_ddim, le
 from .gaussian_diffusion import GaussianDiffusion, Threshold
 from .guidance import ClassifierFreeGuidance, classifier_guidance, drop_labels
 from .likelihoods import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .loss_timesteps import LossSecondMomentResampler, UniformSampler
 from .options import NO_GUIDANCE, Guidance, SamplerOptions
 from .respace import SpacedDiffusion, space_timesteps
-from .samplers import SAMPLERS, Sampler
-from .sampling import (
+from .reverse_process import (
     Trajectory,
     check_options,
     ddpm_sample,
@@ -21,9 +21,9 @@ from .sampling import (
     trajectory_grid,
     visited_timesteps,
 )
+from .samplers import SAMPLERS, Sampler
 from .schedules import make_beta_schedule, rescale_zero_terminal_snr
 from .solvers import SolverSchedule
-from .timestep_samplers import LossSecondMomentResampler, UniformSampler
 
 __all__ = [
     "NO_GUIDANCE",

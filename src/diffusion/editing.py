@@ -8,7 +8,7 @@ import torch
 
 from .gaussian_diffusion import GaussianDiffusion, Model
 from .options import SamplerOptions
-from .sampling import DEFAULT_OPTIONS, denoise_from, on_device, respaced_for, sample
+from .reverse_process import DEFAULT_OPTIONS, denoise_from, on_device, respaced_for, sample
 
 Blend = Literal["linear", "slerp"]
 BLENDS = ("linear", "slerp")

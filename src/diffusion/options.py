@@ -181,14 +181,14 @@ class SamplerOptions:
 
     def timesteps(self, num_timesteps: int) -> list[int]:
         """The training timesteps a run from noise visits (ascending), checked against T; a placement
-        between training timesteps (logsnr, karras) depends on the schedule: see sampling.visited_timesteps."""
+        between training timesteps (logsnr, karras) depends on the schedule: see reverse_process.visited_timesteps."""
         spacing = self.resolved_spacing()
         if spacing is None and (self.steps is None or self.steps == num_timesteps):
             return list(range(num_timesteps))
         if self.is_continuous():
             raise ValueError(
                 f"spacing {spacing!r} places steps between training timesteps; they follow from the "
-                f"noise schedule: src.diffusion.sampling.visited_timesteps(diffusion, options)"
+                f"noise schedule: src.diffusion.visited_timesteps(diffusion, options)"
             )
         return space_timesteps(num_timesteps, spacing if spacing is not None else self.steps)
 

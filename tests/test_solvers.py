@@ -34,7 +34,7 @@ from src.diffusion import (
     sample,
     space_timesteps,
 )
-from src.diffusion.options import NO_GUIDANCE
+from src.diffusion.guidance import NO_GUIDANCE
 from src.diffusion.respace import log_snr, log_snr_grid
 from src.diffusion.reverse_process import (
     _reverse,

@@ -2,10 +2,9 @@
 
 from .editing import ddim_invert, ddim_sample, interpolate, interpolate_ddim, lerp, slerp
 from .gaussian_diffusion import GaussianDiffusion, Threshold
-from .guidance import ClassifierFreeGuidance, classifier_guidance, drop_labels
+from .guidance import NO_GUIDANCE, ClassifierFreeGuidance, Guidance, classifier_guidance, drop_labels
 from .likelihoods import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .loss_timesteps import LossSecondMomentResampler, UniformSampler
-from .options import NO_GUIDANCE, Guidance, SamplerOptions
 from .respace import SpacedDiffusion, space_timesteps
 from .reverse_process import (
     Trajectory,
@@ -21,7 +20,7 @@ from .reverse_process import (
     trajectory_grid,
     visited_timesteps,
 )
-from .samplers import SAMPLERS, Sampler
+from .samplers import SAMPLERS, Sampler, SamplerOptions
 from .schedules import make_beta_schedule, rescale_zero_terminal_snr
 from .solvers import SolverSchedule
 

@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion, Model
-from .options import SamplerOptions
 from .reverse_process import DEFAULT_OPTIONS, denoise_from, on_device, respaced_for, sample
+from .samplers import SamplerOptions
 
 Blend = Literal["linear", "slerp"]
 BLENDS = ("linear", "slerp")

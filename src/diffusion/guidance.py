@@ -5,10 +5,15 @@
 - Classifier guidance (Dhariwal & Nichol 2021): `cond_fn(x_t, t, y) = s * grad_x log p(y | x_t)`, which
   the samplers add to the mean (ancestral, Alg. 1) or subtract from eps (DDIM, Alg. 2).
 
+`Guidance` is what a sampling entry point guides towards (labels, scales, classifier), checked on construction.
 Pure torch, like the rest of src.diffusion: the network and the classifier are arguments.
 """
 
+from __future__ import annotations
+
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -119,3 +124,30 @@ def guide(
         model = ClassifierFreeGuidance(model, guidance_scale)
     cond_fn = classifier_guidance(classifier, classifier_scale, y) if classifier is not None else None
     return model, model_kwargs, cond_fn
+
+
+@dataclass(frozen=True, eq=False)
+class Guidance:
+    """y: class labels [N] of a class-conditional model (None: unconditional samples).
+    scale: classifier-free guidance weight w, eps = (1 + w) eps(x_t, y) - w eps(x_t) (0: none).
+    classifier(x_t, t) -> logits with classifier_scale s: classifier guidance (Dhariwal & Nichol 2021).
+    """
+
+    y: torch.Tensor | None = None
+    scale: float = 0.0
+    classifier: Classifier | None = None
+    classifier_scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("scale", "classifier_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"guidance {name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def for_labels(self, y: torch.Tensor | None) -> Guidance:
+        """The same guidance towards other labels (one batch of a larger labelled run)."""
+        return dataclasses.replace(self, y=y)
+
+
+NO_GUIDANCE = Guidance()

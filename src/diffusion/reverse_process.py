@@ -14,10 +14,9 @@ import torch
 from torchvision.utils import make_grid
 
 from .gaussian_diffusion import GaussianDiffusion, Model
-from .guidance import guide
-from .options import NO_GUIDANCE, Guidance, SamplerOptions
+from .guidance import NO_GUIDANCE, Guidance, guide
 from .respace import SpacedDiffusion, log_snr_grid, space_timesteps, spacing_count
-from .samplers import SAMPLERS, RandnLike
+from .samplers import SAMPLERS, RandnLike, SamplerOptions
 from .solvers import SolverSchedule, check_finite_log_snr
 
 DEFAULT_OPTIONS = SamplerOptions()

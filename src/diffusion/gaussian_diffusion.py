@@ -1,30 +1,56 @@
-"""Gaussian diffusion: forward process, posterior, model parameterisations, losses and the NLL bound.
+"""Gaussian diffusion: forward process, posterior, model parameterisations and reverse steps; the losses and the
+NLL bound are its methods too, written in losses.py.
 
 Notation follows Ho et al. 2020 and Nichol & Dhariwal 2021; timesteps are 0-based (t = 0..T-1 stands
 for the papers' 1..T). Pure torch: the network is an argument (`model(x_t, t, **model_kwargs)`).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from .likelihoods import LOG2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .losses import DiffusionLosses, LossType, LossWeighting, Model, loss_weights
+from .schedules import schedule_buffers
 
 MeanType = Literal["eps", "x0", "mu", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned_range"]
-LossType = Literal["simple", "vlb", "hybrid"]
-LossWeighting = Literal["none", "min_snr", "p2"]
 ThresholdType = Literal["none", "clip", "dynamic"]
-Model = Callable[..., torch.Tensor]
 
 
 def _check_choice(name: str, value: str, literal) -> None:
     choices = get_args(literal)
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_options(mean_type, var_type, loss_type, loss_weighting, min_snr_gamma, p2_gamma, p2_k) -> None:
+    """GaussianDiffusion's options (see there) name known choices and make a loss that trains every output."""
+    _check_choice("mean_type", mean_type, MeanType)
+    _check_choice("var_type", var_type, VarType)
+    _check_choice("loss_type", loss_type, LossType)
+    _check_choice("loss_weighting", loss_weighting, LossWeighting)
+    if loss_weighting != "none" and loss_type == "vlb":
+        raise ValueError(
+            f"loss_weighting={loss_weighting!r} weights the MSE term, which loss_type='vlb' does not "
+            f"have; use loss_type='simple' or 'hybrid', or loss_weighting='none'"
+        )
+    if loss_weighting != "none" and mean_type == "mu":
+        raise ValueError(
+            f"loss_weighting={loss_weighting!r} is defined for mean_type eps, x0 or v, not 'mu'; use "
+            f"one of those or loss_weighting='none'"
+        )
+    if not min_snr_gamma > 0 or not p2_k > 0 or not p2_gamma >= 0:
+        raise ValueError(
+            f"need min_snr_gamma > 0, p2_k > 0 and p2_gamma >= 0; got min_snr_gamma={min_snr_gamma}, "
+            f"p2_k={p2_k}, p2_gamma={p2_gamma}"
+        )
+    if loss_type == "simple" and var_type == "learned_range":
+        raise ValueError(
+            "loss_type='simple' gives the learned variance no training signal; use "
+            "loss_type='hybrid' or 'vlb' with var_type='learned_range'"
+        )
 
 
 @dataclass(frozen=True)
@@ -62,7 +88,7 @@ class Threshold:
         return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-class GaussianDiffusion(nn.Module):
+class GaussianDiffusion(DiffusionLosses, nn.Module):
     """The diffusion math for a fixed beta schedule.
 
     Args:
@@ -103,30 +129,7 @@ class GaussianDiffusion(nn.Module):
         p2_k: float = 1.0,
     ):
         super().__init__()
-        _check_choice("mean_type", mean_type, MeanType)
-        _check_choice("var_type", var_type, VarType)
-        _check_choice("loss_type", loss_type, LossType)
-        _check_choice("loss_weighting", loss_weighting, LossWeighting)
-        if loss_weighting != "none" and loss_type == "vlb":
-            raise ValueError(
-                f"loss_weighting={loss_weighting!r} weights the MSE term, which loss_type='vlb' does not "
-                f"have; use loss_type='simple' or 'hybrid', or loss_weighting='none'"
-            )
-        if loss_weighting != "none" and mean_type == "mu":
-            raise ValueError(
-                f"loss_weighting={loss_weighting!r} is defined for mean_type eps, x0 or v, not 'mu'; use "
-                f"one of those or loss_weighting='none'"
-            )
-        if not min_snr_gamma > 0 or not p2_k > 0 or not p2_gamma >= 0:
-            raise ValueError(
-                f"need min_snr_gamma > 0, p2_k > 0 and p2_gamma >= 0; got min_snr_gamma={min_snr_gamma}, "
-                f"p2_k={p2_k}, p2_gamma={p2_gamma}"
-            )
-        if loss_type == "simple" and var_type == "learned_range":
-            raise ValueError(
-                "loss_type='simple' gives the learned variance no training signal; use "
-                "loss_type='hybrid' or 'vlb' with var_type='learned_range'"
-            )
+        _check_options(mean_type, var_type, loss_type, loss_weighting, min_snr_gamma, p2_gamma, p2_k)
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
         self.p2_gamma, self.p2_k = float(p2_gamma), float(p2_k)
@@ -138,61 +141,20 @@ class GaussianDiffusion(nn.Module):
             raise ValueError("betas must lie in (0, 1]")
         self.num_timesteps = int(betas.numel())
 
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        if mean_type in ("eps", "mu") and not bool((alphas_cumprod > 0).all()):
+        buffers = schedule_buffers(betas)
+        abar = buffers["alphas_cumprod"]
+        if mean_type in ("eps", "mu") and not bool((abar > 0).all()):
             # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero where abar = 0 (SNR 0)
-            first = int((alphas_cumprod == 0).nonzero()[0])
+            first = int((abar == 0).nonzero()[0])
             raise ValueError(
                 f"alphas_cumprod reaches 0 at t={first} (beta_t = 1): mean_type={mean_type!r} is undefined "
                 f"at SNR 0; use mean_type='v' or 'x0' (or betas below 1)"
             )
-        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-        # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        # beta~ is 0 at t=0: clip its log to beta~ at t=1 so it stays finite.
-        # The posterior variance at t = 0 is 0; its log is clipped to the next step's (improved-diffusion), and in
-        # a one-step process (a respaced run from T - 1 straight to 0) to beta_0, the only variance it has.
-        floor = posterior_variance[1:2] if betas.numel() > 1 else betas[:1]
-        posterior_log_variance_clipped = torch.log(torch.cat([floor, posterior_variance[1:]]))
-        # fixed_large: sigma_t^2 = beta_t, except beta~_1 at t=0 (improved-diffusion's choice).
-        large_variance = torch.cat([floor, betas[1:]])
-
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "alphas_cumprod_next": torch.cat([alphas_cumprod[1:], alphas_cumprod.new_zeros(1)]),
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "log_one_minus_alphas_cumprod": torch.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": posterior_log_variance_clipped,
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-            "large_variance": large_variance,
-            "large_log_variance": torch.log(large_variance),
-            "log_betas": torch.log(betas),
-            "loss_weights": self._loss_weights(alphas_cumprod),
-        }
+        buffers["loss_weights"] = loss_weights(
+            abar, mean_type, loss_weighting, self.min_snr_gamma, self.p2_gamma, self.p2_k
+        )
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
-
-    def _loss_weights(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-        """w_t [T] of `loss_weighting` for this mean_type; finite at abar_t = 0 (SNR 0) for x0 and v."""
-        snr = alphas_cumprod / (1.0 - alphas_cumprod)
-        if self.loss_weighting == "none":
-            return torch.ones_like(snr)
-        if self.loss_weighting == "min_snr":
-            # 1. min(SNR, gamma) on x0; divided by SNR on eps and by SNR + 1 on v (Hang et al. 2023, Sec. 3.4)
-            clipped = snr.clamp(max=self.min_snr_gamma)
-            return {"eps": clipped / snr, "x0": clipped, "v": clipped * (1.0 - alphas_cumprod)}[self.mean_type]
-        # 2. P2 (Choi et al. 2022, eq. 8): 1 / (k + SNR)^gamma on the eps MSE, converted to x0 (x SNR) and v
-        #    (x SNR / (SNR + 1) = abar)
-        p2 = (self.p2_k + snr) ** -self.p2_gamma
-        return {"eps": p2, "x0": snr * p2, "v": alphas_cumprod * p2}[self.mean_type]
 
     def _apply(self, fn, recurse=True):
         # Keep the schedule in float64 when the module is cast (e.g. .half() or precision="bf16-true"):
@@ -432,105 +394,3 @@ class GaussianDiffusion(nn.Module):
         abar_next = self.extract("alphas_cumprod_next", t, xt)
         sample = abar_next.sqrt() * out["pred_x0"] + (1 - abar_next).sqrt() * eps
         return {"sample": sample, "pred_x0": out["pred_x0"]}
-
-    # --- losses ------------------------------------------------------------------------------
-    def vb_terms_bpd(
-        self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
-    ) -> dict:
-        """Per-step variational bound term in bits/dim [N]: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
-        for t > 0 and the discretized Gaussian decoder NLL -log p(x_0|x_1) at t = 0 (DDPM eq. 5)."""
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
-        out = self.p_mean_variance_from_output(output, xt, t, clip_denoised)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / LOG2
-        decoder_nll = (
-            -mean_flat(discretized_gaussian_log_likelihood(x0, means=out["mean"], log_scales=0.5 * out["log_variance"]))
-            / LOG2
-        )
-        return {"output": torch.where(t == 0, decoder_nll, kl), "pred_x0": out["pred_x0"]}
-
-    def training_losses(
-        self,
-        model: Model,
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        model_kwargs: dict | None = None,
-    ) -> dict:
-        """Per-example losses for x0 [N x C x H x W] in [-1, 1] at timesteps t [N].
-
-        Returns dict(loss [N], mse [N], vb [N]); mse is unweighted (loss holds w_t mse, see loss_weighting); vb is
-        the per-step bound term in bits/dim (computed without gradient when the loss does not use it, so it can
-        always be logged).
-        """
-        if noise is None:
-            noise = torch.randn_like(x0)
-        xt = self.q_sample(x0, t, noise)
-        output = model(xt, t, **(model_kwargs or {}))
-        output = output.to(torch.promote_types(output.dtype, torch.float32))
-        mean_out, v = self.split_model_output(output, xt)
-
-        if self.mean_type == "eps":
-            target = noise
-        elif self.mean_type == "x0":
-            target = x0
-        elif self.mean_type == "v":
-            target = self.v_target(x0, t, noise)
-        else:  # mu
-            target, _, _ = self.q_posterior_mean_variance(x0, xt, t)
-        mse = mean_flat((target - mean_out) ** 2)
-        weighted = mse if self.loss_weighting == "none" else self.loss_weights[t].to(mse.dtype) * mse
-
-        if self.loss_type == "simple":
-            with torch.no_grad():
-                vb = self.vb_terms_bpd(output.detach(), x0, xt, t)["output"]
-            loss = weighted
-        elif self.loss_type == "hybrid":
-            # Stop the gradient of the mean inside the vb term: L_vlb trains only the variance.
-            frozen = torch.cat([mean_out.detach(), v], dim=1) if v is not None else output.detach()
-            vb = self.vb_terms_bpd(frozen, x0, xt, t)["output"]
-            loss = weighted + vb * (self.num_timesteps / 1000.0)
-        else:  # vlb: T * E_t[L_t] estimates the whole bound in bits/dim
-            vb = self.vb_terms_bpd(output, x0, xt, t)["output"]
-            loss = vb * self.num_timesteps
-        return {"loss": loss, "mse": mse, "vb": vb}
-
-    # --- likelihood --------------------------------------------------------------------------
-    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T | x_0) || N(0, I)) in bits/dim [N]: the L_T term, ~0 for a good schedule."""
-        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
-        mean, _, log_variance = self.q_mean_variance(x0, t)
-        return mean_flat(normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean))) / LOG2
-
-    @torch.no_grad()
-    def calc_bpd_loop(
-        self,
-        model: Model,
-        x0: torch.Tensor,
-        clip_denoised: bool = True,
-        model_kwargs: dict | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> dict:
-        """The full-T variational bound on -log p(x_0) in bits/dim.
-
-        Returns dict(total_bpd [N], prior_bpd [N], vb [N x T], xstart_mse [N x T], mse [N x T]);
-        total_bpd = sum_t vb[:, t] + prior_bpd, with vb[:, 0] the decoder NLL L_0.
-        """
-        n, num_t = x0.shape[0], self.num_timesteps
-        vb, xstart_mse, mse = (x0.new_zeros(n, num_t, dtype=torch.float32) for _ in range(3))
-        steps = range(num_t - 1, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="bpd", leave=False)
-        for i in steps:
-            t = torch.full((n,), i, device=x0.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            xt = self.q_sample(x0, t, noise)
-            output = model(xt, t, **(model_kwargs or {}))
-            terms = self.vb_terms_bpd(output, x0, xt, t, clip_denoised=clip_denoised)
-            vb[:, i] = terms["output"]
-            xstart_mse[:, i] = mean_flat((terms["pred_x0"] - x0) ** 2)
-            mse[:, i] = mean_flat((self.predict_eps_from_x0(xt, t, terms["pred_x0"]) - noise) ** 2)
-        prior = self.prior_bpd(x0)
-        return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb, "xstart_mse": xstart_mse, "mse": mse}

@@ -1,4 +1,5 @@
-"""Noise schedules beta_1..beta_T, always in float64 (the products of T terms lose precision in float32)."""
+"""Noise schedules beta_1..beta_T and the quantities derived from them, always in float64 (the products of T
+terms lose precision in float32)."""
 
 import math
 from typing import Literal
@@ -45,6 +46,41 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     abar = sqrt_abar**2
     alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
     return 1.0 - alphas
+
+
+def schedule_buffers(betas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The float64 tensors [T] that GaussianDiffusion keeps for betas [T] (float64): cumulative products, the
+    posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7) and the fixed variances, by name."""
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # beta~ is 0 at t=0: clip its log to beta~ at t=1 so it stays finite.
+    # The posterior variance at t = 0 is 0; its log is clipped to the next step's (improved-diffusion), and in
+    # a one-step process (a respaced run from T - 1 straight to 0) to beta_0, the only variance it has.
+    floor = posterior_variance[1:2] if betas.numel() > 1 else betas[:1]
+    posterior_log_variance_clipped = torch.log(torch.cat([floor, posterior_variance[1:]]))
+    # fixed_large: sigma_t^2 = beta_t, except beta~_1 at t=0 (improved-diffusion's choice).
+    large_variance = torch.cat([floor, betas[1:]])
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "alphas_cumprod_next": torch.cat([alphas_cumprod[1:], alphas_cumprod.new_zeros(1)]),
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": torch.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_log_variance_clipped,
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        "large_variance": large_variance,
+        "large_log_variance": torch.log(large_variance),
+        "log_betas": torch.log(betas),
+    }
 
 
 def _named_schedule(name: str, num_timesteps: int, cosine_s: float, max_beta: float) -> torch.Tensor:

@@ -3,6 +3,7 @@ from .base import DatasetNotFoundError, ImageDataModule, UInt8ImageDataset, spli
 from .cifar10 import CIFAR10DataModule
 from .digits import DigitsDataModule
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataModule
+from .synthetic import SyntheticDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -11,6 +12,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "SyntheticDataModule",
     "UInt8ImageDataset",
     "split_indices",
 ]

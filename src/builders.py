@@ -3,12 +3,13 @@ loggers. train.py and the checkpoint reader both build through here, so a checkp
 as it was trained. Errors raised while building name the config entry to change."""
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import lightning as L
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data import DatasetNotFoundError
 from src.diffusion import GaussianDiffusion
@@ -91,6 +92,25 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
         )
     with config_errors("diffusion (objective)"):
         return instantiate(cfg.diffusion)
+
+
+def with_synthetic_data(cfg: DictConfig) -> DictConfig:
+    """A copy of cfg whose data is cfg.synthetic_data (debug=fast) at the image size and channels of cfg.data, so any
+    recipe runs without its dataset's files and the run config records the data it trained on; cfg itself when it
+    has no synthetic_data."""
+    synthetic = cfg.get("synthetic_data")
+    if synthetic is None:
+        return cfg
+    recipe = cfg.data
+    # image_folder sets its channels; the other datasets have theirs as a class attribute
+    channels = recipe.get("channels") or getattr(get_class(recipe._target_), "channels", None)
+    if channels is None:
+        raise ConfigError(f"synthetic_data: the channels of data ({recipe._target_}) are unknown; set data.channels")
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.data = OmegaConf.merge(synthetic, {"image_size": recipe.image_size, "channels": channels})
+        del cfg.synthetic_data
+    return cfg
 
 
 def check_num_classes(cfg: DictConfig, data_num_classes: int | None) -> None:

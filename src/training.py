@@ -14,7 +14,7 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from src.builders import build_task_module, config_errors, instantiate_group
+from src.builders import build_task_module, config_errors, instantiate_group, with_synthetic_data
 from src.checkpoints import read_checkpoint, upgraded
 from src.config_diff import UNSET, differences
 from src.errors import CheckpointError, ConfigError
@@ -155,6 +155,7 @@ def check_steps_left(cfg: DictConfig, ckpt_path: Path, resume_step: int) -> None
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train from a composed config. Returns (metrics, objects) so tests can inspect both."""
+    cfg = with_synthetic_data(cfg)
     check_max_steps(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)

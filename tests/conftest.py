@@ -12,20 +12,13 @@ from omegaconf import DictConfig, open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-# A fast CPU run: tiny schedule and unconditional net (the digits default is class-conditional: conf/labels;
-# test_conditional.py covers it), one sample grid of a few images.
+# A fast CPU run on the real digits: the tiny net and schedule of conf/debug/tiny.yaml, unconditional (the default
+# recipe is class-conditional; test_conditional.py covers it), one sample grid of a few images.
 FAST_OVERRIDES = [
+    "debug=tiny",
     "model.num_classes=null",
-    "trainer.accelerator=cpu",
-    "schedule.num_timesteps=50",
-    "model.base_channels=32",
-    "model.channel_mult=[1,2]",
-    "model.num_res_blocks=1",
-    "model.num_heads=1",
-    "data.batch_size=16",
     "callbacks.sample_grid.num_samples=4",
     "sampler.steps=10",
-    "callbacks.progress_bar=null",
 ]
 
 ConfigName = Literal["train", "evaluate", "sample"]

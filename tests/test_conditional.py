@@ -17,17 +17,10 @@ from src.lit import DiffusionModule
 from src.models import NoisyClassifier, UNet
 from src.training import train
 
-# A tiny T=50 net on 8x8 digits, for runs of one step.
+# The tiny T=50 net of conf/debug/tiny.yaml on 8x8 digits, for runs of one step.
 TINY = [
-    "trainer.accelerator=cpu",
+    "debug=tiny",
     "data.image_size=8",
-    "schedule.num_timesteps=50",
-    "model.base_channels=32",
-    "model.channel_mult=[1,2]",
-    "model.num_res_blocks=1",
-    "model.num_heads=1",
-    "data.batch_size=16",
-    "callbacks.progress_bar=null",
     "trainer.max_steps=1",
     "trainer.val_check_interval=1",
     "+trainer.limit_val_batches=1",

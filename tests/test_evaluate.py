@@ -19,17 +19,10 @@ from src.training import train
 REPO = Path(__file__).resolve().parents[1]
 # an unconditional digits run (the class-conditional digits default is evaluated in test_eval_conditional.py)
 TINY_TRAIN = [
+    "debug=tiny",
     "model.num_classes=null",
-    "trainer.accelerator=cpu",
-    "schedule.num_timesteps=50",
-    "model.base_channels=32",
-    "model.channel_mult=[1,2]",
-    "model.num_res_blocks=1",
-    "model.num_heads=1",
-    "data.batch_size=16",
     "trainer.max_steps=2",
     "callbacks.sample_grid=null",
-    "callbacks.progress_bar=null",
     "sampler=ddpm",
     "sampler.steps=null",
 ]
@@ -243,7 +236,7 @@ def test_an_interrupted_evaluation_is_marked_partial(evaluate, tmp_path):
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["partial"] is True and written["missing"] == ["nll"] and written["stopped_by"] == "SIGINT (Ctrl+C)"
     assert written["samples"]["num_samples"] == 4  # what was done is kept
-    assert not list((tmp_path / "eval").glob(".*.tmp"))
+    assert not list((tmp_path / "eval").glob("*.tmp"))
 
 
 def test_samples_file_against_the_checkpoints_validation_split(tmp_path, trained, compose_evaluate):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import NORM_EPS, AttentionPool, DownsamplePadding, group_norm, zero_module
-from .unet import LayerOptions, UNet, build_encoder, timestep_mlp
+from .encoder import LayerOptions, Levels, build_encoder, check_arguments, timestep_mlp
 
 Pool = Literal["adaptive", "attention"]
 
@@ -49,50 +49,18 @@ class NoisyClassifier(nn.Module):
         patch_size: int = 1,
     ):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if pool not in ("adaptive", "attention"):
-            raise ValueError(f"pool must be 'adaptive' or 'attention', got {pool!r}")
-        if pool == "attention" and num_head_channels is None:
-            raise ValueError("pool='attention' splits its heads by num_head_channels; set num_head_channels (ADM: 64)")
+        _check_head(num_classes, pool, num_head_channels)
         patch_size = int(patch_size)
-        channel_mult = tuple(int(m) for m in channel_mult)
-        attention_resolutions = tuple(int(r) for r in attention_resolutions)
-        options = LayerOptions(
-            float(dropout),
-            int(num_heads),
-            num_head_channels,
-            bool(scale_shift_norm),
-            bool(resblock_updown),
-            float(norm_eps),
-            downsample_padding,
+        levels = Levels.of(base_channels, channel_mult, num_res_blocks, attention_resolutions)
+        options = LayerOptions.of(
+            dropout, num_heads, num_head_channels, scale_shift_norm, resblock_updown, norm_eps, downsample_padding
         )
-        UNet._validate(
-            in_channels,
-            num_classes,
-            image_size,
-            base_channels,
-            channel_mult,
-            num_res_blocks,
-            attention_resolutions,
-            options,
-            None,
-            timestep_scale,
-            patch_size,
-        )
+        check_arguments(in_channels, num_classes, image_size, levels, options, None, timestep_scale, patch_size)
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.patch_size = patch_size
 
         self.time_embed = timestep_mlp(base_channels, timestep_freq_shift, timestep_scale)
-        encoder = build_encoder(
-            in_channels * patch_size**2,
-            image_size // patch_size,
-            base_channels,
-            channel_mult,
-            num_res_blocks,
-            attention_resolutions,
-            options,
-        )
+        encoder = build_encoder(in_channels * patch_size**2, image_size // patch_size, levels, options)
         self.conv_in, self.down, self.mid = encoder.conv_in, encoder.down, encoder.mid
         ch = encoder.channels
         self.norm_out = group_norm(ch, options.norm_eps)
@@ -119,3 +87,13 @@ class NoisyClassifier(nn.Module):
             h = layer(h, emb)
         h = F.silu(self.norm_out(h))
         return self.out(h.mean(dim=(2, 3)) if self.pool is None else self.pool(h))
+
+
+def _check_head(num_classes: int, pool: Pool, num_head_channels: int | None) -> None:
+    """The head's options: at least one class, a known pooling, and head widths for attention pooling."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if pool not in ("adaptive", "attention"):
+        raise ValueError(f"pool must be 'adaptive' or 'attention', got {pool!r}")
+    if pool == "attention" and num_head_channels is None:
+        raise ValueError("pool='attention' splits its heads by num_head_channels; set num_head_channels (ADM: 64)")

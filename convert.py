@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from src.cli import run_command
-from src.formats.convert import run
+from src.conversion import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="convert")

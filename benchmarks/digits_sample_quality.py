@@ -1,5 +1,5 @@
 """Sample quality of a digits model without the Inception network, with the project's digits judge
-(src/evaluation/digits_features.py: an MLP digit classifier fitted on 797 of the 1797 digits).
+(src/metrics/digits_judge.py: an MLP digit classifier fitted on 797 of the 1797 digits).
 
     python benchmarks/digits_sample_quality.py outputs/evaluate/.../samples_500x16x16x1.npz [more.npz ...] [--json out.json]
 
@@ -9,7 +9,7 @@ FD falls with the image count, so only equal counts compare). For each npz writt
 - FD: the Frechet distance of the classifier's hidden features of the images and of the reference;
 - KID x 1000: torch-fidelity's kernel distance of the same features (unbiased; 0 for the same distribution),
   100 subsets of 250;
-All numbers come from evaluate.py's own scoring (src.evaluation.scores), so `evaluate.py extractor=digits` gives
+All numbers come from evaluate.py's own scoring (src.metrics.scores), so `evaluate.py extractor=digits` gives
 the same FD and precision / recall on the same file.
 - digit IS: exp(E_x KL(p(y|x) || p(y))) of the classifier over the whole set (10 = confident and all classes
   equally often);
@@ -35,13 +35,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.evaluation.digits_features import REFERENCE_IMAGES, DigitsFeatures, judge_split  # noqa: E402
-from src.evaluation.extractors import metric_key  # noqa: E402
-from src.evaluation.metrics import FeatureStats, ReferenceStats  # noqa: E402
-from src.evaluation.scores import SampleFeatures, ScoreSettings, score  # noqa: E402
+from src.metrics.digits_judge import REFERENCE_IMAGES, DigitsFeatures, judge_split
+from src.metrics.extractors import metric_key
+from src.metrics.reference_stats import ReferenceStats
+from src.metrics.scores import SampleFeatures, ScoreSettings, score
+from src.metrics.statistics import FeatureStats
 
 COUNT = REFERENCE_IMAGES  # images scored per set
-# evaluate.py's metrics (src.evaluation.scores), with the digit IS over the whole set (one split) and KID on
+# evaluate.py's metrics (src.metrics.scores), with the digit IS over the whole set (one split) and KID on
 # subsets of half the set (of all of it, for sets smaller than that).
 SETTINGS = ScoreSettings(metrics=("fid", "is", "kid", "prc"), isc_splits=1, kid_subset_size=COUNT // 2)
 

@@ -9,7 +9,7 @@ its default step placement (Heun makes 2 network calls per step but the last, so
 steps: 9, 19, 49 NFE for 10, 20, 50); ddpm over all T training steps; ddim at each --ddim-steps. Every
 configuration draws the same N samples' noise (one seed), from the EMA weights.
 
-Scores come from benchmarks/digits_sample_quality.py's judge (src/evaluation/digits_features.py: an MLP
+Scores come from benchmarks/digits_sample_quality.py's judge (src/metrics/digits_judge.py: an MLP
 digit classifier fitted on its own part of the digits stands in for Inception; FD and KID on its hidden
 features against its 500 reference digits, lower is better; digit IS, 10 at best). The floor scores its
 500 held-out real digits the same way: what a perfect model reaches with 500 samples (the default count;
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.digits_sample_quality import DigitsJudge  # noqa: E402
 from src.checkpoints import module_from_checkpoint, read_checkpoint  # noqa: E402
 from src.diffusion import SAMPLERS, SamplerOptions  # noqa: E402
-from src.evaluation.samples import sample_uint8_batches  # noqa: E402
+from src.sampling.batches import sample_uint8_batches
 
 SOLVERS = [name for name, entry in SAMPLERS.items() if entry.continuous]
 DEFAULT_SAMPLERS = [*SOLVERS, "ddpm", "ddim"]

@@ -12,9 +12,9 @@ from torch import nn
 
 from src.diffusion import GaussianDiffusion, UniformSampler, make_beta_schedule
 from src.errors import CheckpointError, ConfigError
-from src.evaluation.guidance import check_guidance, per_class_rows
 from src.lit import DiffusionModule
 from src.models import NoisyClassifier, UNet
+from src.sampling.conditioning import check_guidance, per_class_rows
 from src.training import train
 
 # The tiny T=50 net of conf/debug/tiny.yaml on 8x8 digits, for runs of one step.

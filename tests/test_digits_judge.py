@@ -1,4 +1,4 @@
-"""The digits judge (src/evaluation/digits_features.py, benchmarks/digits_sample_quality.py): its parts
+"""The digits judge (src/metrics/digits_judge.py, benchmarks/digits_sample_quality.py): its parts
 are disjoint, its network is the fitted scikit-learn MLP, and it is a usable yardstick: real held-out
 digits score near its floor and visibly worse images clearly worse."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.digits_sample_quality import DigitsJudge, blurred, main
-from src.evaluation.digits_features import (
+from src.metrics.digits_judge import (
     CLASSIFIER_IMAGES,
     REFERENCE_IMAGES,
     DigitsFeatures,

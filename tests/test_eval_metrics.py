@@ -10,11 +10,13 @@ from threadpoolctl import threadpool_limits
 
 from src.data import DigitsDataModule
 from src.errors import ConfigError
-from src.evaluation.digits_features import DIGITS_EXTRACTOR_NAME, judge_split
-from src.evaluation.extractors import ExtractorRequest, build_extractor, metric_key
-from src.evaluation.metrics import INCEPTION_NAME, InceptionFeatures, ReferenceStats, accumulate
-from src.evaluation.quality import Scorer
-from src.evaluation.scores import SampleFeatures, ScoreSettings, score
+from src.evaluation.scoring import Scorer
+from src.metrics.digits_judge import DIGITS_EXTRACTOR_NAME, judge_split
+from src.metrics.extractors import ExtractorRequest, build_extractor, metric_key
+from src.metrics.inception import INCEPTION_NAME, InceptionFeatures
+from src.metrics.reference_stats import ReferenceStats
+from src.metrics.scores import SampleFeatures, ScoreSettings, score
+from src.metrics.statistics import accumulate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

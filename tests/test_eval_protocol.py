@@ -18,7 +18,7 @@ from src.evaluation.nll import nll_terms
 from src.evaluation.protocol import checked_seeds, class_balance_note, image_seed_range, sample_count_notes, summary
 from src.evaluation.report import Report
 from src.evaluation.run import nll_conditionings
-from src.evaluation.samples import sample_uint8_batches
+from src.sampling.batches import sample_uint8_batches
 
 
 class NoiseModule:

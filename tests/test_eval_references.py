@@ -12,11 +12,11 @@ from PIL import Image
 
 from src.errors import ConfigError
 from src.evaluation import run
-from src.evaluation.digits_features import judge_split
-from src.evaluation.metrics import accumulate, frechet_distance
-from src.evaluation.quality import Scorer
-from src.evaluation.references import default_spec, resolve_source
-from src.evaluation.samples import load_npz
+from src.evaluation.scoring import Scorer
+from src.metrics.digits_judge import judge_split
+from src.metrics.references import default_spec, resolve_source
+from src.metrics.statistics import accumulate, frechet_distance
+from src.sampling.batches import load_npz
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -86,7 +86,7 @@ def test_samples_npz_is_scored_without_a_checkpoint_against_the_judge(compose_ev
 
 def test_cache_key_covers_the_extractor(tmp_path, split):
     from src.data import UInt8ImageDataset
-    from src.evaluation.metrics import ReferenceImages, reference_meta
+    from src.metrics.reference_stats import ReferenceImages, reference_meta
 
     images = ReferenceImages(UInt8ImageDataset(split.reference, torch.zeros(500)))
 

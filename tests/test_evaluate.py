@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_fid import write_random_inception_weights
 
+from src.checkpoints import load_module
 from src.errors import CheckpointError, ConfigError
-from src.evaluation import load_module, run
+from src.evaluation import run
 from src.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +241,7 @@ def test_an_interrupted_evaluation_is_marked_partial(evaluate, tmp_path):
 
 
 def test_samples_file_against_the_checkpoints_validation_split(tmp_path, trained, compose_evaluate):
-    from src.evaluation.digits_features import judge_split
+    from src.metrics.digits_judge import judge_split
 
     path = tmp_path / "real.npz"
     np.savez(path, arr_0=judge_split(16).held_out.permute(0, 2, 3, 1).numpy())
@@ -260,7 +261,7 @@ def test_samples_file_against_the_checkpoints_validation_split(tmp_path, trained
 
 def test_sample_batches_use_the_weights_asked_for():
     from src.diffusion import SamplerOptions
-    from src.evaluation.samples import sample_uint8_batches
+    from src.sampling.batches import sample_uint8_batches
 
     class Recorder:
         device = torch.device("cpu")

@@ -22,18 +22,17 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.data import Dataset
 
-from src.evaluation import metrics
-from src.evaluation.metrics import (
-    FeatureStats,
+from src.metrics import reference_stats
+from src.metrics.inception import (
+    INCEPTION_NAME,
+    WEIGHTS_FILENAME,
     InceptionFeatures,
     MissingWeightsError,
-    ReferenceImages,
-    frechet_distance,
-    inception_score,
-    reference_statistics,
     resolve_weights,
 )
-from src.evaluation.scores import SampleFeatures, ScoreSettings, score
+from src.metrics.reference_stats import ReferenceImages, ReferenceStats, reference_statistics
+from src.metrics.scores import SampleFeatures, ScoreSettings, score
+from src.metrics.statistics import FeatureStats, accumulate, fid_and_is, frechet_distance, inception_score
 from src.training import train
 
 
@@ -148,7 +147,7 @@ def test_default_weights_offline_names_the_torch_hub_path(tmp_path, monkeypatch)
     with pytest.raises(MissingWeightsError) as err:
         resolve_weights(None)
     message = str(err.value)
-    expected = tmp_path / "torch" / "hub" / "checkpoints" / metrics.WEIGHTS_FILENAME
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_FILENAME
     assert offline.called and "\n" not in message and str(expected) in message and "URLError" in message
 
 
@@ -170,11 +169,9 @@ def test_fid_and_is_match_torch_fidelity_on_the_same_images(weights, extractor):
     gen = torch.Generator().manual_seed(0)
     fake = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8, generator=gen)
     real = (torch.rand(6, 1, 16, 16, generator=gen) ** 3 * 255).to(torch.uint8)
-    ref_stats, _ = metrics.accumulate(extractor, [real])
+    ref_stats, _ = accumulate(extractor, [real])
     mu, sigma = ref_stats.mean_cov()
-    ours = metrics.fid_and_is(
-        *metrics.accumulate(extractor, [fake], keep_logits=True), metrics.ReferenceStats(mu, sigma, {}), isc_splits=2
-    )
+    ours = fid_and_is(*accumulate(extractor, [fake], keep_logits=True), ReferenceStats(mu, sigma, {}), isc_splits=2)
     with threadpool_limits(limits=1, user_api="blas"):  # its 2048x2048 eigvals crawl on a busy 2-core CPU
         theirs = torch_fidelity.calculate_metrics(
             input1=RGBTensors(fake),
@@ -231,8 +228,8 @@ def test_reference_statistics_are_cached_with_a_description(tmp_path, extractor)
 
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     real = ReferenceImages(UInt8ImageDataset(images, torch.zeros(5)), num_images=4)
-    spy = mock.Mock(wraps=metrics.accumulate)
-    with mock.patch.object(metrics, "accumulate", spy):
+    spy = mock.Mock(wraps=accumulate)
+    with mock.patch.object(reference_stats, "accumulate", spy):
         first = reference_statistics(extractor, real, "digits", "train", tmp_path, batch_size=4)
         second = reference_statistics(extractor, real, "digits", "train", tmp_path, batch_size=4)
     assert spy.call_count == 1  # the second call read the cache
@@ -328,14 +325,14 @@ def test_fid_callback_under_ddp_equals_one_process_on_the_same_samples(compose_t
     assert not torch.equal(samples[:2], samples[3:5])  # rank 1 drew other noise than rank 0
     (cache,) = (tmp_path / "fid_stats").glob("*.npz")
     with np.load(cache) as data:
-        reference = metrics.ReferenceStats(data["mu"], data["sigma"], {}, features=data["features"])
+        reference = ReferenceStats(data["mu"], data["sigma"], {}, features=data["features"])
     assert reference.features.shape == (6, 2048)  # gathered from both processes, in the images' order
-    _, _, rows = metrics.accumulate(extractor, [ReferenceImages(DigitsTrain(), 6).batch(range(6))], keep_features=True)
+    _, _, rows = accumulate(extractor, [ReferenceImages(DigitsTrain(), 6).batch(range(6))], keep_features=True)
     np.testing.assert_allclose(reference.features, rows.numpy(), rtol=1e-5, atol=1e-5)
-    single = metrics.fid_and_is(*metrics.accumulate(extractor, [samples], keep_logits=True), reference, isc_splits=2)
-    stats, logits, sample_rows = metrics.accumulate(extractor, [samples], keep_logits=True, keep_features=True)
+    single = fid_and_is(*accumulate(extractor, [samples], keep_logits=True), reference, isc_splits=2)
+    stats, logits, sample_rows = accumulate(extractor, [samples], keep_logits=True, keep_features=True)
     settings = ScoreSettings.checked(["kid", "prc"], kid_subsets=3, kid_subset_size=4)
-    more, _ = score(SampleFeatures(stats, logits, sample_rows), reference, settings, metrics.INCEPTION_NAME)
+    more, _ = score(SampleFeatures(stats, logits, sample_rows), reference, settings, INCEPTION_NAME)
     for key in ("kid", "kid_std", "precision", "recall"):
         assert metrics_out[f"eval/{key}"] == pytest.approx(more[key], rel=1e-4, abs=1e-6), key
     assert metrics_out["eval/fid"] == pytest.approx(single["fid"], rel=1e-5)

@@ -17,11 +17,11 @@ from test_unet import perturb_zero_init
 
 from src.checkpoints import load_module, load_pretrained
 from src.cli import run_command
+from src.conversion import run as convert_run
 from src.diffusion import SamplerOptions, sample
 from src.errors import RunError
 from src.formats import ConversionError, import_checkpoint
 from src.formats import diffusers as diffusers_format
-from src.formats.convert import run as convert_run
 from src.models import UNet
 
 diffusers = pytest.importorskip("diffusers")
@@ -211,7 +211,7 @@ def test_import_gives_an_ordinary_checkpoint(tmp_path):
 
 def test_sample_and_evaluate_take_a_converted_checkpoint(tmp_path, compose_sample, compose_evaluate):
     from src.evaluation import run as evaluate_run
-    from src.evaluation.sample_modes import run as sample_run
+    from src.sampling.modes import run as sample_run
 
     folder = save_folder(random_unet(SMALL, scale=0.05), tmp_path / "ddpm")
     ckpt = convert_run(OmegaConf.create({"format": "diffusers", "src": str(folder), "dst": str(tmp_path / "c.ckpt")}))

@@ -419,8 +419,8 @@ def test_convert_command_with_a_preset(tmp_path):
 
 def test_evaluate_guides_a_converted_adm_with_its_converted_classifier(tmp_path, class_folder, compose_evaluate):
     """The README's guided ImageNet-64 commands, at test size: both files converted, then evaluate.py."""
+    from src.conversion import run as convert_run
     from src.evaluation import run as evaluate_run
-    from src.formats.convert import run as convert_run
 
     written = {}
     for key, cls, flags, name, ours in [
@@ -490,7 +490,7 @@ def test_preset_disagreeing_with_the_data_says_so(converted, class_folder, tmp_p
 
 @pytest.mark.slow
 def test_missing_preset_and_unreadable_files_are_one_line(tmp_path):
-    from src.formats.convert import run
+    from src.conversion import run
 
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     for cfg, match in [

@@ -53,7 +53,7 @@ def test_eps_prediction_at_zero_snr_is_refused_by_the_library():
 
 
 def test_classifier_free_guidance_needs_a_null_label():
-    from src.evaluation.guidance import check_guidance, guidance_scales
+    from src.sampling.conditioning import check_guidance, guidance_scales
 
     assert guidance_scales(None, 1000, null_label=False) == [0.0]  # ADM's released nets: no sweep by default
     assert guidance_scales(None, 10) == [0.0, 1.0, 3.0]

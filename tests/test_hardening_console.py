@@ -75,7 +75,7 @@ def test_the_classifier_schedule_mismatch_names_the_diffusion_models_schedule(mo
 
     from omegaconf import OmegaConf
 
-    import src.evaluation.guidance as guidance
+    import src.sampling.conditioning as guidance
     from src.diffusion import GaussianDiffusion, make_beta_schedule
 
     classifier = SimpleNamespace(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_fid import fid_overrides, write_random_inception_weights
 
-from src.evaluation import git_info
+from src.provenance import git_info
 from src.training import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Post-hoc EMA (EDM2, Karras et al. 2024, Sec. 3 and App. C) against its closed forms, and end to end.
 
-Closed forms used here (independent of src.lit.posthoc_ema's code):
+Closed forms used here (independent of src.lit.ema_profiles' code):
 - sigma_rel(gamma)^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)); EDM2 quotes gamma = 16.97 for sigma_rel = 0.05
   and 6.94 for 0.10.
 - The tracked EMA with beta_t = (1 - 1/t)^(gamma + 1) weighs theta_tau, after t updates, by
@@ -19,11 +19,12 @@ from conftest import FAST_OVERRIDES
 from test_resume import assert_identical
 from torch import nn
 
+from src import atomic
 from src.callbacks import PostHocEMA
 from src.errors import CheckpointError, ConfigError
-from src.evaluation.posthoc_ema import reconstruct, snapshots_folder
 from src.lit import PowerFunctionEMA
-from src.lit.posthoc_ema import gamma_to_std, profile_inner_products, solve_coefficients, std_to_gamma
+from src.lit.ema_profiles import gamma_to_std, profile_inner_products, solve_coefficients, std_to_gamma
+from src.sampling.ema_rebuild import reconstruct, snapshots_folder
 from src.training import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -249,7 +250,7 @@ def test_evaluate_sweeps_ema_std_with_one_row_each_and_a_figure(trained_run, com
 
 
 def test_sample_with_ema_std_uses_the_reconstructed_weights(trained_run, compose_config, tmp_path):
-    from src.evaluation.context import load_checkpoint
+    from src.sampling.checkpoint import load_checkpoint
 
     run_dir, run = trained_run
     cfg = compose_config(
@@ -284,7 +285,7 @@ def one_line(err) -> str:
 
 
 def test_a_checkpoint_without_snapshots_names_the_fix(trained_run, compose_config, tmp_path):
-    from src.evaluation.context import load_checkpoint
+    from src.sampling.checkpoint import load_checkpoint
 
     run_dir, _ = trained_run
     lonely = tmp_path / "other" / "checkpoints" / "last.ckpt"
@@ -329,7 +330,7 @@ def test_too_few_snapshots_for_an_ema_std_names_the_fix(tmp_path):
 def test_bad_ema_std_is_one_line(value, message):
     from omegaconf import OmegaConf
 
-    from src.evaluation.posthoc_ema import checked_stds
+    from src.sampling.ema_rebuild import checked_stds
 
     with pytest.raises(ConfigError, match=message) as err:
         checked_stds(OmegaConf.create({"v": OmegaConf.create(value) if value.startswith("[") else float(value)}).v)
@@ -361,21 +362,19 @@ def test_resuming_a_run_trained_without_post_hoc_ema_is_refused(compose_train):
 
 
 def test_a_failed_snapshot_write_leaves_no_file(tmp_path, monkeypatch):
-    from src.lit import checkpoint_io
-
     target = tmp_path / "phema" / "phema-0000004-0.0500.pt"
-    checkpoint_io.atomic_torch_save({"step": 4}, target)
+    atomic.torch_save({"step": 4}, target)
     real_save = torch.save
 
     def half_written(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a zip")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", half_written)
+    monkeypatch.setattr(atomic.torch, "save", half_written)
     with pytest.raises(OSError, match="No space left"):
-        checkpoint_io.atomic_torch_save({"step": 8}, target)
+        atomic.torch_save({"step": 8}, target)
     with pytest.raises(OSError):
-        checkpoint_io.atomic_torch_save({"step": 8}, tmp_path / "phema" / "phema-0000008-0.0500.pt")
-    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+        atomic.torch_save({"step": 8}, tmp_path / "phema" / "phema-0000008-0.0500.pt")
+    monkeypatch.setattr(atomic.torch, "save", real_save)
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp file, no new name
     assert torch.load(target, weights_only=True) == {"step": 4}  # the earlier content intact

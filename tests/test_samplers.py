@@ -21,8 +21,9 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from src.diffusion import GaussianDiffusion, SamplerOptions, SpacedDiffusion, sample
-from src.diffusion.reverse_process import Trajectory, denoise_from, image_grid, sample_trajectory, trajectory_grid
+from src.diffusion.reverse_process import Trajectory, denoise_from, sample_trajectory
 from src.errors import ConfigError
+from src.sampling.grids import image_grid, trajectory_grid
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)  # DDPM's linear schedule

@@ -1,6 +1,6 @@
+from .ema_snapshots import PostHocEMA
 from .fid import FIDCallback
 from .model_summary import ModelSummary
-from .posthoc_ema import PostHocEMA
 from .preemption import PreemptionCheckpoint
 from .run_info import RunInfoCallback
 from .sample_grid import SampleGridCallback

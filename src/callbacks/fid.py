@@ -1,5 +1,5 @@
 """FID, Inception Score, KID and precision / recall of EMA samples during training (distributed over all
-processes), with Inception-v3 or any extractor of src.evaluation.extractors."""
+processes), with Inception-v3 or any extractor of src.metrics.extractors."""
 
 from __future__ import annotations
 
@@ -9,24 +9,23 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from src import atomic
 from src.diffusion import Guidance, SamplerOptions
-from src.evaluation import atomic
-from src.evaluation.extractors import ExtractorRequest, build_extractor
-from src.evaluation.guidance import balanced_labels
-from src.evaluation.metrics import (
-    FeatureStats,
-    MissingWeightsError,
+from src.metrics.extractors import ExtractorRequest, build_extractor
+from src.metrics.inception import MissingWeightsError, resolve_weights
+from src.metrics.reference_stats import (
     ReferenceStats,
     dataset_name,
     load_reference,
     reference_cache_path,
     reference_meta,
-    resolve_weights,
     save_reference,
 )
-from src.evaluation.references import resolve_source
-from src.evaluation.samples import sample_uint8_batches
-from src.evaluation.scores import SampleFeatures, ScoreSettings, score
+from src.metrics.references import resolve_source
+from src.metrics.scores import SampleFeatures, ScoreSettings, score
+from src.metrics.statistics import FeatureStats
+from src.sampling.batches import sample_uint8_batches
+from src.sampling.conditioning import balanced_labels
 
 from .preemption import interruptible_batches
 
@@ -45,7 +44,7 @@ class FIDCallback(L.Callback):
     Distributed: each process draws its share of the samples from its own seed (seed + rank) and runs
     the extractor on them; the FID statistics are summed and the IS logits (and, for KID / precision /
     recall, the feature rows) gathered across processes, so the metrics are those of exactly
-    `num_samples` samples, computed once and logged by rank zero under src.evaluation.extractors'
+    `num_samples` samples, computed once and logged by rank zero under src.metrics.extractors'
     metric_key names (`eval/fid`, `eval/is`, `eval/kid`, ...; `eval/fd_digits-mlp64`, ... for extractor=digits).
 
     Reference features are computed once (shared out over the processes as well) and cached under
@@ -59,14 +58,14 @@ class FIDCallback(L.Callback):
         sampler: the sampler options (src.diffusion.SamplerOptions: sampler, steps, spacing, eta, ...), usually the run's.
         guidance_scale: classifier-free guidance weight for a class-conditional net, whose samples are drawn
             for every class equally often over all processes, as evaluate.py does (None: 0).
-        metrics: which of fid, is, kid, prc (src.evaluation.scores.METRICS).
-        extractor: inception or digits (src.evaluation.extractors.EXTRACTORS).
+        metrics: which of fid, is, kid, prc (src.metrics.scores.METRICS).
+        extractor: inception or digits (src.metrics.extractors.EXTRACTORS).
         feature_extractor_weights_path: local Inception weights (torch-fidelity's
             weights-inception-2015-12-05-6726825d.pth); null: the torch hub cache, downloaded if missing.
             Without weights the callback stops the run in `setup`, naming the file to provide.
         cache_dir: folder of the cached reference statistics.
         reference: "train" (as the papers), "val", "judge" (digits), an image folder or an .npz (see
-            src.evaluation.references).
+            src.metrics.references).
         num_reference_images: the first this many images of the reference (null: all).
         isc_splits: number of splits of the Inception Score (torch-fidelity's default 10).
         kid_subsets, kid_subset_size, prc_num_images: the KID and precision / recall protocol (ScoreSettings).

@@ -2,7 +2,7 @@
 
 import lightning as L
 
-from src.evaluation.provenance import git_info
+from src.provenance import git_info
 
 
 class RunInfoCallback(L.Callback):

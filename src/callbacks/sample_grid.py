@@ -6,12 +6,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid
 
 from src.diffusion import Guidance, SamplerOptions
-from src.evaluation.grids import display_scale, save_grid_png
-from src.evaluation.guidance import grid_labels
 from src.loggers import log_png
+from src.sampling.conditioning import grid_labels
+from src.sampling.grids import display_scale, image_grid, save_grid_png
 
 from .preemption import interruptible_sampling
 
@@ -88,7 +87,7 @@ class SampleGridCallback(L.Callback):
         num_samples, nrow, guidance = self._layout(getattr(pl_module.net, "num_classes", None), pl_module.device)
         with interruptible_sampling(trainer):
             images = pl_module.sample(num_samples, self.options, guidance, generator=generator)
-        grid = make_grid((images + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+        grid = image_grid(images, nrow=nrow)
         raw = self.dirpath / "raw" / path.name if display_scale(images.shape[-1], self.min_image_size) > 1 else None
         grid = save_grid_png(grid, path, images.shape[-1], self.min_image_size, raw_path=raw)
         self.last_path = path

@@ -4,8 +4,11 @@ Images are stored as uint8 (memory and exactness) and mapped to [-1, 1] only whe
 with v / 127.5 - 1 so the model sees exactly the 256-level grid that the discretized likelihood
 (bits/dim with bins of width 2/255) assumes.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from src.errors import ConfigError
 
 
 def uint8_to_signed(images: torch.Tensor) -> torch.Tensor:
@@ -53,3 +56,12 @@ def maybe_hflip(image: torch.Tensor, enabled: bool) -> torch.Tensor:
     if enabled and torch.rand(()) < 0.5:
         return image.flip(-1)
     return image
+
+def nhwc_to_tensor(array: np.ndarray, what: str) -> torch.Tensor:
+    """uint8 [N, H, W, C] (the openai npz convention) -> uint8 [N, C, H, W], or a one-line error."""
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ConfigError(
+            f"{what}: arr_0 must be uint8 images [N, H, W, 1 or 3] (openai's npz convention), got "
+            f"{array.dtype} {array.shape}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()

@@ -11,13 +11,11 @@ from .reverse_process import (
     check_options,
     ddpm_sample,
     denoise_from,
-    image_grid,
     process_for,
     respaced,
     respaced_for,
     sample,
     sample_trajectory,
-    trajectory_grid,
     visited_timesteps,
 )
 from .samplers import SAMPLERS, Sampler, SamplerOptions
@@ -44,7 +42,6 @@ __all__ = [
     "denoise_from",
     "discretized_gaussian_log_likelihood",
     "drop_labels",
-    "image_grid",
     "interpolate",
     "interpolate_ddim",
     "lerp",
@@ -62,5 +59,4 @@ __all__ = [
     "slerp",
     "space_timesteps",
     "Threshold",
-    "trajectory_grid",
 ]

@@ -1,17 +1,14 @@
 """Generating images with a trained network: one entry point for every sampler, the reverse process
-from an intermediate x_t, and the recorded trajectory of a run (DDPM Fig. 6) with its image grid.
+from an intermediate x_t, and the recorded trajectory of a run (DDPM Fig. 6).
 
 A sampler steps through its process: the (respaced) GaussianDiffusion for ddpm / ddim, or for the ODE / SDE
 solvers a SolverSchedule, the noise levels of the options' spacing on the diffusion's continuous-time view."""
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from torchvision.utils import make_grid
 
 from .gaussian_diffusion import GaussianDiffusion, Model
 from .guidance import NO_GUIDANCE, Guidance, guide
@@ -345,27 +342,3 @@ def denoise_from(
         progress=progress,
     )
     return x.clamp(-1.0, 1.0)
-
-
-def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
-    """A [C x H' x W'] grid in [0, 1] for save_image from images in [-1, 1] (values outside are clipped):
-    [N x C x H x W] in rows of `nrow` (default about sqrt(N)), or [R x S x C x H x W] as R rows of S."""
-    images = images.detach().float().clamp(-1.0, 1.0).add(1.0).div(2.0).cpu()
-    if images.ndim == 5:
-        nrow = images.shape[1]
-        images = images.flatten(0, 1)
-    elif images.ndim != 4:
-        raise ValueError(f"images must be [N, C, H, W] or [R, S, C, H, W], got shape {tuple(images.shape)}")
-    if nrow is None:
-        nrow = max(1, math.ceil(math.sqrt(images.shape[0])))
-    return make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
-
-
-def trajectory_grid(
-    trajectory: Trajectory, which: Literal["pred_x0", "xt"] = "pred_x0", padding: int = 2, pad_value: float = 1.0
-) -> torch.Tensor:
-    """The trajectory as a [C x H' x W'] grid in [0, 1]: one row per sample, one column per recorded step
-    (left to right in sampling order); `which` picks the predicted x_0 (DDPM Fig. 6) or the states x_t."""
-    if which not in ("pred_x0", "xt"):
-        raise ValueError(f"which must be 'pred_x0' or 'xt', got {which!r}")
-    return image_grid(getattr(trajectory, which), padding=padding, pad_value=pad_value)

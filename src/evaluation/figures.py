@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_bytes as atomic_write_bytes
-from .atomic import write_text as atomic_write_text
+from src.atomic import write_bytes as atomic_write_bytes
+from src.atomic import write_text as atomic_write_text
 
 PIXEL_SCALE = 127.5  # [-1, 1] -> [0, 255]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import savez as atomic_savez
+from src.atomic import savez as atomic_savez
 
 log = logging.getLogger(__name__)
 

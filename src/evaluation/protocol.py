@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .metrics import file_sha256
+from src.provenance import file_sha256
 
 PAPER_SAMPLE_COUNT = 50_000
 

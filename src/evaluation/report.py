@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import write_text as atomic_write_text
+from src.atomic import write_text as atomic_write_text
 
 # Float entries of a sample set that are not metric values.
 _NOT_METRICS = {"metrics_seconds", "guidance_scale", "ema_std"}

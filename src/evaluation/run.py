@@ -1,5 +1,5 @@
 """evaluate.py's work: samples (npz + grid) of a checkpoint, one set per seed (and guidance scale), their
-quality metrics (src.evaluation.quality) and the test-set NLL -> metrics.json; or, with samples=<file.npz>,
+quality metrics (src.evaluation.scoring) and the test-set NLL -> metrics.json; or, with samples=<file.npz>,
 the metrics of a file of samples from anywhere (src.evaluation.score_file).
 
 The model, schedule, objective and data all come from the checkpoint's run config; the evaluate config
@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from src.config_diff import UNSET, differences
 from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions, visited_timesteps
 from src.errors import ConfigError
-
-from .context import LoadedCheckpoint, load_checkpoint
-from .extractors import extractor_name
-from .figures import plot_quality_vs_ema_std, write_figures
-from .guidance import (
+from src.metrics.extractors import extractor_name
+from src.metrics.reference_stats import dataset_name
+from src.provenance import git_info
+from src.sampling.batches import sample_uint8_batches, save_npz
+from src.sampling.checkpoint import LoadedCheckpoint, load_checkpoint
+from src.sampling.conditioning import (
     balanced_labels,
     check_classifier_classes,
     check_guidance,
@@ -30,17 +31,17 @@ from .guidance import (
     load_classifier,
     per_class_rows,
 )
+from src.sampling.ema_rebuild import checked_stds
+from src.sampling.grids import save_grid
+
+from .figures import plot_quality_vs_ema_std, write_figures
 from .interrupt import STOPS, sigterm_raises, stop_name
 from .log_results import log_results
-from .metrics import dataset_name
 from .nll import nll_terms, save_terms, summarize
-from .posthoc_ema import checked_stds
 from .protocol import checked_seeds, checkpoint_hash, class_balance_note, image_seed_range, sample_count_notes, summary
-from .provenance import git_info
-from .quality import Scorer, metric_keys, not_requested, score_settings
 from .report import Report, print_table
-from .samples import sample_uint8_batches, save_grid, save_npz
 from .score_file import score_file
+from .scoring import Scorer, metric_keys, not_requested, score_settings
 
 log = logging.getLogger(__name__)
 

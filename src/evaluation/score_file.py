@@ -12,16 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import read_checkpoint, run_config
 from src.errors import ConfigError
+from src.metrics.extractors import extractor_name
+from src.metrics.reference_stats import dataset_name
+from src.provenance import file_sha256, git_info
+from src.sampling.batches import load_npz
+from src.sampling.checkpoint import pick_device
 
-from .context import pick_device
-from .extractors import extractor_name
 from .interrupt import STOPS, stop_name
-from .metrics import dataset_name, file_sha256
 from .protocol import sample_count_notes
-from .provenance import git_info
-from .quality import Scorer, score_settings
 from .report import Report, print_table
-from .samples import load_npz
+from .scoring import Scorer, score_settings
 
 log = logging.getLogger(__name__)
 

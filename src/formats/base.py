@@ -5,8 +5,6 @@ tensors against the layout a model expects, and writing results only once they a
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
+from src import atomic
 from src.builders import build_task_module
 from src.data import DatasetNotFoundError
 from src.errors import RunError
@@ -272,17 +271,9 @@ def shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 @contextmanager
 def written_atomically(dst: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary path next to dst to write into; it becomes dst only when the block succeeds, so a
-    failed conversion leaves nothing at dst. An existing dst is an error unless overwrite."""
+    failed conversion leaves nothing at dst (src.atomic.replaced). An existing dst is an error unless overwrite."""
     dst = Path(dst).expanduser().resolve()
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists; choose another dst or pass overwrite=true")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    target = tmp / dst.name
-    try:
+    with atomic.replaced(dst) as target:
         yield target
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        os.replace(target, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from .posthoc_ema import power_beta
+from .ema_profiles import power_beta
 
 
 class EMA(nn.Module):
@@ -81,7 +81,7 @@ class PowerFunctionEMA(EMA):
     """A power-function EMA (EDM2, Karras et al. 2024, Eq. 3): update t (1-based) decays with
     beta_t = (1 - 1/t)^(gamma + 1), so after t updates the average weighs the parameters of update tau by
     (tau / t)^(gamma + 1) - ((tau - 1) / t)^(gamma + 1), the profile (gamma + 1) tau^gamma / t^(gamma + 1)
-    integrated over (tau - 1, tau] (src.lit.posthoc_ema). Its length grows with training; its relative width
+    integrated over (tau - 1, tau] (src.lit.ema_profiles). Its length grows with training; its relative width
     is fixed by gamma. The first update copies the parameters (beta_1 = 0), whatever the initial copy held.
     """
 

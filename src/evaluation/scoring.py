@@ -11,11 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.data import DatasetNotFoundError
 from src.errors import ConfigError
-
-from .extractors import ExtractorRequest, build_extractor, extractor_device, extractor_name, metric_key
-from .metrics import MissingWeightsError, accumulate
-from .references import SplitDataset, default_spec, reference_features, resolve_source
-from .scores import SampleFeatures, ScoreSettings, score
+from src.metrics.extractors import ExtractorRequest, build_extractor, extractor_device, extractor_name, metric_key
+from src.metrics.inception import MissingWeightsError
+from src.metrics.references import SplitDataset, default_spec, reference_features, resolve_source
+from src.metrics.scores import SampleFeatures, ScoreSettings, score
+from src.metrics.statistics import accumulate
 
 log = logging.getLogger(__name__)
 

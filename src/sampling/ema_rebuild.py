@@ -1,5 +1,5 @@
 """EMA weights of any relative width rebuilt from a run's post-hoc EMA snapshots (EDM2 Appendix C.2; the math is
-src.lit.posthoc_ema, the snapshots are written by src.callbacks.PostHocEMA next to the checkpoints)."""
+src.lit.ema_profiles, the snapshots are written by src.callbacks.PostHocEMA next to the checkpoints)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.callbacks.posthoc_ema import SNAPSHOT_GLOB
 from src.errors import CheckpointError, ConfigError
-from src.lit.posthoc_ema import check_std, combine, solve_coefficients, std_to_gamma
+from src.lit.ema_profiles import SNAPSHOT_GLOB, check_std, combine, solve_coefficients, std_to_gamma
 
 log = logging.getLogger(__name__)
 

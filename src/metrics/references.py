@@ -16,10 +16,12 @@ from torch.utils.data import Dataset
 
 from src.data import UInt8ImageDataset
 from src.data.image_folder import ImageFileDataset, find_images
+from src.data.transforms import nhwc_to_tensor
 from src.errors import ConfigError
+from src.provenance import file_sha256
 
-from .digits_features import judge_split
-from .metrics import ReferenceImages, ReferenceStats, file_sha256, reference_statistics
+from .digits_judge import judge_split
+from .reference_stats import ReferenceImages, ReferenceStats, reference_statistics
 
 SPLITS = ("train", "val")
 # Without a checkpoint, 1-channel square images up to this size are taken for digits: reference=judge.
@@ -125,16 +127,6 @@ def _npz(spec: str, path: Path, image_shape, num_images) -> ReferenceSource:
         "extractor": "as computed by the file's author (only the feature dimension is checked)",
     }
     return ReferenceSource(spec=spec, stats=ReferenceStats(mu=mu, sigma=sigma, meta=meta))
-
-
-def nhwc_to_tensor(array: np.ndarray, what: str) -> torch.Tensor:
-    """uint8 [N, H, W, C] (the openai npz convention) -> uint8 [N, C, H, W], or a one-line error."""
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
-        raise ConfigError(
-            f"{what}: arr_0 must be uint8 images [N, H, W, 1 or 3] (openai's npz convention), got "
-            f"{array.dtype} {array.shape}"
-        )
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
 
 
 def reference_features(

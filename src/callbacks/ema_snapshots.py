@@ -1,6 +1,6 @@
 """Post-hoc EMA during training (EDM2, Karras et al. 2024, Sec. 3): power-function EMAs of the network tracked at a
 few relative widths, and their snapshots written every N steps, from which evaluate.py / sample.py reconstruct an
-EMA of any width after training (src.lit.posthoc_ema, src.evaluation.posthoc)."""
+EMA of any width after training (src.lit.ema_profiles, src.sampling.ema_rebuild)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ from typing import Any
 
 import lightning as L
 
+from src import atomic
 from src.errors import ConfigError
 from src.lit import PowerFunctionEMA
-from src.lit.checkpoint_io import atomic_torch_save
-from src.lit.posthoc_ema import check_std, std_to_gamma
+from src.lit.ema_profiles import check_std, std_to_gamma
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_GLOB = "phema-*.pt"
 
 
 def snapshot_name(step: int, std: float) -> str:
@@ -123,7 +121,7 @@ class PostHocEMA(L.Callback):
             if name not in names
         }
         for std, ema in zip(self.stds, self.emas):
-            atomic_torch_save(
+            atomic.torch_save(
                 {"step": step, "std": std, "gamma": ema.gamma, "parameters": ema.averaged_state(), "buffers": buffers},
                 self.dirpath / snapshot_name(step, std),
             )

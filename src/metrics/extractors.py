@@ -15,8 +15,8 @@ from torch import nn
 
 from src.errors import ConfigError
 
-from .digits_features import DIGITS_EXTRACTOR_NAME, DigitsFeatures
-from .metrics import INCEPTION_NAME, InceptionFeatures, resolve_weights
+from .digits_judge import DIGITS_EXTRACTOR_NAME, DigitsFeatures
+from .inception import INCEPTION_NAME, InceptionFeatures, resolve_weights
 
 
 @dataclass(frozen=True)

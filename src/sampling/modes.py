@@ -20,20 +20,18 @@ from src.diffusion import (
     SamplerOptions,
     ddim_invert,
     ddim_sample,
-    image_grid,
     interpolate,
     interpolate_ddim,
     sample,
     sample_trajectory,
-    trajectory_grid,
     visited_timesteps,
 )
 from src.diffusion.editing import BLENDS
 from src.errors import ConfigError
 
-from .context import LoadedCheckpoint, load_checkpoint
-from .grids import save_grid_png
-from .guidance import check_classifier_classes, check_guidance, grid_labels, guidance_scales, load_classifier
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .conditioning import check_classifier_classes, check_guidance, grid_labels, guidance_scales, load_classifier
+from .grids import image_grid, save_grid_png, trajectory_grid
 
 log = logging.getLogger(__name__)
 ENCODERS = ("q_sample", "ddim")

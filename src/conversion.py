@@ -10,9 +10,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import module_from_checkpoint, read_checkpoint, run_config
-
-from . import get_format, import_checkpoint
-from .base import ConversionError, written_atomically
+from src.formats import get_format, import_checkpoint
+from src.formats.base import ConversionError, written_atomically
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("import", "export")

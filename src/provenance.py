@@ -1,9 +1,11 @@
-"""Where results come from: the git commit of the code that produced them."""
+"""Where results come from: the git commit of the code that produced them, and the hash of a file they read."""
 
+import hashlib
+import os
 import subprocess
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _git(*args: str, repo_dir: str | Path) -> str:
@@ -20,3 +22,11 @@ def git_info(repo_dir: str | Path = REPO_ROOT) -> dict:
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": None}
     return {"git_commit": commit or "unknown", "git_dirty": dirty}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

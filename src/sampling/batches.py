@@ -1,4 +1,4 @@
-"""Drawing many samples in batches as uint8, and writing them as an .npz and a PNG grid."""
+"""Drawing many samples in batches as uint8, and writing / reading them as an .npz (openai's format)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid
 
-from src.data.transforms import signed_to_uint8
+from src.atomic import savez as atomic_savez
+from src.data.transforms import nhwc_to_tensor, signed_to_uint8
 from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions
 from src.errors import ConfigError
-
-from .atomic import savez as atomic_savez
-from .grids import save_grid_png
-from .references import nhwc_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +92,3 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             )
         labels = torch.from_numpy(labels.astype(np.int64))
     return images, labels
-
-
-def save_grid(
-    images: torch.Tensor, path: str | Path, nrow: int | None = None, min_image_size: int | None = None
-) -> Path:
-    """uint8 [N, C, H, W] -> a PNG grid (nrow defaults to about sqrt(N)), images enlarged to at least
-    min_image_size pixels (see src.evaluation.grids)."""
-    n = images.shape[0]
-    grid = make_grid(images.float() / 255.0, nrow=nrow or max(1, int(n**0.5)), padding=2, pad_value=1.0)
-    save_grid_png(grid, path, images.shape[-1], min_image_size)
-    return Path(path)

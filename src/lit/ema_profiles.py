@@ -26,6 +26,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+# The files of the post-hoc EMA snapshots in <run>/checkpoints/phema (written by src.callbacks.PostHocEMA).
+SNAPSHOT_GLOB = "phema-*.pt"
+
 # gamma >= 0 (weights that never grow into the past): sigma_rel <= sigma_rel(0) = 1 / sqrt(12).
 MAX_STD = 1.0 / math.sqrt(12.0)
 

@@ -20,8 +20,8 @@ from src.diffusion import GaussianDiffusion, SamplerOptions, visited_timesteps
 from src.errors import ConfigError
 from src.lit import DiffusionModule
 
-from .compiled import compile_for_sampling, compile_mode
-from .posthoc_ema import Reconstruction, checked_stds, load_into, reconstruct, snapshots_folder
+from .compile import compile_for_sampling, compile_mode
+from .ema_rebuild import Reconstruction, checked_stds, load_into, reconstruct, snapshots_folder
 
 log = logging.getLogger(__name__)
 

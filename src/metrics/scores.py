@@ -18,7 +18,8 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from src.errors import ConfigError
 
 from .extractors import metric_key
-from .metrics import FeatureStats, ReferenceStats, frechet_distance, inception_score
+from .reference_stats import ReferenceStats
+from .statistics import FeatureStats, frechet_distance, inception_score
 
 METRICS = ("fid", "is", "kid", "prc")
 PRC_NEIGHBORHOOD = 3  # k of the k-NN balls, the paper's choice

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.digits_sample_quality import DigitsJudge  # noqa: E402
 from src.checkpoints import module_from_checkpoint, read_checkpoint  # noqa: E402
 from src.diffusion import SAMPLERS, SamplerOptions  # noqa: E402
-from src.sampling.batches import sample_uint8_batches
+from src.sampling import pick_device  # noqa: E402
+from src.sampling.batches import sample_uint8_batches  # noqa: E402
 
 SOLVERS = [name for name, entry in SAMPLERS.items() if entry.continuous]
 DEFAULT_SAMPLERS = [*SOLVERS, "ddpm", "ddim"]
@@ -56,10 +57,6 @@ def configurations(samplers: list[str], nfes: list[int], ddim_steps: list[int]) 
                 for nfe in nfes
             ]
     return grid
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
 def measure(
@@ -105,7 +102,7 @@ def plot(rows: list[dict], floor: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", type=Path)
     parser.add_argument("--out", type=Path, required=True)
@@ -119,15 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         raise SystemExit("error: --num-samples must be at least 2 (FD needs a covariance)")
+    return args
 
-    ckpt = read_checkpoint(args.ckpt)
-    device = pick_device(args.device)
-    module = module_from_checkpoint(ckpt, "diffusion", source=str(args.ckpt)).to(device)
+
+def score_grid(module, grid: list[SamplerOptions], judge: DigitsJudge, args, device: torch.device) -> list[dict]:
+    """One row per configuration: its options, NFE, the judge's scores and seconds per image (printed as it goes)."""
     num_timesteps = module.diffusion.num_timesteps
-    grid = configurations(args.samplers, args.nfe, args.ddim_steps)
-    judge = DigitsJudge(module.net.image_shape[1])
-    floor = judge.real_rows()[0][1]
-
     measure(module, SamplerOptions("ddim", steps=2), 2, 2, args.seed, device)  # warm-up, untimed
     rows = []
     for options in grid:
@@ -152,12 +146,24 @@ def main(argv: list[str] | None = None) -> dict:
             f"{1e3 * rows[-1]['seconds_per_image']:8.2f} ms/image",
             flush=True,
         )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    ckpt = read_checkpoint(args.ckpt)
+    device = pick_device(args.device)
+    module = module_from_checkpoint(ckpt, "diffusion", source=str(args.ckpt)).to(device)
+    grid = configurations(args.samplers, args.nfe, args.ddim_steps)
+    judge = DigitsJudge(module.net.image_shape[1])
+    floor = judge.real_rows()[0][1]
+    rows = score_grid(module, grid, judge, args, device)
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "checkpoint": str(args.ckpt.resolve()),
         "global_step": ckpt.get("global_step"),
-        "num_timesteps": num_timesteps,
+        "num_timesteps": module.diffusion.num_timesteps,
         "device": str(device),
         "seed": args.seed,
         "weights": "ema",

@@ -17,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import CPU_BATCH, MODEL_DATA, build_ours, build_peer, ours, peer, synchronize  # noqa: E402
+from benchmarks.measure import synchronize  # noqa: E402
+from benchmarks.throughput import CPU_BATCH, MODEL_DATA, build_ours, build_peer, ours, peer  # noqa: E402
 
 # Substrings of aten op names, checked in this order; the first that matches names the group.
 GROUPS = (

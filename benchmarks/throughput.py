@@ -22,13 +22,8 @@ kernel choice) and diffusers' EMAModel, i.e. what diffusers' own training exampl
 
 import argparse
 import contextlib
-import ctypes
-import gc
-import os
 import statistics
 import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import count_flops, matmul_flops_per_second, timed  # noqa: E402
 from src.builders import sizes_at_downsample  # noqa: E402,F401  (registers the resolver the model configs use)
 from src.diffusion import GaussianDiffusion  # noqa: E402
 from src.lit import EMA  # noqa: E402
@@ -181,122 +176,12 @@ def peer(net: torch.nn.Module, x0: torch.Tensor, autocast) -> Impl:
     return Impl("peer", net, train_step, sample_step)
 
 
-# --- measuring --------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _release_host_memory() -> None:
-    gc.collect()
-    try:  # glibc keeps freed blocks; hand them back so the next run's growth is visible
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or the growth of the CPU resident set (Linux)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/statm"):
-            _release_host_memory()
-            self._base, self._max, self._stop = _rss_bytes(), 0, threading.Event()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self._max = max(self._max, _rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif hasattr(self, "_thread"):
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._max, _rss_bytes()) - self._base
-
-
-def timed(step: Callable[[], None], images_per_step: int, device: torch.device, min_seconds: float):
-    """Run `step` until min_seconds have passed (at least once); -> (images/s, peak memory bytes)."""
-    synchronize(device)
-    with PeakMemory(device) as memory:
-        start, steps = time.perf_counter(), 0
-        while True:
-            step()
-            steps += 1
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            if seconds >= min_seconds:
-                break
-    return images_per_step * steps / seconds, memory.peak
-
-
-def count_flops(step: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
-
-
-def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """A plain n x n matmul's FLOP rate, the yardstick for the models' achieved rates."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    rates = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        rates.append(2 * n**3 / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
 # --- the run ----------------------------------------------------------------------------------------
 def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    channels, size = MODEL_DATA[name]
+    """Both implementations of conf/model/<name>.yaml measured alternately: per implementation the medians of
+    its training and sampling rates and peak memory, with its parameters, batch and FLOPs per image."""
     batch = args.batch_size or (CPU_BATCH[name] if device.type == "cpu" else 128)
-    torch.manual_seed(0)
-    nets = {"ours": build_ours(name, device), "peer": build_peer(name, device)}
-    counts = {k: num_params(v) for k, v in nets.items()}
-    gap = abs(counts["ours"] - counts["peer"]) / counts["peer"]
-    print(f"{name}: parameters ours {counts['ours']:,}, peer {counts['peer']:,} (differ by {100 * gap:.2f}%)")
-    if gap > 0.02:
-        raise SystemExit(f"{name}: the peer is not the same configuration (parameter counts differ by more than 2%)")
-
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    x0 = torch.rand(batch, channels, size, size, device=device).mul(2).sub(1).contiguous(memory_format=memory_format)
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if dtype == torch.bfloat16
-        else contextlib.nullcontext
-    )
-    impls = {}
-    for key, make in (("ours", ours), ("peer", peer)):
-        net = nets[key].to(memory_format=memory_format)
-        impl = make(net, x0, autocast)
-        if args.channels_last:
-            impl.extra.to(memory_format=memory_format)
-        # Counted eagerly, before compiling (FlopCounterMode does not see inside compiled graphs).
-        impl.flops = {"train": count_flops(impl.train_step) / batch, "sample": count_flops(impl.sample_step) / batch}
-        if args.compile:
-            net.compile()
-            impl.extra.compile()
-        impls[key] = impl
-
+    impls, counts = build_impls(name, args, device, dtype, batch)
     for _ in range(args.warmup):
         for impl in impls.values():
             impl.train_step()
@@ -332,6 +217,40 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     return rows
 
 
+def build_impls(name: str, args, device: torch.device, dtype: torch.dtype, batch: int) -> tuple[dict, dict]:
+    """({"ours": Impl, "peer": Impl} on one fixed batch, with FLOPs counted and compiled if asked; their
+    parameter counts), after checking that the peer has our net's size."""
+    channels, size = MODEL_DATA[name]
+    torch.manual_seed(0)
+    nets = {"ours": build_ours(name, device), "peer": build_peer(name, device)}
+    counts = {k: num_params(v) for k, v in nets.items()}
+    gap = abs(counts["ours"] - counts["peer"]) / counts["peer"]
+    print(f"{name}: parameters ours {counts['ours']:,}, peer {counts['peer']:,} (differ by {100 * gap:.2f}%)")
+    if gap > 0.02:
+        raise SystemExit(f"{name}: the peer is not the same configuration (parameter counts differ by more than 2%)")
+
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    x0 = torch.rand(batch, channels, size, size, device=device).mul(2).sub(1).contiguous(memory_format=memory_format)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if dtype == torch.bfloat16
+        else contextlib.nullcontext
+    )
+    impls = {}
+    for key, make in (("ours", ours), ("peer", peer)):
+        net = nets[key].to(memory_format=memory_format)
+        impl = make(net, x0, autocast)
+        if args.channels_last:
+            impl.extra.to(memory_format=memory_format)
+        # Counted eagerly, before compiling (FlopCounterMode does not see inside compiled graphs).
+        impl.flops = {"train": count_flops(impl.train_step) / batch, "sample": count_flops(impl.sample_step) / batch}
+        if args.compile:
+            net.compile()
+            impl.extra.compile()
+        impls[key] = impl
+    return impls, counts
+
+
 def fmt_mem(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
@@ -344,7 +263,7 @@ def ratio(a, b) -> str:
     return "n/a" if not a or not b else f"{a / b:.2f}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -371,26 +290,11 @@ def main() -> None:
         help="CPU threads (default: torch's choice); 1 is steadier on a machine shared with other jobs",
     )
     parser.add_argument("--models", default="unet_small,unet_ddpm_cifar10", help="comma-separated conf/model names")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    on_cpu = device.type == "cpu"
-    args.repeats = args.repeats or 5
-    args.min_seconds = args.min_seconds if args.min_seconds is not None else (2.0 if on_cpu else 0.5)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+    return parser.parse_args()
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"torch {torch.__version__}, {where}; precision {args.precision}, compile {args.compile}, "
-        f"channels_last {args.channels_last}, {args.repeats} repeats"
-    )
-    matmul = matmul_flops_per_second(device, dtype, 2048 if on_cpu else 8192)
-    print(f"plain matmul: {matmul / 1e9:.1f} GFLOP/s")
 
-    results = {name: bench_model(name, args, device, dtype) for name in args.models.split(",")}
+def print_table(results: dict, matmul: float, on_cpu: bool) -> None:
+    """The markdown table: one row per model and implementation, then ours / peer."""
     mem_name = "peak RSS growth (MiB)" if on_cpu else "peak allocated (MiB)"
     print()
     print(
@@ -413,6 +317,29 @@ def main() -> None:
             f"| {name} | **ours/peer** | | | **{ratio(o['train'], p['train'])}** | **{ratio(o['sample'], p['sample'])}** | "
             f"{ratio(o['mem_train'], p['mem_train'])} | {ratio(o['mem_sample'], p['mem_sample'])} | | | | |"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_cpu = device.type == "cpu"
+    args.repeats = args.repeats or 5
+    args.min_seconds = args.min_seconds if args.min_seconds is not None else (2.0 if on_cpu else 0.5)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"torch {torch.__version__}, {where}; precision {args.precision}, compile {args.compile}, "
+        f"channels_last {args.channels_last}, {args.repeats} repeats"
+    )
+    matmul = matmul_flops_per_second(device, dtype, 2048 if on_cpu else 8192)
+    print(f"plain matmul: {matmul / 1e9:.1f} GFLOP/s")
+    results = {name: bench_model(name, args, device, dtype) for name in args.models.split(",")}
+    print_table(results, matmul, on_cpu)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import build_ours, synchronize  # noqa: E402
+from benchmarks.measure import synchronize  # noqa: E402
+from benchmarks.throughput import build_ours  # noqa: E402
 from src.lit import EMA  # noqa: E402
 from src.lit.optim import make_optimizer  # noqa: E402
 

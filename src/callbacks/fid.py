@@ -23,7 +23,7 @@ from src.metrics.reference_stats import (
 )
 from src.metrics.references import resolve_source
 from src.metrics.scores import SampleFeatures, ScoreSettings, score
-from src.metrics.statistics import FeatureStats
+from src.metrics.statistics import FeatureStats, accumulate
 from src.sampling.batches import sample_uint8_batches
 from src.sampling.conditioning import balanced_labels
 
@@ -193,14 +193,11 @@ class FIDCallback(L.Callback):
         world, rank = trainer.world_size, trainer.global_rank
         counts = [share(len(images), world, r) for r in range(world)]
         start = sum(counts[:rank])
-        stats, rows = FeatureStats(self.feature_dim, device=trainer.strategy.root_device), []
-        for batch in images.batches(range(start, start + counts[rank]), self.batch_size):
-            pool, _ = self.extractor(batch.to(trainer.strategy.root_device))
-            stats.update(pool)
-            rows.append(pool.float())
-        rows = torch.cat(rows) if rows else torch.zeros(0, self.feature_dim, device=trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        batches = (b.to(device) for b in images.batches(range(start, start + counts[rank]), self.batch_size))
+        stats, _, rows = accumulate(self.extractor, batches, FeatureStats(self.feature_dim, device), keep_features=True)
         self._all_reduce(trainer, stats)
-        rows = self._gather_rows(trainer, rows.to(trainer.strategy.root_device), counts)
+        rows = self._gather_rows(trainer, rows.to(device), counts)
         if trainer.is_global_zero:
             mu, sigma = stats.mean_cov()
             self.reference = ReferenceStats(mu=mu, sigma=sigma, meta=meta, features=rows.cpu().numpy())
@@ -246,38 +243,8 @@ class FIDCallback(L.Callback):
         if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):  # every rank agrees
             log.info("stopping: no FID evaluation at step %d", step)
             return {}
-        world, rank = trainer.world_size, trainer.global_rank
-        counts = [share(self.num_samples, world, r) for r in range(world)]
-        device = pl_module.device
-        generator = torch.Generator(device=device).manual_seed(self.seed + rank)
-
-        stats, logits_list, rows_list, kept = FeatureStats(self.feature_dim, device=device), [], [], []
-        labels, guidance = self._labels(getattr(pl_module.net, "num_classes", None), counts, rank)
-        if counts[rank] > 0:
-            for images in interruptible_batches(
-                trainer,
-                sample_uint8_batches(  # a stop signal ends it at once
-                    pl_module, counts[rank], self.batch_size, self.options, guidance, generator=generator, labels=labels
-                ),
-            ):
-                pool, logits = self.extractor(images)
-                stats.update(pool)
-                logits_list.append(logits)
-                if self.settings.needs_rows:
-                    rows_list.append(pool.float())
-                if self.save_samples:
-                    kept.append(images)
-        logits = torch.cat(logits_list) if logits_list else torch.zeros(0, self.num_logits, device=device)
-        self._all_reduce(trainer, stats)
-        logits = self._gather_rows(trainer, logits.to(device), counts)
-        rows = None
-        if self.settings.needs_rows:
-            local = torch.cat(rows_list) if rows_list else torch.zeros(0, self.feature_dim, device=device)
-            rows = self._gather_rows(trainer, local.to(device), counts)
-        if self.save_samples:
-            shape = (0, *pl_module.ema.model.image_shape)
-            local = torch.cat(kept) if kept else torch.zeros(shape, dtype=torch.uint8, device=device)
-            all_images = self._gather_rows(trainer, local.to(device), counts)
+        counts = [share(self.num_samples, trainer.world_size, r) for r in range(trainer.world_size)]
+        stats, logits, rows, all_images = self._sample_features(trainer, pl_module, counts)
         self.last_step = step
         metrics = None
         if trainer.is_global_zero:
@@ -303,6 +270,38 @@ class FIDCallback(L.Callback):
         if trainer.is_global_zero:
             self._log(trainer, step, values, metrics["num_samples"])
         return self.last_metrics
+
+    def _sample_features(self, trainer: L.Trainer, pl_module, counts: list[int]):
+        """This process's share of the samples through the extractor, reduced over all processes:
+        (feature statistics, logits, feature rows or None, the samples themselves or None)."""
+        rank, device = trainer.global_rank, pl_module.device
+        generator = torch.Generator(device=device).manual_seed(self.seed + rank)
+        stats, logits_list, rows_list, kept = FeatureStats(self.feature_dim, device=device), [], [], []
+        labels, guidance = self._labels(getattr(pl_module.net, "num_classes", None), counts, rank)
+        if counts[rank] > 0:
+            batches = sample_uint8_batches(
+                pl_module, counts[rank], self.batch_size, self.options, guidance, generator=generator, labels=labels
+            )
+            for images in interruptible_batches(trainer, batches):  # a stop signal ends it at once
+                pool, logits = self.extractor(images)
+                stats.update(pool)
+                logits_list.append(logits)
+                if self.settings.needs_rows:
+                    rows_list.append(pool.float())
+                if self.save_samples:
+                    kept.append(images)
+        logits = torch.cat(logits_list) if logits_list else torch.zeros(0, self.num_logits, device=device)
+        self._all_reduce(trainer, stats)
+        logits = self._gather_rows(trainer, logits.to(device), counts)
+        rows = all_images = None
+        if self.settings.needs_rows:
+            local = torch.cat(rows_list) if rows_list else torch.zeros(0, self.feature_dim, device=device)
+            rows = self._gather_rows(trainer, local.to(device), counts)
+        if self.save_samples:
+            shape = (0, *pl_module.ema.model.image_shape)
+            local = torch.cat(kept) if kept else torch.zeros(shape, dtype=torch.uint8, device=device)
+            all_images = self._gather_rows(trainer, local.to(device), counts)
+        return stats, logits, rows, all_images
 
     @staticmethod
     def _gather_rows(trainer: L.Trainer, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -16,32 +16,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.config_diff import UNSET, differences
-from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions, visited_timesteps
+from src.diffusion import SamplerOptions, visited_timesteps
 from src.errors import ConfigError
 from src.metrics.extractors import extractor_name
 from src.metrics.reference_stats import dataset_name
 from src.provenance import git_info
-from src.sampling.batches import sample_uint8_batches, save_npz
 from src.sampling.checkpoint import LoadedCheckpoint, load_checkpoint
 from src.sampling.conditioning import (
-    balanced_labels,
-    check_classifier_classes,
     check_guidance,
     guidance_scales,
-    load_classifier,
-    per_class_rows,
 )
 from src.sampling.ema_rebuild import checked_stds
-from src.sampling.grids import save_grid
 
-from .figures import plot_quality_vs_ema_std, write_figures
+from .figures import write_figures
 from .interrupt import STOPS, sigterm_raises, stop_name
 from .log_results import log_results
 from .nll import nll_terms, save_terms, summarize
-from .protocol import checked_seeds, checkpoint_hash, class_balance_note, image_seed_range, sample_count_notes, summary
+from .protocol import checked_seeds, checkpoint_hash, image_seed_range, sample_count_notes
 from .report import Report, print_table
 from .score_file import score_file
-from .scoring import Scorer, metric_keys, not_requested, score_settings
+from .scoring import Scorer, score_settings
+from .sweep import guided_setup, run_sweep, sweep_points
+from .sweep import stages as sweep_stages
 
 log = logging.getLogger(__name__)
 
@@ -89,99 +85,6 @@ def checkpoint_splits(loaded: LoadedCheckpoint):
         return {"train": datamodule.train_dataset, "val": datamodule.val_dataset}[split], dataset_name(datamodule)
 
     return split_dataset
-
-
-def sample_set(
-    cfg: DictConfig,
-    loaded: LoadedCheckpoint,
-    options: SamplerOptions,
-    out_dir: Path,
-    seed: int,
-    labels: torch.Tensor | None,
-    guidance: Guidance,
-) -> tuple[torch.Tensor, dict]:
-    """cfg.num_samples images from the seed range of `seed` -> npz + PNG grid in out_dir; (images, entry)."""
-    num_samples = cfg.num_samples
-    first, last = image_seed_range(seed, num_samples)
-    log.info(
-        "sampling %d images (%s, image seeds %d..%d) on %s", num_samples, options.as_dict(), first, last, loaded.device
-    )
-    start = time.perf_counter()
-    images = torch.cat(
-        [
-            b.cpu()
-            for b in sample_uint8_batches(
-                loaded.module,
-                num_samples,
-                cfg.batch_size,
-                options,
-                guidance,
-                progress=True,
-                labels=labels,
-                image_seed_start=first,
-                use_ema=loaded.use_ema,
-            )
-        ]
-    )
-    seconds = time.perf_counter() - start
-    npz = save_npz(images, out_dir, labels)
-    if labels is None:
-        grid = save_grid(images[: cfg.grid_size], out_dir / "samples_grid.png", min_image_size=cfg.min_image_size)
-    else:
-        num_classes = int(labels.max()) + 1
-        per_row = max(1, cfg.grid_size // num_classes)
-        grid = save_grid(
-            per_class_rows(images, labels, num_classes, per_row),
-            out_dir / "samples_grid.png",
-            nrow=per_row,
-            min_image_size=cfg.min_image_size,
-        )
-    return images, {
-        "num_samples": num_samples,
-        "sampler": options.as_dict(),
-        "timesteps": visited_timesteps(loaded.diffusion, options),
-        "nfe": options.nfe(loaded.diffusion.num_timesteps),
-        "seed": seed,
-        "image_seeds": [first, last],
-        "npz": str(npz),
-        "grid": str(grid),
-        "seconds": round(seconds, 2),
-        "images_per_sec": round(num_samples / max(seconds, 1e-9), 2),
-    }
-
-
-def sample_and_score(
-    cfg: DictConfig,
-    loaded: LoadedCheckpoint,
-    options: SamplerOptions,
-    out_dir: Path,
-    report: Report,
-    entry: dict,
-    scorer: Scorer | None,
-    label: str,
-    labels: torch.Tensor | None = None,
-    guidance: Guidance = NO_GUIDANCE,
-) -> None:
-    """One sample set per seed (in out_dir, or out_dir/seed<s> for several) and its metrics, recorded in
-    `entry` of the report as each stage completes; several seeds add runs and their summary."""
-    seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
-    runs = []
-    for seed in seeds:
-        run_entry = entry if len(seeds) == 1 else {"seed": seed}
-        if len(seeds) > 1:
-            runs.append(run_entry)
-            report.updater(entry)(runs=runs)
-        folder = out_dir if len(seeds) == 1 else out_dir / f"seed{seed}"
-        update = report.updater(run_entry)
-        images, samples = sample_set(cfg, loaded, options, folder, seed, labels, guidance)
-        update(samples=samples)
-        report.done(f"samples {label}seed {seed}")
-        update(**(scorer(images) if scorer is not None else not_requested(cfg)))
-        if scorer is not None:
-            report.done(f"metrics {label}seed {seed}")
-    if len(seeds) > 1:
-        keys = metric_keys(score_settings(cfg), cfg.extractor)
-        report.updater(entry)(summary=summary(runs, keys))
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -291,54 +194,20 @@ def stages(
     report: Report,
     scorer: Scorer | None,
 ) -> None:
-    # 1-2. samples (npz + PNG grid) and their metrics; class-conditional checkpoints and classifier guidance:
-    # one sample set per guidance scale, every class equally often
+    # 1-2. samples (npz + PNG grid) and their metrics, one set per point of the sweep (EMA width, guidance scale,
+    # seed); class-conditional checkpoints and classifier guidance: every class equally often
     num_classes = loaded.num_classes
     scales = guidance_scales(cfg.get("guidance_scales"), num_classes, loaded.null_label, loaded.guidance_scale)
     classifier_path = cfg.get("classifier", {}).get("ckpt_path")
     check_guidance(num_classes, scales, classifier_path is not None, null_label=loaded.null_label)
     guided = num_classes is not None or classifier_path is not None
     seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
-    labels = [f"w={w:g} " for w in scales] if guided else [""]
-    stds = checked_stds(cfg.get("ema_std"))
-    sweep = [f"ema_std={std:g} " for std in stds] if stds is not None and len(stds) > 1 else [""]
-    report.expect(
-        [
-            f"{part} {std}{label}seed {s}"
-            for std in sweep
-            for label in labels
-            for s in seeds
-            for part in ("samples", *(("metrics",) if scorer is not None else ()))
-        ]
-    )
+    points = sweep_points(checked_stds(cfg.get("ema_std")), scales if guided else None, seeds)
     nll_modes = nll_conditionings(loaded) if cfg.nll or cfg.rate_distortion else []
+    report.expect(sweep_stages(points, scored=scorer is not None))
     report.expect([key for key, _, _ in nll_modes])
-    if sweep == [""]:
-        sample_sets(cfg, loaded, options, out_dir, report, report.content, scorer, scales, classifier_path)
-    else:  # one entry per EMA width, each as a plain run would be, with the reconstruction it used
-        runs = []
-        report.update(posthoc_ema={"runs": runs})
-        for i, (std, label) in enumerate(zip(stds, sweep)):
-            if i > 0:  # the first one was loaded with the checkpoint
-                report.content["protocol"]["posthoc_ema"].append(loaded.use_posthoc_ema(std).protocol())
-            runs.append({"ema_std": std, "posthoc_ema": loaded.posthoc.protocol()})
-            sample_sets(
-                cfg,
-                loaded,
-                options,
-                out_dir / f"ema_std{std:g}",
-                report,
-                runs[-1],
-                scorer,
-                scales,
-                classifier_path,
-                label,
-            )
-        if scorer is not None:
-            keys = metric_keys(score_settings(cfg), cfg.extractor)
-            report.updater(report.content["posthoc_ema"])(
-                figure=str(plot_quality_vs_ema_std(runs, keys, out_dir / "quality_vs_ema_std.png"))
-            )
+    setup = guided_setup(cfg, loaded, report, classifier_path) if guided else None
+    run_sweep(cfg, loaded, options, out_dir, report, scorer, points, setup)
     # 3. NLL bound on the validation split, full T (with the data's labels and / or the null label), and the
     # figures of its per-timestep terms
     for key, conditioning, with_labels in nll_modes:
@@ -346,71 +215,6 @@ def stages(
         entry["figures"] = write_figures(terms, out_dir, key.removeprefix("nll"), bool(cfg.rate_distortion))
         report.update(**{key: entry})
         report.done(key)
-
-
-def sample_sets(
-    cfg: DictConfig,
-    loaded: LoadedCheckpoint,
-    options: SamplerOptions,
-    out_dir: Path,
-    report: Report,
-    entry: dict,
-    scorer: Scorer | None,
-    scales: list[float],
-    classifier_path,
-    label: str = "",
-) -> None:
-    """The sample sets of the checkpoint's current weights into `entry`: per seed, or per guidance scale and seed."""
-    if loaded.num_classes is None and classifier_path is None:
-        sample_and_score(cfg, loaded, options, out_dir, report, entry, scorer, label)
-    else:
-        guided_runs(cfg, loaded, options, out_dir, report, scales, classifier_path, scorer, entry, label)
-
-
-def guided_runs(
-    cfg: DictConfig,
-    loaded: LoadedCheckpoint,
-    options: SamplerOptions,
-    out_dir: Path,
-    report: Report,
-    scales: list[float],
-    classifier_path,
-    scorer: Scorer | None,
-    entry: dict | None = None,
-    label: str = "",
-) -> None:
-    """One sample set (and its metrics) per guidance scale, every class equally often, under guidance.runs of
-    `entry` (default the report itself); in out_dir/guidance_w<w> for several scales, in out_dir for one."""
-    entry = report.content if entry is None else entry
-    classifier, num_classes = None, loaded.num_classes
-    if classifier_path is not None:
-        classifier = load_classifier(classifier_path, loaded.diffusion, loaded.image_shape, loaded.device)
-        num_classes = check_classifier_classes(classifier, num_classes, None)
-    labels = balanced_labels(cfg.num_samples, num_classes)
-    note = class_balance_note(labels, num_classes)
-    if note is not None and note not in report.content["protocol"]["notes"]:
-        log.warning("%s", note)
-        report.content["protocol"]["notes"].append(note)
-    runs = []
-    report.updater(entry)(
-        guidance={
-            "num_classes": num_classes,
-            "labels": "every class equally often"
-            if note is None
-            else "classes in turn 0, 1, ..., K-1, 0, ... (unequal: see protocol.notes)",
-            "classifier": None
-            if classifier_path is None
-            else {"ckpt_path": str(classifier_path), "scale": float(cfg.classifier.scale)},
-            "runs": runs,
-        }
-    )
-    for w in scales:
-        runs.append({"guidance_scale": w})
-        guidance = Guidance(scale=w, classifier=classifier, classifier_scale=float(cfg.classifier.scale))
-        folder = out_dir if len(scales) == 1 else out_dir / f"guidance_w{w:g}"
-        sample_and_score(
-            cfg, loaded, options, folder, report, runs[-1], scorer, f"{label}w={w:g} ", labels=labels, guidance=guidance
-        )
 
 
 def nll_conditionings(loaded: LoadedCheckpoint) -> list[tuple[str, str, bool]]:

@@ -103,7 +103,10 @@ def accumulate(
     if stats is None:
         raise ValueError("no images to compute features of")
     logits = torch.cat(logits_list) if keep_logits else None
-    return (stats, logits, torch.cat(rows)) if keep_features else (stats, logits)
+    if not keep_features:
+        return stats, logits
+    # no rows: a process whose share of a distributed pass is empty (its `stats` was given)
+    return stats, logits, torch.cat(rows) if rows else torch.zeros(0, stats.sum.shape[0])
 
 
 def fid_and_is(stats: FeatureStats, logits: torch.Tensor, reference, isc_splits: int = 10) -> dict:

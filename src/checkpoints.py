@@ -95,10 +95,6 @@ def run_config(ckpt: dict) -> DictConfig:
     return OmegaConf.create(upgraded(ckpt["hyper_parameters"]["run_config"]))
 
 
-def task_of(ckpt: dict) -> str:
-    return run_config(ckpt).get("task", "diffusion")
-
-
 def module_from_checkpoint(
     ckpt: dict, task: str | None = "diffusion", source: str = "the checkpoint"
 ) -> L.LightningModule:

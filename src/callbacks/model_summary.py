@@ -27,18 +27,9 @@ class ModelSummary(callbacks.ModelSummary):
         total_flops,
         **summarize_kwargs,
     ) -> None:
+        totals = (total_parameters, trainable_parameters, model_size, total_training_modes)
         if total_flops:
-            return callbacks.ModelSummary.summarize(
-                summary_data,
-                total_parameters,
-                trainable_parameters,
-                model_size,
-                total_training_modes,
-                total_flops,
-                **summarize_kwargs,
-            )
+            return callbacks.ModelSummary.summarize(summary_data, *totals, total_flops, **summarize_kwargs)
         columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
-        table = _format_summary_table(
-            total_parameters, trainable_parameters, model_size, total_training_modes, 0, *columns
-        )
+        table = _format_summary_table(*totals, 0, *columns)
         log.info("\n" + "\n".join(line for line in table.splitlines() if not line.endswith("Total Flops")))

@@ -36,7 +36,7 @@ from .protocol import checked_seeds, checkpoint_hash, image_seed_range, sample_c
 from .report import Report, print_table
 from .score_file import score_file
 from .scoring import Scorer, score_settings
-from .sweep import guided_setup, run_sweep, sweep_points
+from .sweep import Job, guided_setup, run_sweep, sweep_points
 from .sweep import stages as sweep_stages
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         },
     )
     try:
-        stages(cfg, loaded, options, out_dir, report, scorer)
+        stages(Job(cfg, loaded, options, out_dir, report, scorer))
     except STOPS as err:
         report.stopped(stop_name(err))
         raise
@@ -186,14 +186,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     return report.content
 
 
-def stages(
-    cfg: DictConfig,
-    loaded: LoadedCheckpoint,
-    options: SamplerOptions,
-    out_dir: Path,
-    report: Report,
-    scorer: Scorer | None,
-) -> None:
+def stages(job: Job) -> None:
+    cfg, loaded, report = job.cfg, job.loaded, job.report
     # 1-2. samples (npz + PNG grid) and their metrics, one set per point of the sweep (EMA width, guidance scale,
     # seed); class-conditional checkpoints and classifier guidance: every class equally often
     num_classes = loaded.num_classes
@@ -204,15 +198,15 @@ def stages(
     seeds = checked_seeds(cfg.get("seeds"), int(cfg.seed))
     points = sweep_points(checked_stds(cfg.get("ema_std")), scales if guided else None, seeds)
     nll_modes = nll_conditionings(loaded) if cfg.nll or cfg.rate_distortion else []
-    report.expect(sweep_stages(points, scored=scorer is not None))
+    report.expect(sweep_stages(points, scored=job.scorer is not None))
     report.expect([key for key, _, _ in nll_modes])
     setup = guided_setup(cfg, loaded, report, classifier_path) if guided else None
-    run_sweep(cfg, loaded, options, out_dir, report, scorer, points, setup)
+    run_sweep(job, points, setup)
     # 3. NLL bound on the validation split, full T (with the data's labels and / or the null label), and the
     # figures of its per-timestep terms
     for key, conditioning, with_labels in nll_modes:
-        entry, terms = nll_report(cfg, loaded, out_dir, conditioning, with_labels)
-        entry["figures"] = write_figures(terms, out_dir, key.removeprefix("nll"), bool(cfg.rate_distortion))
+        entry, terms = nll_report(cfg, loaded, job.out_dir, conditioning, with_labels)
+        entry["figures"] = write_figures(terms, job.out_dir, key.removeprefix("nll"), bool(cfg.rate_distortion))
         report.update(**{key: entry})
         report.done(key)
 

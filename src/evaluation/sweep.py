@@ -31,6 +31,19 @@ from .scoring import Scorer, metric_keys, not_requested, score_settings
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Job:
+    """One evaluate.py command on a loaded checkpoint: its config, the checkpoint, the sampler options, the output
+    folder, the report being written and the scorer (None with fid=false)."""
+
+    cfg: DictConfig
+    loaded: LoadedCheckpoint
+    options: SamplerOptions
+    out_dir: Path
+    report: Report
+    scorer: Scorer | None
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One sample set: the EMA width of a sweep over several (else None), the guidance scale of a guided
@@ -91,23 +104,15 @@ def guided_setup(cfg: DictConfig, loaded: LoadedCheckpoint, report: Report, clas
     return Guided(classifier, float(cfg.classifier.scale), labels, info)
 
 
-def run_sweep(
-    cfg: DictConfig,
-    loaded: LoadedCheckpoint,
-    options: SamplerOptions,
-    out_dir: Path,
-    report: Report,
-    scorer: Scorer | None,
-    points: list[SweepPoint],
-    guided: Guided | None,
-) -> None:
+def run_sweep(job: Job, points: list[SweepPoint], guided: Guided | None) -> None:
     """Sample and score every point in order, recording each stage in the report as it completes (the caller
     has told the report to expect `stages(points, scored)`)."""
+    cfg, report = job.cfg, job.report
     seeds = list(dict.fromkeys(p.seed for p in points))
     scales = list(dict.fromkeys(p.scale for p in points))
     entries: dict[tuple, dict] = {}
     for i, point in enumerate(points):
-        width_entry, folder = _width_entry(point, loaded, report, out_dir, entries, first=i == 0)
+        width_entry, folder = _width_entry(point, job, entries, first=i == 0)
         scale_entry = width_entry
         if point.scale is not None:
             scale_entry = _scale_entry(point, report, width_entry, guided, entries)
@@ -118,27 +123,22 @@ def run_sweep(
             scale_entry.setdefault("runs", []).append(entry)
             report.updater(scale_entry)(runs=scale_entry["runs"])
             folder = folder / f"seed{point.seed}"
-        labels = None if guided is None else guided.labels
-        guidance = NO_GUIDANCE
-        if guided is not None:
-            guidance = Guidance(
-                scale=point.scale, classifier=guided.classifier, classifier_scale=guided.classifier_scale
-            )
-        _sample_and_score(cfg, loaded, options, folder, report, entry, scorer, point, labels, guidance)
+        _sample_and_score(job, folder, entry, point, guided)
         if len(seeds) > 1 and point.seed == seeds[-1]:
             keys = metric_keys(score_settings(cfg), cfg.extractor)
             report.updater(scale_entry)(summary=summary(scale_entry["runs"], keys))
-    if points[0].ema_std is not None and scorer is not None:
+    if points[0].ema_std is not None and job.scorer is not None:
         runs = report.content["posthoc_ema"]["runs"]
         keys = metric_keys(score_settings(cfg), cfg.extractor)
-        figure = plot_quality_vs_ema_std(runs, keys, out_dir / "quality_vs_ema_std.png")
+        figure = plot_quality_vs_ema_std(runs, keys, job.out_dir / "quality_vs_ema_std.png")
         report.updater(report.content["posthoc_ema"])(figure=str(figure))
 
 
-def _width_entry(point, loaded, report, out_dir, entries, first: bool) -> tuple[dict, Path]:
+def _width_entry(point: SweepPoint, job: Job, entries: dict, first: bool) -> tuple[dict, Path]:
     """The report entry and folder of the point's weights: the report itself, or one run per EMA width."""
+    report, loaded = job.report, job.loaded
     if point.ema_std is None:
-        return report.content, out_dir
+        return report.content, job.out_dir
     key = (point.ema_std,)
     if key not in entries:
         if first:  # the checkpoint was loaded with the first width
@@ -147,7 +147,7 @@ def _width_entry(point, loaded, report, out_dir, entries, first: bool) -> tuple[
             report.content["protocol"]["posthoc_ema"].append(loaded.use_posthoc_ema(point.ema_std).protocol())
         entries[key] = {"ema_std": point.ema_std, "posthoc_ema": loaded.posthoc.protocol()}
         report.content["posthoc_ema"]["runs"].append(entries[key])
-    return entries[key], out_dir / f"ema_std{point.ema_std:g}"
+    return entries[key], job.out_dir / f"ema_std{point.ema_std:g}"
 
 
 def _scale_entry(point, report, width_entry: dict, guided: Guided, entries) -> dict:
@@ -161,14 +161,18 @@ def _scale_entry(point, report, width_entry: dict, guided: Guided, entries) -> d
     return entries[key]
 
 
-def _sample_and_score(cfg, loaded, options, folder, report, entry, scorer, point, labels, guidance) -> None:
-    update = report.updater(entry)
-    images, samples = sample_set(cfg, loaded, options, folder, point.seed, labels, guidance)
+def _sample_and_score(job: Job, folder: Path, entry: dict, point: SweepPoint, guided: Guided | None) -> None:
+    labels, guidance = None, NO_GUIDANCE
+    if guided is not None:
+        labels = guided.labels
+        guidance = Guidance(scale=point.scale, classifier=guided.classifier, classifier_scale=guided.classifier_scale)
+    update = job.report.updater(entry)
+    images, samples = sample_set(job.cfg, job.loaded, job.options, folder, point.seed, labels, guidance)
     update(samples=samples)
-    report.done(point.stage("samples"))
-    update(**(scorer(images) if scorer is not None else not_requested(cfg)))
-    if scorer is not None:
-        report.done(point.stage("metrics"))
+    job.report.done(point.stage("samples"))
+    update(**(job.scorer(images) if job.scorer is not None else not_requested(job.cfg)))
+    if job.scorer is not None:
+        job.report.done(point.stage("metrics"))
 
 
 def sample_set(

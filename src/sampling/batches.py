@@ -28,6 +28,7 @@ def sample_uint8_batches(
     labels: torch.Tensor | None = None,
     image_seed_start: int | None = None,
     use_ema: bool = True,
+    progress_bar: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield uint8 images [B, C, H, W] from `module.sample` (EMA weights, or the trained ones with
     use_ema=False), num_samples in all; with labels
@@ -35,7 +36,7 @@ def sample_uint8_batches(
 
     One generator runs through all batches, so a seed fixes the whole sample set. With image_seed_start,
     the batch starting at image i draws from a generator seeded with image_seed_start + i instead (the
-    seed ranges of src.evaluation.protocol).
+    seed ranges of src.evaluation.protocol). `progress` logs each batch; `progress_bar` shows the sampling steps.
     """
     if generator is not None and image_seed_start is not None:
         raise ValueError("give either a generator or image_seed_start, not both")
@@ -50,7 +51,8 @@ def sample_uint8_batches(
             generator = torch.Generator(device=module.device).manual_seed(image_seed_start + done)
         if labels is not None:
             guidance = guidance.for_labels(labels[done : done + n].to(module.device))
-        images = module.sample(n, options, guidance, generator=generator, use_ema=use_ema)
+        bar = {"progress": True} if progress_bar else {}  # any object with DiffusionModule.sample's first arguments
+        images = module.sample(n, options, guidance, generator=generator, use_ema=use_ema, **bar)
         done += n
         if progress:
             log.info("sampled %d / %d", done, num_samples)

@@ -16,19 +16,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.diffusion import (
+    NO_GUIDANCE,
     Guidance,
     SamplerOptions,
     ddim_invert,
     ddim_sample,
     interpolate,
     interpolate_ddim,
-    sample,
     sample_trajectory,
     visited_timesteps,
 )
 from src.diffusion.editing import BLENDS
 from src.errors import ConfigError
 
+from .batches import sample_uint8_batches
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .conditioning import check_classifier_classes, check_guidance, grid_labels, guidance_scales, load_classifier
 from .grids import image_grid, save_grid_png, trajectory_grid
@@ -75,29 +76,22 @@ def _batches(
     loaded: LoadedCheckpoint,
     options: SamplerOptions,
     n: int,
-    guidance: Guidance | None = None,
+    guidance: Guidance = NO_GUIDANCE,
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """n images from one generator, in batches of cfg.batch_size (with labels: image i of class labels[i])."""
-    generator, out = _generator(cfg, loaded), []
-    for first in range(0, n, cfg.batch_size):
-        size = min(cfg.batch_size, n - first)
-        batch_guidance = (
-            Guidance() if labels is None else guidance.for_labels(labels[first : first + size].to(loaded.device))
-        )
-        out.append(
-            sample(
-                loaded.diffusion,
-                loaded.net,
-                (size, *loaded.image_shape),
-                options,
-                batch_guidance,
-                generator=generator,
-                device=loaded.device,
-                progress=cfg.progress,
-            ).cpu()
-        )
-    return torch.cat(out)
+    """n uint8 images from one generator, in batches of cfg.batch_size (with labels: image i of class labels[i])."""
+    batches = sample_uint8_batches(
+        loaded.module,
+        n,
+        cfg.batch_size,
+        options,
+        guidance,
+        generator=_generator(cfg, loaded),
+        labels=labels,
+        use_ema=loaded.use_ema,
+        progress_bar=cfg.progress,
+    )
+    return torch.cat([b.cpu() for b in batches])
 
 
 def grid(cfg: DictConfig, loaded: LoadedCheckpoint, options: SamplerOptions) -> dict[str, Path]:

@@ -44,14 +44,17 @@ def test_the_default_run_is_the_digits_quickstart_recipe(compose_train):
 @pytest.mark.parametrize(
     "overrides,num_classes,guidance_scale",
     [
-        ([], 10, 0.0),  # the digits default: class-conditional (conf/labels/digits.yaml), unguided
+        ([], 10, 0.0),  # the digits quickstart says it is class-conditional, unguided
         (["model.num_classes=null"], None, 0.0),  # opting out
-        (["data=image_folder", "data.root=/images"], None, None),  # no conf/labels entry: unconditional
+        # the data picks nothing: other images under the default recipe keep its conditioning (sub-folders are
+        # the classes of an image folder) unless the command line opts out
+        (["data=image_folder", "data.root=/images"], 10, 0.0),
+        (["data=image_folder", "data.root=/images", "model.num_classes=null"], None, 0.0),
         (["experiment=cifar10_ddpm"], None, None),  # the paper's unconditional CIFAR-10 net
         (["experiment=digits_conditional"], 10, 0.0),
     ],
 )
-def test_the_data_picks_the_default_conditioning(compose_train, overrides, num_classes, guidance_scale):
+def test_the_recipe_states_its_conditioning(compose_train, overrides, num_classes, guidance_scale):
     cfg = compose_train(*overrides, fast=False)
     assert cfg.model.num_classes == num_classes and cfg.guidance_scale == guidance_scale
     assert cfg.callbacks.sample_grid.guidance_scale == guidance_scale

@@ -1,4 +1,5 @@
 """DataModules yielding (x in [-1, 1] float32 [B, C, H, W], y int64 [B]) batches."""
+
 from .base import DatasetNotFoundError, ImageDataModule, UInt8ImageDataset, split_indices
 from .cifar10 import CIFAR10DataModule
 from .digits import DigitsDataModule

@@ -4,11 +4,11 @@ Every DataModule yields batches (x, y): x float32 [B, C, H, W] in [-1, 1] (uint8
 y int64 [B] class labels. `channels`, `image_size` and `num_classes` are known right after
 construction because the model is built from them before the Trainer calls `setup`.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import lightning as L
 import torch
@@ -113,7 +113,7 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         random_flip: bool = False,
-        val_fraction: Optional[float] = None,
+        val_fraction: float | None = None,
         split_seed: int = 0,
     ):
         super().__init__()
@@ -134,14 +134,14 @@ class ImageDataModule(L.LightningDataModule):
         self.split_seed = int(split_seed)
         self.batch_size_per_device = self.batch_size
         self.shuffle_seed = 0
-        self.train_dataset: Optional[Dataset] = None
-        self.val_dataset: Optional[Dataset] = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         """Return (train_dataset, val_dataset); the training one applies the flip when enabled."""
         raise NotImplementedError
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
         if self.batch_size % world_size != 0:
             raise ConfigError(
@@ -185,14 +185,23 @@ class ImageDataModule(L.LightningDataModule):
         self._check_batch_fits()
         # Resumable inside an epoch (see ResumableDataLoader); under DDP Lightning swaps in a shuffling
         # DistributedSampler for the EpochShuffleSampler.
-        return ResumableDataLoader(self.train_dataset, sampler=EpochShuffleSampler(self.train_dataset, self.shuffle_seed),
-                                   drop_last=True, generator=torch.Generator().manual_seed(self.shuffle_seed),
-                                   **self._loader_kwargs())
+        return ResumableDataLoader(
+            self.train_dataset,
+            sampler=EpochShuffleSampler(self.train_dataset, self.shuffle_seed),
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
+            **self._loader_kwargs(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
         # Its own generator: creating a DataLoader iterator draws a base seed from the global RNG otherwise,
         # and Lightning creates (without running) this iterator when a resumed run restarts at a step whose
         # validation was already done, which would shift every random number after it.
-        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, generator=torch.Generator().manual_seed(0),
-                          **self._loader_kwargs())
+        return DataLoader(
+            self.val_dataset,
+            shuffle=False,
+            drop_last=False,
+            generator=torch.Generator().manual_seed(0),
+            **self._loader_kwargs(),
+        )

@@ -1,4 +1,5 @@
 """CIFAR-10 (torchvision's python-format files) as a DataModule."""
+
 from __future__ import annotations
 
 import contextlib
@@ -117,7 +118,10 @@ class CIFAR10Files(CIFAR10):
         data = entry["data"]
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             shape = getattr(data, "shape", None)
-            raise self._bad_file(path, f"'data' must be a uint8 array [N, 3072], got {type(data).__name__} {getattr(data, 'dtype', '')} {shape}")
+            raise self._bad_file(
+                path,
+                f"'data' must be a uint8 array [N, 3072], got {type(data).__name__} {getattr(data, 'dtype', '')} {shape}",
+            )
         try:
             labels = [int(v) for v in entry["labels"]]
         except (TypeError, ValueError) as err:

@@ -1,4 +1,5 @@
 """scikit-learn's bundled 8x8 handwritten digits (1797 images, offline) as a DataModule."""
+
 from __future__ import annotations
 
 import torch
@@ -36,10 +37,12 @@ class DigitsDataModule(ImageDataModule):
     channels = 1
     num_classes = 10
 
-    def __init__(self, image_size: int, batch_size: int, val_fraction: float, split_seed: int, random_flip: bool,
-                 **loader):
-        super().__init__(batch_size=batch_size, random_flip=random_flip, val_fraction=val_fraction,
-                         split_seed=split_seed, **loader)
+    def __init__(
+        self, image_size: int, batch_size: int, val_fraction: float, split_seed: int, random_flip: bool, **loader
+    ):
+        super().__init__(
+            batch_size=batch_size, random_flip=random_flip, val_fraction=val_fraction, split_seed=split_seed, **loader
+        )
         self.image_size = check_image_size(image_size)
         self.train_indices: torch.Tensor | None = None
         self.val_indices: torch.Tensor | None = None

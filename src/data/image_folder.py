@@ -1,11 +1,12 @@
 """Any folder of images (CelebA, LSUN exports, ...) as a DataModule, loaded lazily per item."""
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     return ([""] if has_root_images or not subfolders else []) + subfolders
 
 
-def check_image(path: Path) -> Optional[str]:
+def check_image(path: Path) -> str | None:
     """None when PIL can open and verify the file, else a one-line reason."""
     try:
         with Image.open(path) as img:
@@ -79,7 +80,9 @@ def load_image(path: Path, image_size: int, mode: str) -> np.ndarray:
 class ImageFileDataset(Dataset):
     """Image files read on access; items are (float32 [C, S, S] in [-1, 1], int64 label)."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], image_size: int, channels: int, random_flip: bool = False):
+    def __init__(
+        self, paths: Sequence[Path], labels: Sequence[int], image_size: int, channels: int, random_flip: bool = False
+    ):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
@@ -121,10 +124,21 @@ class ImageFolderDataModule(ImageDataModule):
         loader: num_workers, pin_memory, persistent_workers (DataLoader settings, see ImageDataModule).
     """
 
-    def __init__(self, root: str, image_size: int, channels: int, batch_size: int, random_flip: bool,
-                 val_fraction: float, split_seed: int, on_bad_image: str, **loader):
-        super().__init__(batch_size=batch_size, random_flip=random_flip, val_fraction=val_fraction,
-                         split_seed=split_seed, **loader)
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        channels: int,
+        batch_size: int,
+        random_flip: bool,
+        val_fraction: float,
+        split_seed: int,
+        on_bad_image: str,
+        **loader,
+    ):
+        super().__init__(
+            batch_size=batch_size, random_flip=random_flip, val_fraction=val_fraction, split_seed=split_seed, **loader
+        )
         if int(channels) not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.image_size = check_image_size(image_size)
@@ -133,7 +147,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.root = str(root)
         self.channels = int(channels)
         self.on_bad_image = on_bad_image
-        self._classes: Optional[list[str]] = None
+        self._classes: list[str] | None = None
         self.train_paths: list[Path] = []
         self.val_paths: list[Path] = []
 
@@ -173,7 +187,13 @@ class ImageFolderDataModule(ImageDataModule):
                 f"unreadable image {path} ({reason}; {len(bad)} bad file(s) in total): remove it or set data.on_bad_image=skip"
             )
         shown = ", ".join(str(p) for p, _ in bad[:5])
-        log.warning("skipping %d unreadable image(s) under %s: %s%s", len(bad), self.root, shown, ", ..." if len(bad) > 5 else "")
+        log.warning(
+            "skipping %d unreadable image(s) under %s: %s%s",
+            len(bad),
+            self.root,
+            shown,
+            ", ..." if len(bad) > 5 else "",
+        )
         bad_set = {p for p, _ in bad}
         return [p for p in paths if p not in bad_set]
 
@@ -192,7 +212,9 @@ class ImageFolderDataModule(ImageDataModule):
 
         def subset(indices: torch.Tensor, flip: bool) -> ImageFileDataset:
             idx = indices.tolist()
-            return ImageFileDataset([paths[i] for i in idx], [labels[i] for i in idx], self.image_size, self.channels, flip)
+            return ImageFileDataset(
+                [paths[i] for i in idx], [labels[i] for i in idx], self.image_size, self.channels, flip
+            )
 
         self.train_paths, self.val_paths = [paths[i] for i in train_idx.tolist()], [paths[i] for i in val_idx.tolist()]
         return subset(train_idx, self.random_flip), subset(val_idx, False)

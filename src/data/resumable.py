@@ -1,7 +1,9 @@
 """A training DataLoader that a resumed run puts back at its position inside an epoch."""
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
@@ -30,7 +32,7 @@ class _SkipInEpoch:
     finished (e.g. with limit_train_batches) starts the next epoch whole. One-shot, because an iterator
     with persistent workers keeps this object for every later epoch."""
 
-    def __init__(self, batch_sampler, loader: "ResumableDataLoader", epoch: int | None, batches: int):
+    def __init__(self, batch_sampler, loader: ResumableDataLoader, epoch: int | None, batches: int):
         self.batch_sampler, self.loader, self.pending = batch_sampler, loader, (epoch, batches)
 
     def __iter__(self):

@@ -4,6 +4,7 @@ Images are stored as uint8 (memory and exactness) and mapped to [-1, 1] only whe
 with v / 127.5 - 1 so the model sees exactly the 256-level grid that the discretized likelihood
 (bits/dim with bins of width 2/255) assumes.
 """
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ def maybe_hflip(image: torch.Tensor, enabled: bool) -> torch.Tensor:
     if enabled and torch.rand(()) < 0.5:
         return image.flip(-1)
     return image
+
 
 def nhwc_to_tensor(array: np.ndarray, what: str) -> torch.Tensor:
     """uint8 [N, H, W, C] (the openai npz convention) -> uint8 [N, C, H, W], or a one-line error."""

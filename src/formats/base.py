@@ -58,7 +58,10 @@ class Imported:
 
 # --- the run config ------------------------------------------------------------------------------
 def compose_train(overrides: list[str]) -> DictConfig:
-    """conf/train.yaml with `overrides`, inside a running Hydra app (convert.py) or on its own."""
+    """conf/train.yaml with `overrides`, inside a running Hydra app (convert.py) or on its own. A released model
+    is not the digits quickstart: train.yaml's default experiment is dropped unless the overrides name one."""
+    if not any(o.lstrip("+~").startswith("experiment") for o in overrides):
+        overrides = ["~experiment", *overrides]
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="train", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -109,7 +109,7 @@ def test_the_graph_walker_sees_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
     graph, _ = import_graph()
-    assert "src.builders" in graph["src.training"] and "src.checkpoints" in graph["src.sampling.checkpoint"]
+    assert "src.builders" in graph["src.training"] and "src.checkpoints" in graph["src.sampling.loading"]
 
 
 def test_the_graph_walker_sees_a_cycle_through_a_package_init(tmp_path):

@@ -199,7 +199,7 @@ def test_hydra_plugin_options_compose(compose_train, kind):
 @pytest.mark.parametrize("config_name", ["sample", "evaluate"])
 @pytest.mark.parametrize("name", [None, *options("sampler")])
 def test_sampler_option_of_sample_and_evaluate(compose_train, compose_sample, compose_evaluate, config_name, name):
-    from src.sampling.checkpoint import sampler_options
+    from src.sampling.loading import sampler_options
 
     trained = compose_train(fast=False)
     compose = compose_sample if config_name == "sample" else compose_evaluate
@@ -212,7 +212,7 @@ def test_sampler_option_of_sample_and_evaluate(compose_train, compose_sample, co
 
 @pytest.mark.parametrize("config_name", ["sample", "evaluate"])
 def test_sampling_keys_are_shared_and_reach_the_sampler(compose_train, compose_sample, compose_evaluate, config_name):
-    from src.sampling.checkpoint import sampler_options
+    from src.sampling.loading import sampler_options
 
     shared = OmegaConf.load(CONF / "sampling" / "default.yaml")
     compose = compose_sample if config_name == "sample" else compose_evaluate

@@ -446,7 +446,7 @@ def test_threshold_recorded_only_when_set():
 def test_threshold_from_the_command_line_reaches_the_options(compose_train, compose_sample):
     from omegaconf import OmegaConf
 
-    from src.sampling.checkpoint import sampler_options
+    from src.sampling.loading import sampler_options
 
     trained = OmegaConf.create(OmegaConf.to_container(compose_train(), resolve=True))
     options = sampler_options(trained, compose_sample("threshold=dynamic", "threshold_percentile=0.99"))

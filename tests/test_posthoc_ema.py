@@ -250,7 +250,7 @@ def test_evaluate_sweeps_ema_std_with_one_row_each_and_a_figure(trained_run, com
 
 
 def test_sample_with_ema_std_uses_the_reconstructed_weights(trained_run, compose_config, tmp_path):
-    from src.sampling.checkpoint import load_checkpoint
+    from src.sampling.loading import load_checkpoint
 
     run_dir, run = trained_run
     cfg = compose_config(
@@ -285,7 +285,7 @@ def one_line(err) -> str:
 
 
 def test_a_checkpoint_without_snapshots_names_the_fix(trained_run, compose_config, tmp_path):
-    from src.sampling.checkpoint import load_checkpoint
+    from src.sampling.loading import load_checkpoint
 
     run_dir, _ = trained_run
     lonely = tmp_path / "other" / "checkpoints" / "last.ckpt"

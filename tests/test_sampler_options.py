@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from src.diffusion import SAMPLERS, Guidance, SamplerOptions
 from src.errors import ConfigError
-from src.sampling.checkpoint import sampler_options
+from src.sampling.loading import sampler_options
 
 
 @pytest.mark.parametrize(

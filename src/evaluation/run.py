@@ -21,12 +21,12 @@ from src.errors import ConfigError
 from src.metrics.extractors import extractor_name
 from src.metrics.reference_stats import dataset_name
 from src.provenance import git_info
-from src.sampling.checkpoint import LoadedCheckpoint, load_checkpoint
 from src.sampling.conditioning import (
     check_guidance,
     guidance_scales,
 )
 from src.sampling.ema_rebuild import checked_stds
+from src.sampling.loading import LoadedCheckpoint, load_checkpoint
 
 from .figures import write_figures
 from .interrupt import STOPS, sigterm_raises, stop_name

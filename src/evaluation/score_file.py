@@ -16,7 +16,7 @@ from src.metrics.extractors import extractor_name
 from src.metrics.reference_stats import dataset_name
 from src.provenance import file_sha256, git_info
 from src.sampling.batches import load_npz
-from src.sampling.checkpoint import pick_device
+from src.sampling.loading import pick_device
 
 from .interrupt import STOPS, stop_name
 from .protocol import sample_count_notes

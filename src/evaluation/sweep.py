@@ -19,9 +19,9 @@ from omegaconf import DictConfig
 
 from src.diffusion import NO_GUIDANCE, Guidance, SamplerOptions, visited_timesteps
 from src.sampling.batches import sample_uint8_batches, save_npz
-from src.sampling.checkpoint import LoadedCheckpoint
 from src.sampling.conditioning import balanced_labels, check_classifier_classes, load_classifier, per_class_rows
 from src.sampling.grids import save_grid
+from src.sampling.loading import LoadedCheckpoint
 
 from .figures import plot_quality_vs_ema_std
 from .protocol import class_balance_note, image_seed_range, summary

@@ -3,8 +3,8 @@
 grids, and sample.py's modes (grid, trajectory, interpolate, invert)."""
 
 from .batches import load_npz, sample_uint8_batches, save_npz
-from .checkpoint import LoadedCheckpoint, load_checkpoint, pick_device, sampler_options
 from .grids import image_grid, save_grid, save_grid_png, trajectory_grid
+from .loading import LoadedCheckpoint, load_checkpoint, pick_device, sampler_options
 
 __all__ = [
     "LoadedCheckpoint",

@@ -30,9 +30,9 @@ from src.diffusion.editing import BLENDS
 from src.errors import ConfigError
 
 from .batches import sample_uint8_batches
-from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .conditioning import check_classifier_classes, check_guidance, grid_labels, guidance_scales, load_classifier
 from .grids import image_grid, save_grid_png, trajectory_grid
+from .loading import LoadedCheckpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 ENCODERS = ("q_sample", "ddim")

@@ -137,23 +137,34 @@ def ddim_invert(
     """Encode images x0 [N x C x H x W] in [-1, 1] to DDIM latents x_T (the ODE run forward, eta=0).
 
     Only the options' steps, spacing and threshold (clip_denoised) apply (the encoder is DDIM with eta=0).
-    Over the kept timesteps s_0 < ... < s_{K-1} of `respaced_for(diffusion, options)`:
-    1. the image sits at abar = 1; the first step moves it to s_0 with the network's eps at s_0
-       (as diffusers' DDIMInverseScheduler does);
-    2. `ddim_reverse_step` then walks s_k -> s_{k+1} up to s_{K-1}.
+    Over the kept timesteps s_0 < ... < s_{K-1} of `respaced_for(diffusion, options)`, each move is DDIM
+    eq. 12 with sigma = 0 run forward, x_{s'} = sqrt(abar_{s'}) x0_hat + sqrt(1 - abar_{s'}) eps:
+    1. the image sits at abar = 1 (x0_hat = x0); the first move takes it to s_0 with the network's eps at
+       s_0 (as diffusers' DDIMInverseScheduler does);
+    2. then s_k -> s_{k+1} with the network's predicted x_0 and eps at s_k, up to s_{K-1}.
     Each encoder step mirrors one step of DDIM sampling (eta=0) with the same steps and spacing, so
     `ddim_sample` of the result reconstructs x0 up to the discretisation error.
     Returns the latent at s_{K-1} [N x C x H x W].
     """
     diff = on_device(respaced_for(diffusion, options), x0.device)
-    clip_denoised = options.thresholding
     n = x0.shape[0]
-    first = torch.zeros(n, device=x0.device, dtype=torch.long)
-    # 1. x_{s_0} = sqrt(abar_{s_0}) x0 + sqrt(1 - abar_{s_0}) eps(x0, s_0)   (DDIM eq. 12 with sigma = 0)
-    out = diff.p_mean_variance(model, x0, first, clip_denoised, model_kwargs)
-    eps = diff.predict_eps_from_x0(x0, first, out["pred_x0"])
-    abar = diff.extract("alphas_cumprod", first, x0)
-    x = abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
+
+    def index(i: int) -> torch.Tensor:
+        return torch.full((n,), i, device=x0.device, dtype=torch.long)
+
+    def predict(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's predicted x_0 at x on index i and the eps it implies."""
+        t = index(i)
+        pred_x0 = diff.p_mean_variance(model, x, t, options.thresholding, model_kwargs)["pred_x0"]
+        return pred_x0, diff.predict_eps_from_x0(x, t, pred_x0)
+
+    def move(x: torch.Tensor, x0_hat: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        """From x to index i along the DDIM path through x0_hat and eps."""
+        abar = diff.extract("alphas_cumprod", index(i), x)
+        return abar.sqrt() * x0_hat + (1.0 - abar).sqrt() * eps
+
+    # 1. from the image to s_0
+    x = move(x0, x0, predict(x0, 0)[1], 0)
     # 2. x_{s_{k+1}} from x_{s_k}
     indices = range(diff.num_timesteps - 1)
     if progress:
@@ -161,8 +172,7 @@ def ddim_invert(
 
         indices = tqdm(indices, desc="ddim inversion", leave=False)
     for i in indices:
-        t = torch.full((n,), i, device=x0.device, dtype=torch.long)
-        x = diff.ddim_reverse_step(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)["sample"]
+        x = move(x, *predict(x, i), i + 1)
     return x
 
 

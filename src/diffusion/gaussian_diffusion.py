@@ -379,18 +379,3 @@ class GaussianDiffusion(DiffusionLosses, nn.Module):
             nonzero = (t != 0).to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
             sample = sample + nonzero * sigma * noise
         return {"sample": sample, "pred_x0": out["pred_x0"]}
-
-    def ddim_reverse_step(
-        self,
-        model: Model,
-        xt: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        model_kwargs: dict | None = None,
-    ) -> dict:
-        """Deterministic DDIM encoder step x_t -> x_{t+1} (the ODE run forward, eta=0)."""
-        out = self.p_mean_variance(model, xt, t, clip_denoised, model_kwargs)
-        eps = self.predict_eps_from_x0(xt, t, out["pred_x0"])
-        abar_next = self.extract("alphas_cumprod_next", t, xt)
-        sample = abar_next.sqrt() * out["pred_x0"] + (1 - abar_next).sqrt() * eps
-        return {"sample": sample, "pred_x0": out["pred_x0"]}

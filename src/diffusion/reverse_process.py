@@ -13,7 +13,7 @@ import torch
 from .gaussian_diffusion import GaussianDiffusion, Model
 from .guidance import NO_GUIDANCE, Guidance, guide
 from .respace import SpacedDiffusion, log_snr_grid, space_timesteps, spacing_count
-from .samplers import SAMPLERS, RandnLike, SamplerOptions
+from .samplers import SAMPLERS, RandnLike, ReverseRun, SamplerOptions
 from .solvers import SolverSchedule, check_finite_log_snr
 
 DEFAULT_OPTIONS = SamplerOptions()
@@ -95,38 +95,29 @@ def _reverse(
     options: SamplerOptions,
     guidance: Guidance,
     *,
-    randn_like: RandnLike,
+    randn_like: RandnLike | None = None,
+    generator: torch.Generator | None = None,
     model_kwargs: dict | None,
     progress: bool,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process of `diff` from x at its last index down to index 0 with the options'
-    sampler; returns the state after the last step (unclamped). on_step(index, step_output) sees every
-    step when given."""
+    sampler; returns the state after the last step (unclamped). The steps draw their noise with randn_like
+    (default: from `generator`); on_step(index, step_output) sees every step when given."""
     model, model_kwargs, cond_fn = guide(
         model, guidance.y, guidance.scale, guidance.classifier, guidance.classifier_scale, model_kwargs
     )
     step = SAMPLERS[options.sampler].step
+    run = ReverseRun(options, randn_like or generator_randn_like(generator), model_kwargs, cond_fn)
     indices = range(diff.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
 
         indices = tqdm(indices, desc=f"{options.sampler} sampling", leave=False)
-    state: dict = {}
     for i in indices:
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        state["index"] = i  # t as a Python int: solvers branch on it without a device sync
-        out = step(
-            diff,
-            model,
-            x,
-            t,
-            options=options,
-            randn_like=randn_like,
-            model_kwargs=model_kwargs,
-            cond_fn=cond_fn,
-            state=state,
-        )
+        run.state["index"] = i  # t as a Python int: solvers branch on it without a device sync
+        out = step(diff, model, x, t, run)
         x = out["sample"]
         if on_step is not None:
             on_step(i, out)
@@ -160,16 +151,7 @@ def sample(
     All randomness comes from `generator` (and `noise` = x_T if given), so a seed fixes the samples.
     """
     diff, x = _start(diffusion, shape, options, generator, device, noise)
-    x = _reverse(
-        diff,
-        model,
-        x,
-        options,
-        guidance,
-        randn_like=generator_randn_like(generator),
-        model_kwargs=model_kwargs,
-        progress=progress,
-    )
+    x = _reverse(diff, model, x, options, guidance, generator=generator, model_kwargs=model_kwargs, progress=progress)
     return x.clamp(-1.0, 1.0)
 
 
@@ -247,7 +229,7 @@ def sample_trajectory(
         x,
         options,
         guidance,
-        randn_like=generator_randn_like(generator),
+        generator=generator,
         model_kwargs=model_kwargs,
         progress=progress,
         on_step=on_step,
@@ -337,7 +319,8 @@ def denoise_from(
         xt,
         options,
         guidance,
-        randn_like=randn_like or generator_randn_like(generator),
+        randn_like=randn_like,
+        generator=generator,
         model_kwargs=model_kwargs,
         progress=progress,
     )

@@ -2,10 +2,11 @@
 
 A sampler is one reverse-step function and one entry in SAMPLERS. A step function takes what the sampler steps
 through (a (possibly respaced) diffusion, or for the ODE / SDE solvers a SolverSchedule of noise levels on the
-diffusion's continuous-time view), the network, the current state x at the 0-based index t of it and what the run
-was configured with, and returns dict(sample=x at the next index, pred_x0=the x_0 it predicted). `state` is a dict
-that lives for one reverse run, for samplers that keep a history (multistep solvers); single-step samplers ignore
-it. The loop sets state["index"] to the index as a Python int before each step.
+diffusion's continuous-time view), the network, the current state x at the 0-based index t of it and the
+ReverseRun (what the run was configured with), and returns dict(sample=x at the next index, pred_x0=the x_0 it
+predicted). The run's `state` is a dict that lives for one reverse run, for samplers that keep a history
+(multistep solvers); single-step samplers ignore it. The loop sets state["index"] to the index as a Python int
+before each step.
 
 The registry entry says which options and spacings a sampler takes; SamplerOptions, the typed options of every
 sampling entry point, rejects the rest on construction, so a bad value fails before any work.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -37,19 +38,27 @@ from .solvers import dpmpp_2m_sde_step, dpmpp_2m_step, dpmpp_3m_step, euler_step
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class ReverseRun:
+    """What every step of one reverse run shares: the options, the source of noise, the network's extra inputs,
+    classifier guidance's gradient cond_fn(x_t, t) (None: unguided) and the run's `state` dict."""
+
+    options: SamplerOptions
+    randn_like: RandnLike
+    model_kwargs: dict | None
+    cond_fn: CondFn | None
+    state: dict = field(default_factory=dict)
+
+    @property
+    def denoise_kwargs(self) -> dict:
+        """The keywords of the network's prediction in every step (GaussianDiffusion.p_sample / ddim_step,
+        SolverSchedule.denoise): the options' thresholding as clip_denoised, model_kwargs and cond_fn."""
+        return {"clip_denoised": self.options.thresholding, "model_kwargs": self.model_kwargs, "cond_fn": self.cond_fn}
+
+
 class StepFn(Protocol):
     def __call__(
-        self,
-        diff: GaussianDiffusion,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        options: SamplerOptions,
-        randn_like: RandnLike,
-        model_kwargs: dict | None,
-        cond_fn: CondFn | None,
-        state: dict,
+        self, diff: GaussianDiffusion, model: Model, x: torch.Tensor, t: torch.Tensor, run: ReverseRun
     ) -> dict: ...
 
 
@@ -81,78 +90,52 @@ class Sampler:
         return self.calls_per_step * num_steps - (self.calls_per_step - 1)
 
 
-def ddpm_step(diff, model, x, t, *, options, randn_like, model_kwargs, cond_fn, state) -> dict:
+def ddpm_step(diff, model, x, t, run: ReverseRun) -> dict:
     # DDPM Algorithm 2: x_{t-1} = mu(x_t, t) + sigma_t z (no noise at the last step)
-    return diff.p_sample(
-        model, x, t, randn_like(x), clip_denoised=options.thresholding, model_kwargs=model_kwargs, cond_fn=cond_fn
-    )
+    return diff.p_sample(model, x, t, run.randn_like(x), **run.denoise_kwargs)
 
 
-def ddim_step(diff, model, x, t, *, options, randn_like, model_kwargs, cond_fn, state) -> dict:
+def ddim_step(diff, model, x, t, run: ReverseRun) -> dict:
     # DDIM eq. 12; noise is drawn only when eta > 0, so eta=0 consumes no randomness
-    z = randn_like(x) if options.eta > 0 else None
-    return diff.ddim_step(
-        model, x, t, z, eta=options.eta, clip_denoised=options.thresholding, model_kwargs=model_kwargs, cond_fn=cond_fn
-    )
+    eta = run.options.eta
+    return diff.ddim_step(model, x, t, run.randn_like(x) if eta > 0 else None, eta=eta, **run.denoise_kwargs)
 
 
 SOLVER_SPACINGS = INTEGER_SPACINGS | CONTINUOUS_SPACINGS
 
+
+def _solver(step: StepFn, description: str, default_spacing: str = "logsnr", **entry) -> Sampler:
+    """The entry of an ODE / SDE solver: it steps through a SolverSchedule, takes every spacing and no eta."""
+    return Sampler(
+        step,
+        uses_eta=False,
+        description=description,
+        continuous=True,
+        spacings=SOLVER_SPACINGS,
+        default_spacing=default_spacing,
+        **entry,
+    )
+
+
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(ddpm_step, uses_eta=False, description="ancestral sampling with the diffusion's variance"),
     "ddim": Sampler(ddim_step, uses_eta=True, description="DDIM; eta=0 deterministic, eta=1 DDPM's variance"),
-    "dpmpp_2m": Sampler(
-        dpmpp_2m_step,
-        uses_eta=False,
-        continuous=True,
-        spacings=SOLVER_SPACINGS,
-        default_spacing="logsnr",
-        description="DPM-Solver++(2M), multistep ODE solver (Lu et al.)",
-    ),
-    "dpmpp_3m": Sampler(
-        dpmpp_3m_step,
-        uses_eta=False,
-        continuous=True,
-        spacings=SOLVER_SPACINGS,
-        default_spacing="logsnr",
-        description="DPM-Solver++(3M), third-order multistep ODE solver",
-    ),
-    "dpmpp_2m_sde": Sampler(
-        dpmpp_2m_sde_step,
-        uses_eta=False,
-        continuous=True,
-        spacings=SOLVER_SPACINGS,
-        default_spacing="logsnr",
-        description="SDE-DPM-Solver++(2M), stochastic multistep solver",
-    ),
-    "unipc": Sampler(
+    "dpmpp_2m": _solver(dpmpp_2m_step, "DPM-Solver++(2M), multistep ODE solver (Lu et al.)"),
+    "dpmpp_3m": _solver(dpmpp_3m_step, "DPM-Solver++(3M), third-order multistep ODE solver"),
+    "dpmpp_2m_sde": _solver(dpmpp_2m_sde_step, "SDE-DPM-Solver++(2M), stochastic multistep solver"),
+    "unipc": _solver(
         unipc_step,
-        uses_eta=False,
-        continuous=True,
-        spacings=SOLVER_SPACINGS,
-        default_spacing="logsnr",
+        "UniPC (bh2) predictor-corrector on data predictions (Zhao et al. 2023)",
         orders=(1, 2, 3),
         default_order=2,
-        description="UniPC (bh2) predictor-corrector on data predictions (Zhao et al. 2023)",
     ),
-    "euler": Sampler(
-        euler_step,
-        uses_eta=False,
-        uses_churn=True,
-        continuous=True,
-        spacings=SOLVER_SPACINGS,
-        default_spacing="karras",
-        description="EDM Euler on the model's sigmas (Karras et al. 2022)",
-    ),
-    "heun": Sampler(
+    "euler": _solver(euler_step, "EDM Euler on the model's sigmas (Karras et al. 2022)", "karras", uses_churn=True),
+    "heun": _solver(
         heun_step,
-        uses_eta=False,
+        "EDM Heun (Alg. 1), 2 network calls per step but the last",
+        "karras",
         uses_churn=True,
-        continuous=True,
-        spacings=SOLVER_SPACINGS,
-        default_spacing="karras",
         calls_per_step=2,
-        description="EDM Heun (Alg. 1), 2 network calls per step but the last",
     ),
 }
 

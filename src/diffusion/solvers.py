@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ import torch
 from .gaussian_diffusion import GaussianDiffusion, Model, Threshold
 from .guidance import CondFn
 from .respace import log_snr, time_of_log_snr
+
+if TYPE_CHECKING:  # the registry in samplers.py imports the step functions of this module
+    from .samplers import ReverseRun
 
 
 @dataclass(frozen=True)
@@ -153,10 +157,8 @@ class SolverSchedule:
         return {"pred_x0": x0, "pred_eps": (x - alpha * x0) / sigma, "t": t}
 
 
-def _denoise(schedule: SolverSchedule, model, x, level, options, model_kwargs, cond_fn) -> torch.Tensor:
-    return schedule.denoise(
-        model, x, level, clip_denoised=options.thresholding, model_kwargs=model_kwargs, cond_fn=cond_fn
-    )["pred_x0"]
+def _denoise(schedule: SolverSchedule, model: Model, x: torch.Tensor, level: Level, run: ReverseRun) -> torch.Tensor:
+    return schedule.denoise(model, x, level, **run.denoise_kwargs)["pred_x0"]
 
 
 # --- DPM-Solver++ -----------------------------------------------------------------------------------
@@ -176,12 +178,8 @@ def dpmpp_multistep(
     model: Model,
     x: torch.Tensor,
     t: torch.Tensor,
+    run: ReverseRun,
     *,
-    options,
-    randn_like,
-    model_kwargs,
-    cond_fn,
-    state: dict,
     order: int,
     sde: bool = False,
 ) -> dict:
@@ -189,11 +187,11 @@ def dpmpp_multistep(
     multistep update of their reference code) from level k to k - 1 with data predictions D_j = x_theta at the
     last `order` levels; sde=True: SDE-DPM-Solver++(2M), the same midpoint rule on the reverse SDE (diffusers'
     sde-dpmsolver++). x [N x C x H x W] -> dict(sample, pred_x0)."""
-    k = state["index"]
+    k = run.state["index"]
     here, there = schedule.level(k), schedule.level(k - 1)
     # 1. data prediction at the current level, kept with the earlier ones (newest last)
-    x0 = _denoise(schedule, model, x, here, options, model_kwargs, cond_fn)
-    history = state.setdefault("x0", [])
+    x0 = _denoise(schedule, model, x, here, run)
+    history = run.state.setdefault("x0", [])
     history.append((k, x0))
     del history[:-order]
     p = _multistep_order(order, len(history), k, schedule.num_timesteps)
@@ -218,7 +216,7 @@ def dpmpp_multistep(
     if sde:  # x' = (sigma'/sigma) e^{-h} x + alpha' (1 - e^{-2h}) D + sigma' sqrt(1 - e^{-2h}) z
         sample = (there.sigma / here.sigma * math.exp(-h)) * x + (there.alpha * -math.expm1(-2.0 * h)) * d
         if there.sigma > 0:
-            sample = sample + there.sigma * math.sqrt(-math.expm1(-2.0 * h)) * randn_like(x)
+            sample = sample + there.sigma * math.sqrt(-math.expm1(-2.0 * h)) * run.randn_like(x)
     elif p <= 2:  # x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D   (first order: DDIM)
         sample = (there.sigma / here.sigma) * x - (there.alpha * math.expm1(-h)) * d
     else:  # 3M: D1 and D2 from the last three predictions (diffusers' third-order update)
@@ -232,16 +230,16 @@ def dpmpp_multistep(
     return {"sample": sample, "pred_x0": x0}
 
 
-def dpmpp_2m_step(diff, model, x, t, **kwargs) -> dict:
-    return dpmpp_multistep(diff, model, x, t, order=2, **kwargs)
+def dpmpp_2m_step(schedule, model, x, t, run) -> dict:
+    return dpmpp_multistep(schedule, model, x, t, run, order=2)
 
 
-def dpmpp_3m_step(diff, model, x, t, **kwargs) -> dict:
-    return dpmpp_multistep(diff, model, x, t, order=3, **kwargs)
+def dpmpp_3m_step(schedule, model, x, t, run) -> dict:
+    return dpmpp_multistep(schedule, model, x, t, run, order=3)
 
 
-def dpmpp_2m_sde_step(diff, model, x, t, **kwargs) -> dict:
-    return dpmpp_multistep(diff, model, x, t, order=2, sde=True, **kwargs)
+def dpmpp_2m_sde_step(schedule, model, x, t, run) -> dict:
+    return dpmpp_multistep(schedule, model, x, t, run, order=2, sde=True)
 
 
 # --- UniPC ------------------------------------------------------------------------------------------
@@ -298,25 +296,14 @@ def _unipc_update(
     return sample - (there.alpha * b_h) * correction
 
 
-def unipc_step(
-    schedule: SolverSchedule,
-    model: Model,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    *,
-    options,
-    randn_like,
-    model_kwargs,
-    cond_fn,
-    state: dict,
-) -> dict:
+def unipc_step(schedule: SolverSchedule, model: Model, x: torch.Tensor, t: torch.Tensor, run: ReverseRun) -> dict:
     """One step of UniPC with B(h) = e^h - 1 (bh2) on data predictions (Zhao et al. 2023; diffusers'
     UniPCMultistepScheduler): the network's prediction at level k first corrects the state the previous
     predictor reached (UniC, no extra network call), then the predictor UniP moves it to level k - 1.
     x [N x C x H x W] -> dict(sample, pred_x0)."""
-    k = state["index"]
-    order = options.solver_order
-    x0 = _denoise(schedule, model, x, schedule.level(k), options, model_kwargs, cond_fn)
+    state = run.state
+    k, order = state["index"], run.options.solver_order
+    x0 = _denoise(schedule, model, x, schedule.level(k), run)
     history = state.setdefault("x0", [])
     # 1. corrector: redo the last step from its start with this prediction
     if history:
@@ -332,37 +319,27 @@ def unipc_step(
 
 # --- EDM Euler / Heun -------------------------------------------------------------------------------
 def edm_step(
-    schedule: SolverSchedule,
-    model: Model,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    *,
-    options,
-    randn_like,
-    model_kwargs,
-    cond_fn,
-    state: dict,
-    heun: bool,
+    schedule: SolverSchedule, model: Model, x: torch.Tensor, t: torch.Tensor, run: ReverseRun, *, heun: bool
 ) -> dict:
     """One step of EDM's sampler (Karras et al. 2022, Alg. 1; Alg. 2's churn when s_churn > 0) on the model's
     noise levels sigma = sigma_t / alpha_t, in EDM's variable x / alpha_t (s(t) = 1 there); Euler, or Heun's
     second-order correction for every step but the last into sigma = 0. x [N x C x H x W] (the VP state at
     level k) -> dict(sample at level k - 1, pred_x0)."""
-    k = state["index"]
+    k = run.state["index"]
     here, there = schedule.level(k), schedule.level(k - 1)
     x_cur = x / here.alpha
 
     def denoiser(x_hat: torch.Tensor, level: Level) -> torch.Tensor:  # D(x; sigma), network input x alpha_t
-        return _denoise(schedule, model, x_hat * level.alpha, level, options, model_kwargs, cond_fn)
+        return _denoise(schedule, model, x_hat * level.alpha, level, run)
 
     # 1. churn: raise the noise to sigma_hat = (1 + gamma) sigma (Alg. 2 lines 4-6), at most the noisiest
     #    training level
-    gamma = min(options.s_churn / schedule.num_timesteps, math.sqrt(2.0) - 1.0)
+    gamma = min(run.options.s_churn / schedule.num_timesteps, math.sqrt(2.0) - 1.0)
     level_hat = here
     if gamma > 0:
         level_hat = schedule.level_at_noise(here.noise * (1.0 + gamma))
         if level_hat.noise > here.noise:
-            x_cur = x_cur + math.sqrt(level_hat.noise**2 - here.noise**2) * randn_like(x)
+            x_cur = x_cur + math.sqrt(level_hat.noise**2 - here.noise**2) * run.randn_like(x)
         else:
             level_hat = here
     sigma_hat, sigma_next = level_hat.noise, there.noise
@@ -377,9 +354,9 @@ def edm_step(
     return {"sample": x_next * there.alpha, "pred_x0": denoised}
 
 
-def euler_step(diff, model, x, t, **kwargs) -> dict:
-    return edm_step(diff, model, x, t, heun=False, **kwargs)
+def euler_step(schedule, model, x, t, run) -> dict:
+    return edm_step(schedule, model, x, t, run, heun=False)
 
 
-def heun_step(diff, model, x, t, **kwargs) -> dict:
-    return edm_step(diff, model, x, t, heun=True, **kwargs)
+def heun_step(schedule, model, x, t, run) -> dict:
+    return edm_step(schedule, model, x, t, run, heun=True)

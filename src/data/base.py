@@ -66,6 +66,13 @@ def check_image_size(image_size: int) -> int:
     return int(image_size)
 
 
+def check_channels(channels: int) -> int:
+    """`channels` as an int; a ValueError unless it is 1 (grayscale) or 3 (RGB)."""
+    if int(channels) not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    return int(channels)
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random split of range(n) -> (train indices, val indices), each sorted.
 

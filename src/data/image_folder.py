@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import DatasetNotFoundError, ImageDataModule, check_image_size, split_indices
+from .base import DatasetNotFoundError, ImageDataModule, check_channels, check_image_size, split_indices
 from .transforms import maybe_hflip, uint8_to_signed
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,11 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(
             batch_size=batch_size, random_flip=random_flip, val_fraction=val_fraction, split_seed=split_seed, **loader
         )
-        if int(channels) not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.image_size = check_image_size(image_size)
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         self.root = str(root)
-        self.channels = int(channels)
+        self.channels = check_channels(channels)
         self.on_bad_image = on_bad_image
         self._classes: list[str] | None = None
         self.train_paths: list[Path] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ImageDataModule, UInt8ImageDataset, check_image_size, split_indices
+from .base import ImageDataModule, UInt8ImageDataset, check_channels, check_image_size, split_indices
 
 
 class SyntheticDataModule(ImageDataModule):
@@ -35,14 +35,12 @@ class SyntheticDataModule(ImageDataModule):
         super().__init__(
             batch_size=batch_size, random_flip=random_flip, val_fraction=val_fraction, split_seed=split_seed, **loader
         )
-        if int(channels) not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if num_classes is not None and int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
         if int(num_images) < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         self.image_size = check_image_size(image_size)
-        self.channels = int(channels)
+        self.channels = check_channels(channels)
         self.num_classes = 1 if num_classes is None else int(num_classes)
         self.num_images = int(num_images)
         self.seed = int(seed)

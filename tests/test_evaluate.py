@@ -267,7 +267,7 @@ def test_sample_batches_use_the_weights_asked_for():
         device = torch.device("cpu")
         seen = []
 
-        def sample(self, n, options, guidance, generator=None, use_ema=True):
+        def sample(self, n, options, guidance, generator=None, use_ema=True, progress=False):
             self.seen.append(use_ema)
             return torch.zeros(n, 1, 2, 2)
 

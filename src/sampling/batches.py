@@ -51,8 +51,7 @@ def sample_uint8_batches(
             generator = torch.Generator(device=module.device).manual_seed(image_seed_start + done)
         if labels is not None:
             guidance = guidance.for_labels(labels[done : done + n].to(module.device))
-        bar = {"progress": True} if progress_bar else {}  # any object with DiffusionModule.sample's first arguments
-        images = module.sample(n, options, guidance, generator=generator, use_ema=use_ema, **bar)
+        images = module.sample(n, options, guidance, generator=generator, use_ema=use_ema, progress=progress_bar)
         done += n
         if progress:
             log.info("sampled %d / %d", done, num_samples)

@@ -26,7 +26,7 @@ class NoiseModule:
 
     device = torch.device("cpu")
 
-    def sample(self, n, options, guidance, generator=None, use_ema=True):
+    def sample(self, n, options, guidance, generator=None, use_ema=True, progress=False):
         return torch.rand(n, 1, 4, 4, generator=generator) * 2 - 1
 
 
